@@ -1,0 +1,95 @@
+"""The model artifact: a directory at any URI holding `model.keras` + `detector.json`.
+
+`detector.json` is written last and is the commit marker: a directory without it is
+not an artifact, so a crashed upload is never mistaken for a model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from detector import storage
+
+MODEL_FILE = "model.keras"
+CARD_FILE = "detector.json"
+LABELS = {"0": "real", "1": "ai-generated"}
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to use a model correctly, saved beside it as detector.json."""
+
+    name: str
+    architecture: str
+    image_size: int
+    preprocess_version: int
+    threshold: float = 0.5
+    uncertain_margin: float = 0.1
+    labels: dict[str, str] = field(default_factory=lambda: dict(LABELS))
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    created_at: str = field(
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    )
+
+    def verdict(self, score: float) -> str:
+        """Map P(AI-generated) to a verdict, with an "uncertain" band around the threshold."""
+        if abs(score - self.threshold) < self.uncertain_margin:
+            return "uncertain"
+        return "ai-generated" if score >= self.threshold else "real"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def save_artifact(
+    model,
+    card: ModelCard,
+    uri: str,
+    extra_files: Callable[[str], None] | None = None,
+) -> str:
+    """Write the model, its card and any evaluation files (`extra_files(dir)`) to `uri`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save(os.path.join(tmp, MODEL_FILE))
+        if extra_files is not None:
+            extra_files(tmp)
+        with open(os.path.join(tmp, CARD_FILE), "w") as handle:
+            handle.write(card.to_json())
+        storage.publish_dir(tmp, uri, commit_file=CARD_FILE)
+    return uri
+
+
+def load_card(uri: str) -> ModelCard:
+    card_uri = storage.join(uri, CARD_FILE)
+    if not storage.exists(card_uri):
+        raise FileNotFoundError(f"no model artifact at {uri} ({CARD_FILE} missing)")
+    return ModelCard.from_json(storage.read_bytes(card_uri).decode())
+
+
+def load_artifact(uri: str):
+    """Return (keras.Model, ModelCard). The model loads with safe_mode=True."""
+    import keras
+
+    import detector.models  # noqa: F401  (registers the custom layers for deserialisation)
+
+    card = load_card(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, MODEL_FILE)
+        storage.download_file(storage.join(uri, MODEL_FILE), local)
+        model = keras.saving.load_model(local, safe_mode=True, compile=False)
+    return model, card

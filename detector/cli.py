@@ -1,0 +1,193 @@
+"""The `detector` console script. Subcommands mirror the Ray job entry points in jobs/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from detector import config as cfg
+
+log = logging.getLogger("detector")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ banner is noise
+    return int(args.run(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detector", description="Tell real photographs from AI-generated images."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sample = commands.add_parser("sample", help="write a synthetic sample bucket")
+    sample.add_argument("out", help="output URI (path, file:// or s3://)")
+    sample.add_argument("--per-class", type=int, default=100)
+    sample.add_argument("--size", type=int, default=None, help="exact square size (default: mix)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--biased", action="store_true", help="real=JPEG, fake=PNG, on purpose")
+    sample.add_argument("--corrupt", type=int, default=0, help="bad files per class to add")
+    sample.set_defaults(run=run_sample)
+
+    prepare = commands.add_parser("prepare", help="object storage -> training shards (Ray Data)")
+    cfg.add_arguments(prepare, cfg.PrepareConfig)
+    prepare.set_defaults(run=run_prepare)
+
+    train = commands.add_parser("train", help="train models data-parallel (Ray Train)")
+    cfg.add_arguments(train, cfg.TrainConfig)
+    train.set_defaults(run=run_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a model artifact on shards")
+    evaluate.add_argument("--model", required=True, help="model artifact URI")
+    evaluate.add_argument("--data", required=True, help="prepared shards URI")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--out", required=True, help="directory URI for the report files")
+    evaluate.set_defaults(run=run_evaluate)
+
+    predict = commands.add_parser("predict", help="score image files locally (no cluster)")
+    predict.add_argument("--model", required=True, help="model artifact URI")
+    predict.add_argument("images", nargs="+", help="image paths or URIs")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.set_defaults(run=run_predict)
+
+    models = commands.add_parser("models", help="list registered architectures")
+    models.add_argument("--params", action="store_true", help="build each and count parameters")
+    models.set_defaults(run=run_models)
+
+    demo = commands.add_parser("demo", help="the whole product end to end on sample data")
+    demo.add_argument("--workdir", default="demo-output")
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from detector.sample import SampleSpec, write_sample
+
+    spec = SampleSpec(per_class=args.per_class, size=args.size, seed=args.seed,
+                      biased=args.biased, corrupt=args.corrupt)
+    print(json.dumps(write_sample(args.out, spec), indent=2))
+    return 0
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`) or a running local
+    one; otherwise start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.WARNING)
+        return
+    if _local_cluster_running():
+        ray.init(address="auto", logging_level=logging.WARNING)
+        return
+    # Ray CPUs are logical. Each Train worker holds one, and Ray Data's readers need
+    # their own: on a 2-core laptop, 2 workers would otherwise leave readers nothing
+    # to run on and the job would wait forever.
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level=logging.WARNING)
+
+
+def _local_cluster_running() -> bool:
+    from ray._private.services import find_gcs_addresses  # live `ray start` processes
+
+    return bool(find_gcs_addresses())
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from detector import data
+
+    config = cfg.from_args(cfg.PrepareConfig, args)
+    init_ray()
+    manifest = data.prepare(config)
+    print_prepare_summary(manifest, config.out)
+    return 0
+
+
+def print_prepare_summary(manifest: dict, out: str) -> None:
+    counts = manifest["counts"]
+    print(f"\nPrepared {manifest['written']} of {manifest['objects']} objects into {out} "
+          f"({manifest['images_per_second']} objects/s)")
+    for split in ("train", "val", "test"):
+        print(f"  {split:5s} real={counts[split]['real']:6d} fake={counts[split]['fake']:6d}")
+    print(f"  skipped={len(manifest['skipped'])} duplicates={manifest['duplicates']}")
+    by_code: dict[str, int] = {}
+    for item in manifest["skipped"]:
+        by_code[item["error"]] = by_code.get(item["error"], 0) + 1
+    if by_code:
+        print("  skipped by code: " + ", ".join(f"{k}={v}" for k, v in sorted(by_code.items())))
+    audit = manifest["audit"]
+    print("  trivial-rule accuracy: " + ", ".join(
+        f"{k}={v:.0%}" for k, v in audit["trivial_rule_accuracy"].items()))
+    for warning in audit["warnings"]:
+        print(f"  WARNING: {warning}", file=sys.stderr)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from detector.train import train_models
+
+    config = cfg.from_args(cfg.TrainConfig, args)
+    init_ray()
+    result = train_models(config)
+    print("\n" + result["comparison"])
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from detector.evaluate import evaluate_artifact
+
+    headline = evaluate_artifact(args.model, args.data, args.split, args.out)
+    print(json.dumps(headline, indent=2))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from detector import storage
+    from detector.predictor import Prediction, Predictor
+
+    predictor = Predictor.from_uri(args.model)
+    blobs, read_errors = [], {}
+    for i, uri in enumerate(args.images):
+        try:
+            blobs.append(storage.read_bytes(uri))
+        except OSError as exc:
+            blobs.append(b"")
+            read_errors[i] = Prediction(None, None, error="read-failed", error_detail=str(exc))
+    predictions = predictor.predict_bytes(blobs)
+    for i, (uri, prediction) in enumerate(zip(args.images, predictions, strict=True)):
+        prediction = read_errors.get(i, prediction)
+        if args.json:
+            print(json.dumps({"uri": uri, **prediction.__dict__}))
+        elif prediction.error:
+            print(f"{uri}\terror={prediction.error}\t{prediction.error_detail}")
+        else:
+            print(f"{uri}\t{prediction.score_ai:.6f}\t{prediction.verdict}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from detector.models import build_model, get_spec, list_models
+
+    for name in list_models():
+        spec = get_spec(name)
+        line = f"{name:18s} family={spec.family:10s} image_size={spec.image_size:4d}"
+        if args.params:
+            model = build_model(name)
+            trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
+            line += f" params={model.count_params():>11,d} trainable={trainable:>11,d}"
+        print(f"{line}  {spec.description}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from detector.demo import run
+
+    return run(args.workdir)

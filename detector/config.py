@@ -1,0 +1,112 @@
+"""Typed settings for every job, in one place: defaults, CLI flags and saved configs.
+
+Each dataclass field becomes a `--flag` (underscores -> dashes) with its default and help
+text, so the CLI, `jobs/` entry points and KubeRay manifests cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def _req(help: str, **extra: Any) -> Any:
+    return field(metadata={"help": help, "required": True, **extra})
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """`detector prepare`: object storage -> Parquet training shards."""
+
+    real: tuple[str, ...] = _req("URI(s) of real photographs (s3://, file:// or path)")
+    fake: tuple[str, ...] = _req("URI(s) of AI-generated images")
+    out: str = _req("output URI for train/, val/, test/ and manifest.json")
+    per_class: int | None = _opt(None, "sample at most N images per class (deterministic)")
+    split: tuple[float, ...] = _opt((0.7, 0.15, 0.15), "train,val,test fractions")
+    seed: int = _opt(42, "seed for sampling and the split")
+    image_size: int = _opt(224, "pixel size of the stored square images")
+    rows_per_file: int = _opt(1024, "rows per Parquet part")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`detector train`: data-parallel training on Ray Train, then evaluation."""
+
+    data: str = _req("URI of prepared shards (output of `detector prepare`)")
+    model: tuple[str, ...] = _req("model name(s), e.g. resnet50v2,vit; trained one after another")
+    out: str = _req("output URI; each model goes to OUT/<model>/")
+    workers: int = _opt(2, "Ray Train workers (data-parallel replicas)")
+    gpus_per_worker: float = _opt(0.0, "GPUs per worker (0 = CPU training)")
+    cpus_per_worker: float = _opt(1.0, "CPUs per worker")
+    epochs: int = _opt(20, "maximum epochs")
+    batch_size: int = _opt(32, "global batch size (split across workers)")
+    lr: float = _opt(1e-4, "Adam learning rate")
+    patience: int = _opt(3, "early-stopping patience on validation loss (epochs)")
+    lr_patience: int = _opt(2, "reduce-LR-on-plateau patience (epochs); the LR halves")
+    image_size: int | None = _opt(None, "input size; default: the shards' size")
+    weights: str = _opt("imagenet", "resnet50v2 base weights: imagenet | none | PATH/URI")
+    augment: str = _opt("none", "training augmentation: none | robust", choices=("none", "robust"))
+    resume: bool = _opt(False, "continue from the last checkpoint under OUT")
+    max_failures: int = _opt(2, "worker failures Ray Train recovers from (from checkpoint)")
+    max_steps_per_epoch: int | None = _opt(None, "cap steps per epoch (smoke tests)")
+    seed: int = _opt(42, "random seed")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one `--flag` per dataclass field (tuple fields take a comma list or repeats)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        required = meta.pop("required", False)
+        if f.default is not dataclasses.MISSING:
+            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            help_text = f"{help_text} (default: {shown})"
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(
+                flag, nargs="+", type=str, required=required, help=help_text,
+                metavar=f.name.upper(),
+            )
+        else:
+            parser.add_argument(flag, type=kind, required=required, help=help_text, **meta)
+
+
+def from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Build `cls` from parsed flags; omitted flags keep the dataclass defaults."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is None or (value is False and f.default is not dataclasses.MISSING):
+            continue
+        kind = _base_type(hints[f.name])
+        if typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            parts = [p for v in value for p in str(v).split(",") if p]
+            value = tuple(item(p) for p in parts)
+        values[f.name] = value
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _base_type(hint: Any) -> Any:
+    """`int | None` -> int; other hints unchanged."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return hint

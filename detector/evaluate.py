@@ -1,0 +1,280 @@
+"""Metrics, report files and plots for a model on a prepared split.
+
+All numbers come from scikit-learn on the Predictor's scores (the same path serving and
+scanning use). The decision threshold is chosen on the validation split, never on the
+split being reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from detector import augment, data, storage
+from detector.artifact import ModelCard
+from detector.predictor import Predictor
+
+TARGET_FPR = 0.01
+CALIBRATION_BINS = 10
+
+
+@dataclass
+class Scored:
+    """Scores of one split, row-aligned with its metadata."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    formats: list[str]
+    uris: list[str]
+    sha256: list[str]
+    robustness: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationReport:
+    threshold: float
+    split: str
+    metrics: dict
+    robustness: dict
+    per_format: dict
+    report_text: str
+    scored: Scored
+    history: list[dict] = field(default_factory=list)
+
+    def headline(self) -> dict:
+        keys = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificity", "loss",
+                "tpr_at_1pct_fpr", "ece")
+        return {"threshold": self.threshold, "split": self.split,
+                **{k: self.metrics[k] for k in keys}}
+
+    def write(self, directory: str) -> None:
+        """metrics.json, classification_report.txt, robustness/per-format tables,
+        predictions.parquet and PNG plots into a local directory."""
+        import pyarrow as pa
+
+        os.makedirs(directory, exist_ok=True)
+        files = {
+            "metrics.json": {"split": self.split, "threshold": self.threshold, **self.metrics},
+            "robustness.json": self.robustness,
+            "per_format.json": self.per_format,
+            "history.json": self.history,
+        }
+        for name, payload in files.items():
+            with open(os.path.join(directory, name), "w") as handle:
+                json.dump(payload, handle, indent=2)
+        with open(os.path.join(directory, "classification_report.txt"), "w") as handle:
+            handle.write(self.report_text)
+        with open(os.path.join(directory, "robustness.md"), "w") as handle:
+            handle.write(_robustness_markdown(self.robustness))
+        s = self.scored
+        pq.write_table(
+            pa.table({"source_uri": s.uris, "sha256": s.sha256, "source_format": s.formats,
+                      "label": s.labels.astype(np.int8), "score_ai": s.scores}),
+            os.path.join(directory, "predictions.parquet"),
+        )
+        _plot(self, directory)
+
+
+def score_split(
+    predictor: Predictor, shards_uri: str, split: str, robustness: bool = False
+) -> Scored:
+    """Score every image of a split, part by part (memory holds one part at a time)."""
+    labels, scores, formats, uris, hashes = [], [], [], [], []
+    perturbed: dict[str, list] = {name: [] for name in augment.ROBUSTNESS_CHECKS} \
+        if robustness else {}
+    size = predictor.image_size
+    for pixels, table in _iter_parts(shards_uri, split, size):
+        labels.append(np.asarray(table.column("label").to_numpy(), dtype=np.int64))
+        scores.append(predictor.score(pixels))
+        formats += table.column("source_format").to_pylist()
+        uris += table.column("source_uri").to_pylist()
+        hashes += table.column("sha256").to_pylist()
+        for name, perturb in augment.ROBUSTNESS_CHECKS.items() if robustness else ():
+            perturbed[name].append(predictor.score(np.stack([perturb(p) for p in pixels])))
+    if not labels:
+        raise ValueError(f"split {split!r} of {shards_uri} has no images")
+    return Scored(
+        labels=np.concatenate(labels), scores=np.concatenate(scores), formats=formats,
+        uris=uris, sha256=hashes,
+        robustness={k: np.concatenate(v) for k, v in perturbed.items()},
+    )
+
+
+def _iter_parts(shards_uri: str, split: str, size: int) -> Iterator:
+    for uri in data.part_uris(shards_uri, split):
+        fs, path = storage.resolve(uri)
+        table = pq.read_table(path, filesystem=fs)
+        yield data.decode_pixels(table.column("image").to_pylist(), size), table
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold maximising Youden's J (TPR - FPR) on validation data."""
+    from sklearn.metrics import roc_curve
+
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    best = int(np.argmax(tpr - fpr))
+    return float(np.clip(thresholds[best], 0.0, 1.0))
+
+
+def compute_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """Accuracy, precision, recall, F1, ROC AUC, specificity, log loss, TPR at 1% FPR, ECE."""
+    from sklearn import metrics as skm
+
+    predicted = (scores >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    both = len(np.unique(labels)) == 2
+    result = {
+        "count": len(labels),
+        "accuracy": float(skm.accuracy_score(labels, predicted)),
+        "precision": float(skm.precision_score(labels, predicted, zero_division=0)),
+        "recall": float(skm.recall_score(labels, predicted, zero_division=0)),
+        "f1": float(skm.f1_score(labels, predicted, zero_division=0)),
+        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+        "roc_auc": float(skm.roc_auc_score(labels, scores)) if both else float("nan"),
+        "loss": float(skm.log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "tpr_at_1pct_fpr": _tpr_at_fpr(labels, scores, TARGET_FPR) if both else float("nan"),
+        "ece": expected_calibration_error(labels, scores),
+        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }
+    return result
+
+
+def _tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return float(tpr[fpr <= target].max(initial=0.0))
+
+
+def expected_calibration_error(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean |observed frequency - mean score| over equal-width bins, weighted by size."""
+    bins = np.minimum((scores * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+    total = 0.0
+    for b in np.unique(bins):
+        in_bin = bins == b
+        total += in_bin.sum() * abs(labels[in_bin].mean() - scores[in_bin].mean())
+    return float(total / len(labels))
+
+
+def build_report(
+    scored: Scored, threshold: float, split: str, history: list[dict] | None = None
+) -> EvaluationReport:
+    from sklearn.metrics import classification_report
+
+    metrics = compute_metrics(scored.labels, scored.scores, threshold)
+    robustness = {"original": _summary(metrics)}
+    for name, scores in scored.robustness.items():
+        robustness[name] = _summary(compute_metrics(scored.labels, scores, threshold))
+    per_format = {}
+    formats = np.array(scored.formats)
+    for fmt in sorted(set(scored.formats)):
+        mask = formats == fmt
+        labels = scored.labels[mask]
+        per_format[fmt] = {
+            "count": int(mask.sum()),
+            "real": int((labels == 0).sum()),
+            "fake": int((labels == 1).sum()),
+            "accuracy": float(((scored.scores[mask] >= threshold) == labels).mean()),
+        }
+    text = classification_report(
+        scored.labels, (scored.scores >= threshold).astype(int), labels=[0, 1],
+        target_names=["real", "ai-generated"], digits=4, zero_division=0,
+    )
+    return EvaluationReport(threshold, split, metrics, robustness, per_format, text, scored,
+                            history or [])
+
+
+def _summary(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("accuracy", "roc_auc", "tpr_at_1pct_fpr", "recall",
+                                    "specificity")}
+
+
+def evaluate_model(
+    model, card: ModelCard, shards_uri: str, split: str = "test",
+    history: list[dict] | None = None, threshold: float | None = None,
+) -> EvaluationReport:
+    """Choose the threshold on `val` (unless given), then report on `split`."""
+    predictor = Predictor(model, card)
+    if threshold is None:
+        val = score_split(predictor, shards_uri, "val")
+        threshold = choose_threshold(val.labels, val.scores)
+    card.threshold = threshold
+    scored = score_split(predictor, shards_uri, split, robustness=True)
+    return build_report(scored, threshold, split, history)
+
+
+def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str) -> dict:
+    """`detector evaluate`: re-evaluate a saved artifact with its own threshold."""
+    from detector.artifact import load_artifact
+
+    model, card = load_artifact(model_uri)
+    report = evaluate_model(model, card, shards_uri, split, threshold=card.threshold)
+    history_uri = storage.join(model_uri, "history.json")
+    if storage.exists(history_uri):
+        report.history = json.loads(storage.read_bytes(history_uri))
+    if storage.is_s3(out_dir):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            report.write(tmp)
+            for name in os.listdir(tmp):
+                with open(os.path.join(tmp, name), "rb") as handle:
+                    storage.write_bytes(storage.join(out_dir, name), handle.read())
+    else:
+        report.write(storage.local_path(out_dir))
+    return report.headline()
+
+
+def _robustness_markdown(robustness: dict) -> str:
+    lines = ["| Perturbation | Accuracy | ROC AUC | TPR@1%FPR |", "|---|---|---|---|"]
+    for name, m in robustness.items():
+        lines.append(f"| {name} | {m['accuracy']:.4f} | {m['roc_auc']:.4f} | "
+                     f"{m['tpr_at_1pct_fpr']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: EvaluationReport, directory: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
+
+    s = report.scored
+    predicted = (s.scores >= report.threshold).astype(int)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay.from_predictions(
+        s.labels, predicted, labels=[0, 1], display_labels=["real", "ai-generated"], ax=ax,
+        colorbar=False,
+    )
+    ax.set_title(f"Confusion matrix ({report.split}, t={report.threshold:.3f})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(directory, "confusion_matrix.png"), dpi=110)
+    plt.close(fig)
+    if len(np.unique(s.labels)) == 2:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        RocCurveDisplay.from_predictions(s.labels, s.scores, ax=ax, name="score_ai")
+        ax.set_title(f"ROC ({report.split})")
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, "roc.png"), dpi=110)
+        plt.close(fig)
+    if report.history:
+        epochs = [h["epoch"] for h in report.history]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+        left.plot(epochs, [h["loss"] for h in report.history], label="train loss")
+        left.plot(epochs, [h["val_loss"] for h in report.history], label="val loss")
+        left.set_xlabel("epoch")
+        left.legend()
+        right.plot(epochs, [h["val_accuracy"] for h in report.history], label="val accuracy")
+        right.set_xlabel("epoch")
+        right.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, "history.png"), dpi=110)
+        plt.close(fig)

@@ -1,0 +1,180 @@
+"""The training loop itself: a custom `strategy.run` + GradientTape loop.
+
+Keras 3 `model.fit` fails under MultiWorkerMirroredStrategy (see DESIGN), so this loop
+does what the notebook's callbacks did (early stopping on val loss, reduce-LR-on-plateau,
+keep the best weights) by hand. It knows nothing about Ray: Ray Train workers call it
+with their MultiWorkerMirroredStrategy and dataset shard; tests call it with the default
+strategy and in-memory batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+Batches = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Optimisation settings, defaults as in the notebook."""
+
+    epochs: int = 20
+    lr: float = 1e-4
+    patience: int = 3  # early stopping on validation loss
+    lr_patience: int = 2  # reduce-LR-on-plateau
+    lr_factor: float = 0.5
+    min_lr: float = 1e-7
+    max_steps_per_epoch: int | None = None  # cap for smoke tests and benchmarks
+
+
+@dataclass
+class FitState:
+    """Where training stands; saved with every checkpoint so a run can resume."""
+
+    epoch: int = 0  # epochs completed
+    lr: float = 1e-4
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    epochs_since_lr_change: int = 0
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FitState:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """Passed to the per-epoch hook: the state, and whether these weights are the best."""
+
+    state: FitState
+    improved: bool
+    metrics: dict
+
+
+def fit(
+    model,
+    train_batches: Batches,
+    val_batches: Batches,
+    settings: FitSettings,
+    strategy=None,
+    state: FitState | None = None,
+    on_epoch_end: Callable[[EpochEnd], None] | None = None,
+    best_weights: list | None = None,
+) -> FitState:
+    """Train `model` (built inside `strategy.scope()`) until early stopping or `epochs`.
+
+    On return the model holds the best weights seen. `state` (and the `best_weights` saved
+    with it) resume a previous run whose current weights are already in `model`.
+    """
+    import keras
+    import tensorflow as tf
+
+    strategy = strategy or tf.distribute.get_strategy()
+    state = state or FitState(lr=settings.lr)
+    with strategy.scope():
+        optimizer = keras.optimizers.Adam(learning_rate=state.lr)
+        optimizer.build(model.trainable_variables)
+
+    def per_example_loss(labels, predictions):
+        return keras.losses.binary_crossentropy(tf.reshape(labels, (-1, 1)), predictions)
+
+    def train_replica(images, labels):
+        with tf.GradientTape() as tape:
+            predictions = model(images, training=True)
+            loss = tf.nn.compute_average_loss(per_example_loss(labels, predictions))
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    def eval_replica(images, labels):
+        predictions = model(images, training=False)
+        losses = per_example_loss(labels, predictions)
+        hits = tf.cast(tf.equal(tf.cast(predictions[:, 0] >= 0.5, tf.float32), labels), tf.float32)
+        return tf.reduce_sum(losses), tf.reduce_sum(hits), tf.cast(tf.size(labels), tf.float32)
+
+    @tf.function
+    def train_step(images, labels):
+        loss = strategy.run(train_replica, args=(images, labels))
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None)
+
+    @tf.function
+    def eval_step(images, labels):
+        sums = strategy.run(eval_replica, args=(images, labels))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, s, axis=None) for s in sums]
+
+    while state.epoch < settings.epochs and not state.stopped_early:
+        started = time.perf_counter()
+        train_loss, steps, seen = 0.0, 0, 0
+        for images, labels in train_batches():
+            loss = train_step(_as_images(images), _as_labels(labels))
+            train_loss += float(loss)
+            steps += 1
+            seen += len(labels)
+            if settings.max_steps_per_epoch and steps >= settings.max_steps_per_epoch:
+                break
+        loss_sum, hits, count = 0.0, 0.0, 0.0
+        for images, labels in val_batches():
+            batch_loss, batch_hits, batch_count = eval_step(_as_images(images), _as_labels(labels))
+            loss_sum, hits, count = loss_sum + batch_loss, hits + batch_hits, count + batch_count
+        count = float(count)
+        metrics = {
+            "epoch": state.epoch + 1,
+            "loss": train_loss / max(steps, 1),
+            "val_loss": float(loss_sum) / count if count else math.nan,
+            "val_accuracy": float(hits) / count if count else math.nan,
+            "lr": state.lr,
+            "train_images": seen,
+            "seconds": time.perf_counter() - started,
+        }
+        improved = _update(state, metrics, settings)
+        if improved:
+            best_weights = model.get_weights()
+        optimizer.learning_rate.assign(state.lr)
+        if on_epoch_end is not None:
+            on_epoch_end(EpochEnd(state, improved, metrics))
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    return state
+
+
+def _update(state: FitState, metrics: dict, settings: FitSettings) -> bool:
+    """Early stopping and LR schedule bookkeeping, as the notebook's Keras callbacks did."""
+    state.epoch += 1
+    state.history.append(metrics)
+    val_loss = metrics["val_loss"]
+    improved = val_loss < state.best_val_loss
+    if improved:
+        state.best_val_loss = val_loss
+        state.best_epoch = state.epoch
+        state.epochs_without_improvement = 0
+        state.epochs_since_lr_change = 0
+        return True
+    state.epochs_without_improvement += 1
+    state.epochs_since_lr_change += 1
+    if state.epochs_since_lr_change >= settings.lr_patience:
+        state.lr = max(state.lr * settings.lr_factor, settings.min_lr)
+        state.epochs_since_lr_change = 0
+    if state.epochs_without_improvement >= settings.patience:
+        state.stopped_early = True
+    return False
+
+
+def _as_images(images):
+    return np.asarray(images, dtype=np.float32)
+
+
+def _as_labels(labels):
+    return np.asarray(labels, dtype=np.float32).reshape(-1)

@@ -1,0 +1,210 @@
+"""Image bytes -> model-ready RGB uint8 array: the ONE decode/resize path.
+
+Training shards, the Serve endpoint and bucket scans all call `load_image`, so a
+model never sees pixels prepared differently from the ones it was trained on (the
+notebook resized with TF bilinear in training and PIL in inference).
+
+Geometry: the shorter side is scaled to `size` and the centre square is kept, so the
+aspect ratio is never distorted. An image that is already `size` x `size` is passed
+through untouched, which keeps the high-frequency traces detectors look for.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Bump when anything below changes the pixels a model sees; recorded in detector.json.
+PREPROCESS_VERSION = 1
+
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 50_000_000  # ~8K x 6K; above every camera, below decompression bombs
+
+# Formats whose decoders we trust with untrusted bytes. Pillow can open more (EPS calls
+# Ghostscript, PSD and friends are rarely fuzzed); those are refused, not guessed at.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+
+# EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose)
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ROTATING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a browser would
+
+
+class ImageError(ValueError):
+    """An input that cannot become model pixels, with a short machine-readable code.
+
+    Codes: ``empty``, ``not-an-image``, ``unsupported-format``, ``too-large``,
+    ``truncated``, ``corrupt``.
+    """
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the source file was: format and size as displayed (after EXIF orientation)."""
+
+    format: str
+    width: int
+    height: int
+
+
+def load_image(
+    data: bytes,
+    size: int,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, ImageInfo]:
+    """Decode `data` into a `size` x `size` x 3 uint8 array and describe the source.
+
+    Raises ImageError (never a bare PIL or OS error) for anything that is not a usable image.
+    """
+    img, info = open_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    if img.format in ("JPEG", "MPO"):
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale while both sides stay >= size: the
+        # DCT does the downscale almost for free (~9x faster on 12 MP photos).
+        img.draft(img.mode, (size, size))
+    _decode(img)
+    img = _to_rgb(_apply_orientation(img))
+    return _center_square(img, size), info
+
+
+def open_image(
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, ImageInfo]:
+    """Parse only the header of `data` and enforce the limits before any pixel is decoded.
+
+    (A PNG is then decoded here, where Pillow would decode it anyway to look for EXIF.)
+    """
+    if not data:
+        raise ImageError("empty", "the file has no bytes")
+    if len(data) > max_bytes:
+        raise ImageError("too-large", f"{len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # We apply our own, lower pixel limit below; Pillow's warning would be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too-large", str(exc)) from None
+    except UnidentifiedImageError:
+        raise ImageError("not-an-image", "not a recognised image format") from None
+    except Exception as exc:  # a header parser tripping over garbage
+        raise ImageError("corrupt", f"unreadable header: {exc}") from None
+    if img.format not in SUPPORTED_FORMATS:
+        raise ImageError(
+            "unsupported-format",
+            f"{img.format} is not accepted (supported: {', '.join(sorted(SUPPORTED_FORMATS))})",
+        )
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError("corrupt", f"invalid dimensions {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageError(
+            "too-large", f"{width}x{height} = {width * height} pixels exceeds {max_pixels}"
+        )
+    if img.format == "PNG" and "exif" not in img.info:
+        # Pillow's PNG getexif() decodes the pixels to look for an eXIf chunk after IDAT. Do it
+        # here, so a decode error is reported: swallowed inside _orientation, it left a blank
+        # "loaded" image that load_image returned as valid black pixels.
+        _decode(img)
+    # Pillow's TIFF plugin already reports (and decodes to) the upright size.
+    if img.format != "TIFF" and _orientation(img) in _ROTATING_ORIENTATIONS:
+        width, height = height, width
+    return img, ImageInfo(format=img.format, width=width, height=height)
+
+
+def _orientation(img: Image.Image) -> object:
+    # The raw tag, not int(): a malformed one (e.g. the string "6") must be judged exactly as
+    # _apply_orientation judges it, so ImageInfo and the pixels agree.
+    try:
+        value = img.getexif().get(0x0112, 1)
+        hash(value)
+        return value
+    except Exception:  # malformed EXIF must not make a good image unusable
+        return 1
+
+
+def _apply_orientation(img: Image.Image) -> Image.Image:
+    """Transpose to the upright view. Unlike ImageOps.exif_transpose this does not rewrite the
+    EXIF block (which raises struct.error/TypeError on malformed tags) and does not copy the
+    image when there is nothing to do."""
+    method = _TRANSPOSES.get(_orientation(img))
+    return img if method is None else img.transpose(method)
+
+
+def _decode(img: Image.Image) -> None:
+    try:
+        img.load()
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error...
+        raise _decode_error(exc) from None
+
+
+def _decode_error(exc: Exception) -> ImageError:
+    message = str(exc) or type(exc).__name__
+    lowered = message.lower()
+    if "truncated" in lowered or "end of file" in lowered or "premature" in lowered:
+        return ImageError("truncated", message)
+    return ImageError("corrupt", message)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Every Pillow mode -> RGB, compositing transparency over white."""
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:  # RGB PNGs may carry a tRNS colour key
+        return img
+    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(img)), "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:  # e.g. LAB or multi-channel TIFFs Pillow cannot convert
+        raise ImageError("unsupported-format", f"colour mode {mode}: {exc}") from None
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Scale 16/32-bit integer or float greyscale into 0..255."""
+    kind, itemsize = values.dtype.kind, values.dtype.itemsize
+    values = values.astype(np.float64)
+    if (kind == "u" and itemsize == 2) or (values.size and values.max() > 255):
+        # 16-bit range: 65535 -> 255, decided by the type for I;16 so a dark image stays dark
+        values = values / 257.0
+    elif values.size and values.max() <= 1.0 and kind == "f":
+        values = values * 255.0
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _center_square(img: Image.Image, size: int) -> np.ndarray:
+    width, height = img.size
+    if (width, height) != (size, size):
+        side = min(width, height)
+        left = (width - side) / 2
+        top = (height - side) / 2
+        # Resizing the centre box directly is one pass: no intermediate full-size copy.
+        img = img.resize(
+            (size, size),
+            Image.Resampling.BILINEAR,
+            box=(left, top, left + side, top + side),
+            reducing_gap=3.0,
+        )
+    return np.asarray(img, dtype=np.uint8)

@@ -1,0 +1,254 @@
+"""Ray Train: data-parallel training of each requested model, then evaluation.
+
+Driver side (`train_models`): one `TensorflowTrainer` per model, each worker reading its
+own shard of the training split from Ray Data; afterwards one Ray task (on a worker, with
+the workers' resources) turns the best checkpoint into the final artifact. Worker side
+(`train_loop_per_worker`): MultiWorkerMirroredStrategy around `detector.fit.fit`.
+
+Checkpoints (current weights, best weights, loop state) are reported every epoch, so a
+failed worker or a killed job continues from the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from detector import data, storage
+from detector.config import TrainConfig, to_dict
+from detector.fit import EpochEnd, FitSettings, FitState, fit
+
+CURRENT_WEIGHTS = "current.weights.h5"
+BEST_WEIGHTS = "best.weights.h5"
+STATE = "state.json"
+RUNS_DIR = "_ray_runs"
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import numpy as np
+    import ray.train
+    import tensorflow as tf
+
+    from detector.augment import robust_augment
+    from detector.models import build_model
+
+    cfg = TrainConfig(**loop_config["train_config"])
+    name, image_size = loop_config["model"], loop_config["image_size"]
+    context = ray.train.get_context()
+    world, rank = context.get_world_size(), context.get_world_rank()
+    tf.keras.utils.set_random_seed(cfg.seed)
+    # Ray sets TF_CONFIG for every worker; the strategy all-reduces gradients between them.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = build_model(name, image_size=image_size, **_build_overrides(name, cfg))
+
+    state, best_weights = None, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            model.load_weights(os.path.join(directory, CURRENT_WEIGHTS))
+            with open(os.path.join(directory, STATE)) as handle:
+                state = FitState.from_dict(json.load(handle))
+            best_weights = _read_weights(model, os.path.join(directory, BEST_WEIGHTS))
+
+    per_worker_batch = max(1, cfg.batch_size // world)
+    rng = np.random.default_rng([cfg.seed, rank, state.epoch if state else 0])
+
+    def batches(split: str, train: bool):
+        shard = ray.train.get_dataset_shard(split)
+
+        def generate():
+            # drop_last keeps every worker at the same step count, which the all-reduce needs.
+            for batch in shard.iter_batches(
+                batch_size=per_worker_batch, batch_format="numpy", drop_last=train
+            ):
+                pixels = data.decode_pixels(batch["image"], image_size)
+                if train and cfg.augment == "robust":
+                    pixels = np.stack([robust_augment(p, rng) for p in pixels])
+                yield pixels, batch["label"]
+
+        return generate
+
+    workdir = tempfile.mkdtemp(prefix="detector-train-")
+    best_path = os.path.join(workdir, BEST_WEIGHTS)
+    if best_weights is not None:
+        model_weights = model.get_weights()
+        model.set_weights(best_weights)
+        model.save_weights(best_path)
+        model.set_weights(model_weights)
+
+    def on_epoch_end(end: EpochEnd) -> None:
+        if end.improved:
+            model.save_weights(best_path)
+        metrics = {k: v for k, v in end.metrics.items() if isinstance(v, int | float)}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            model.save_weights(os.path.join(directory, CURRENT_WEIGHTS))
+            shutil.copy(best_path, os.path.join(directory, BEST_WEIGHTS))
+            with open(os.path.join(directory, STATE), "w") as handle:
+                json.dump(end.state.to_dict(), handle)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    settings = FitSettings(
+        epochs=cfg.epochs, lr=cfg.lr, patience=cfg.patience, lr_patience=cfg.lr_patience,
+        max_steps_per_epoch=cfg.max_steps_per_epoch,
+    )
+    fit(
+        model, batches("train", True), batches("val", False), settings,
+        strategy=strategy, state=state, on_epoch_end=on_epoch_end, best_weights=best_weights,
+    )
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _read_weights(model, path: str):
+    """Weights stored in `path` as a list, leaving `model` as it was."""
+    if not os.path.exists(path):
+        return None
+    current = model.get_weights()
+    model.load_weights(path)
+    stored = model.get_weights()
+    model.set_weights(current)
+    return stored
+
+
+def _build_overrides(name: str, cfg: TrainConfig) -> dict:
+    from detector.models import get_spec
+
+    return {"weights": cfg.weights} if get_spec(name).pretrained else {}
+
+
+def build_trainer(cfg: TrainConfig, name: str, image_size: int):
+    """The TensorflowTrainer for one model, reading the prepared shards."""
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    run_name = f"train-{name}"
+    storage_path = storage.join(cfg.out, RUNS_DIR)
+    if not cfg.resume:
+        storage.delete_tree(storage.join(storage_path, run_name))  # a fresh run
+    fs, path = storage.resolve(storage_path)
+    if not storage.is_s3(storage_path):
+        os.makedirs(path, exist_ok=True)
+    return TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train_config": to_dict(cfg), "model": name, "image_size": image_size},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.gpus_per_worker > 0,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker}
+            if cfg.gpus_per_worker > 0 else {"CPU": cfg.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={
+            "train": data.read_split(cfg.data, "train"),
+            "val": data.read_split(cfg.data, "val"),
+        },
+    )
+
+
+def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str) -> dict:
+    """Best checkpoint -> evaluated model artifact at OUT/<name>/. Returns its metrics."""
+    from detector import evaluate
+    from detector.artifact import ModelCard, save_artifact
+    from detector.models import build_model
+    from detector.preprocess import PREPROCESS_VERSION
+
+    manifest = data.read_manifest(cfg.data)
+    with open(os.path.join(checkpoint_dir, STATE)) as handle:
+        state = FitState.from_dict(json.load(handle))
+    model = build_model(name, image_size=image_size, **_build_overrides(name, cfg))
+    model.load_weights(os.path.join(checkpoint_dir, BEST_WEIGHTS))
+    card = ModelCard(
+        name=name,
+        architecture=_family(name),
+        image_size=image_size,
+        preprocess_version=PREPROCESS_VERSION,
+        data_fingerprint=manifest["fingerprint"],
+        config=to_dict(cfg) | {"best_epoch": state.best_epoch, "epochs_run": state.epoch},
+    )
+    report = evaluate.evaluate_model(model, card, cfg.data, history=state.history)
+    card.threshold = report.threshold
+    card.metrics = report.headline()
+    save_artifact(model, card, storage.join(cfg.out, name), extra_files=report.write)
+    return {"model": name, "artifact": storage.join(cfg.out, name), **card.metrics,
+            "best_epoch": state.best_epoch, "epochs": state.epoch}
+
+
+def _family(name: str) -> str:
+    from detector.models import get_spec
+
+    return get_spec(name).family
+
+
+def train_models(cfg: TrainConfig) -> dict:
+    """Train every model in `cfg.model` one after another; write the comparison table."""
+    import ray
+
+    manifest = data.read_manifest(cfg.data)
+    image_size = cfg.image_size or manifest["image_size"]
+    if image_size != manifest["image_size"]:
+        raise ValueError(
+            f"--image-size {image_size} differs from the shards' {manifest['image_size']}: "
+            "re-run `detector prepare --image-size` instead of resizing prepared pixels"
+        )
+    results = []
+    # Evaluation runs where training ran (a worker with the same resources), not on the
+    # head node, which on a real cluster has no GPU and should do no work.
+    finalize_task = ray.remote(_finalize_task).options(
+        num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker
+    )
+    for name in cfg.model:
+        result = build_trainer(cfg, name, image_size).fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training {name} reported no checkpoint: {result.error}")
+        results.append(ray.get(finalize_task.remote(cfg, name, image_size, result.checkpoint.path)))
+    comparison = write_comparison(cfg.out, results)
+    return {"models": results, "comparison": comparison}
+
+
+def _finalize_task(cfg: TrainConfig, name: str, image_size: int, checkpoint_path: str) -> dict:
+    if not storage.is_s3(cfg.out):
+        return finalize(cfg, name, image_size, checkpoint_path)
+    with tempfile.TemporaryDirectory() as local:  # checkpoint paths on S3 lack the scheme
+        storage.download_dir(f"s3://{checkpoint_path}", local)
+        return finalize(cfg, name, image_size, local)
+
+
+COMPARISON_COLUMNS = (
+    ("model", "Model"), ("accuracy", "Accuracy"), ("precision", "Precision"),
+    ("recall", "Recall"), ("f1", "F1"), ("roc_auc", "ROC AUC"), ("specificity", "Specificity"),
+    ("tpr_at_1pct_fpr", "TPR@1%FPR"), ("ece", "ECE"), ("threshold", "Threshold"),
+    ("best_epoch", "Best epoch"),
+)
+
+
+def write_comparison(out_uri: str, results: list[dict]) -> str:
+    """The notebook's model comparison table, as Markdown and JSON beside the artifacts."""
+    header = "| " + " | ".join(title for _, title in COMPARISON_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * len(COMPARISON_COLUMNS)]
+    for result in results:
+        cells = [_cell(result.get(key)) for key, _ in COMPARISON_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    storage.write_bytes(storage.join(out_uri, "comparison.md"), table.encode())
+    storage.write_bytes(
+        storage.join(out_uri, "comparison.json"), json.dumps(results, indent=2).encode()
+    )
+    return table
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)

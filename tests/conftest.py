@@ -1,0 +1,63 @@
+"""Shared fixtures: sample images made by the project itself, tiny trained models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+TINY_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def sample_arrays():
+    """(train_x, train_y, test_x, test_y): `detector sample` images decoded through the one
+    preprocessing path at their native size (cropping, never shrinking, keeps traces)."""
+    from detector.preprocess import load_image
+    from detector.sample import encode, make_image
+
+    def make(seed: int, per_class: int):
+        xs, ys = [], []
+        for label in (0, 1):
+            for i in range(per_class):
+                rng = np.random.default_rng([seed, label, i])
+                pixels = make_image(label, rng, (TINY_SIZE, TINY_SIZE))
+                blob = encode(pixels, ("JPEG", "PNG", "WEBP")[i % 3], rng)
+                xs.append(load_image(blob, TINY_SIZE)[0])
+                ys.append(label)
+        return np.stack(xs), np.array(ys, dtype=np.float32)
+
+    return (*make(100, 160), *make(200, 60))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(sample_arrays, tmp_path_factory):
+    """A vit_tiny trained briefly on sample data and saved as an artifact: (uri, metrics)."""
+    from detector.artifact import ModelCard, save_artifact
+    from detector.fit import FitSettings, fit
+    from detector.models import build_model
+    from detector.preprocess import PREPROCESS_VERSION
+
+    train_x, train_y, test_x, test_y = sample_arrays
+    model = build_model("resnet50v2_tiny", image_size=TINY_SIZE)
+    state = fit(model, batches(train_x, train_y, 16, seed=1), batches(test_x, test_y, 64),
+                FitSettings(epochs=6, lr=2e-3, patience=6))
+    card = ModelCard(name="resnet50v2_tiny", architecture="resnet50v2", image_size=TINY_SIZE,
+                     preprocess_version=PREPROCESS_VERSION)
+    uri = str(tmp_path_factory.mktemp("artifact") / "model")
+    save_artifact(model, card, uri)
+    return uri, state
+
+
+def batches(x, y, size, seed=None):
+    def generate():
+        order = np.random.default_rng(seed).permutation(len(x)) if seed is not None else \
+            np.arange(len(x))
+        for i in range(0, len(x), size):
+            idx = order[i : i + size]
+            yield x[idx], y[idx]
+
+    return generate

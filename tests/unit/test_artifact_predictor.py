@@ -1,0 +1,99 @@
+"""Model artifact round trip and the shared Predictor."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+def test_artifact_round_trip_gives_identical_scores(trained_tiny, sample_arrays):
+    from detector.artifact import load_artifact
+    from detector.predictor import Predictor
+
+    uri, _ = trained_tiny
+    model, card = load_artifact(uri)
+    assert card.name == "resnet50v2_tiny" and card.image_size == 32
+    assert set(os.listdir(uri)) >= {"model.keras", "detector.json"}
+    _, _, test_x, _ = sample_arrays
+    predictor = Predictor(model, card)
+    again = Predictor.from_uri(uri)
+    np.testing.assert_allclose(predictor.score(test_x[:20]), again.score(test_x[:20]), rtol=1e-6)
+
+
+def test_card_records_the_contract(trained_tiny):
+    uri, _ = trained_tiny
+    with open(os.path.join(uri, "detector.json")) as handle:
+        card = json.load(handle)
+    assert card["labels"] == {"0": "real", "1": "ai-generated"}
+    for key in ("architecture", "image_size", "preprocess_version", "threshold", "id",
+                "created_at", "data_fingerprint", "metrics"):
+        assert key in card
+
+
+def test_vit_with_custom_layers_loads_in_safe_mode(tmp_path):
+    from detector.artifact import ModelCard, load_artifact, save_artifact
+    from detector.models import build_model
+
+    model = build_model("vit_tiny", image_size=32)
+    card = ModelCard(name="vit_tiny", architecture="vit", image_size=32, preprocess_version=1)
+    save_artifact(model, card, str(tmp_path / "vit"))
+    loaded, _ = load_artifact(str(tmp_path / "vit"))
+    x = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(loaded(x)), rtol=1e-5)
+
+
+def test_directory_without_card_is_not_an_artifact(tmp_path):
+    from detector.artifact import load_artifact
+
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model.keras").write_bytes(b"partial upload")
+    with pytest.raises(FileNotFoundError, match="detector.json"):
+        load_artifact(str(tmp_path / "half"))
+
+
+def test_verdict_has_an_uncertain_band():
+    from detector.artifact import ModelCard
+
+    card = ModelCard(name="m", architecture="vit", image_size=32, preprocess_version=1,
+                     threshold=0.6, uncertain_margin=0.1)
+    assert card.verdict(0.95) == "ai-generated"
+    assert card.verdict(0.65) == "uncertain"
+    assert card.verdict(0.55) == "uncertain"
+    assert card.verdict(0.3) == "real"
+
+
+def test_predict_bytes_reports_errors_per_item(trained_tiny):
+    from detector.data import encode_png
+    from detector.predictor import Predictor
+
+    uri, _ = trained_tiny
+    predictor = Predictor.from_uri(uri)
+    good = encode_png(np.full((40, 50, 3), 128, np.uint8))
+    results = predictor.predict_bytes([good, b"", b"not an image at all", good])
+    assert [r.error for r in results] == [None, "empty", "not-an-image", None]
+    assert results[0].score_ai == pytest.approx(results[3].score_ai)
+    assert results[0].verdict in ("real", "ai-generated", "uncertain")
+    assert (results[0].width, results[0].height, results[0].format) == (50, 40, "PNG")
+
+
+def test_predict_cli_prints_a_line_per_file(trained_tiny, tmp_path, capsys):
+    from detector.cli import main
+    from detector.data import encode_png
+
+    uri, _ = trained_tiny
+    good = tmp_path / "good.png"
+    good.write_bytes(encode_png(np.zeros((32, 32, 3), np.uint8)))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    missing = tmp_path / "missing.png"
+    assert main(["predict", "--model", uri, str(good), str(bad), str(missing)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith(str(good)) and lines[0].split("\t")[2] in (
+        "real", "ai-generated", "uncertain")
+    assert "error=" in lines[1] and "error=read-failed" in lines[2]
