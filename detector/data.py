@@ -91,7 +91,7 @@ def _fetch(uri: str) -> tuple[bytes | None, str | None, str | None]:
 
 def decode_batch(
     batch: dict[str, np.ndarray], image_size: int, fractions: tuple[float, ...], seed: int
-) -> dict[str, list]:
+) -> pa.Table:
     """Ray Data stage: read, hash and decode a batch of objects into model-ready rows."""
     uris = [str(u) for u in batch["uri"]]
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
@@ -113,13 +113,19 @@ def decode_batch(
                            width=info.width, height=info.height)
         for name in ROW_FIELDS:
             out[name].append(row[name])
-    return out
+    # An explicit schema: a batch without a single error must not infer `error` as null.
+    return pa.table(out, schema=ROW_SCHEMA)
 
 
-ROW_FIELDS = (
-    "image", "label", "source_uri", "source_format", "width", "height", "sha256",
-    "size_bytes", "split", "error", "error_detail",
+ROW_SCHEMA = pa.schema(
+    [
+        ("image", pa.binary()), ("label", pa.int8()), ("source_uri", pa.string()),
+        ("source_format", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+        ("sha256", pa.string()), ("size_bytes", pa.int64()), ("split", pa.string()),
+        ("error", pa.string()), ("error_detail", pa.string()),
+    ]
 )
+ROW_FIELDS = tuple(ROW_SCHEMA.names)
 SHARD_SCHEMA = pa.schema(
     [
         ("image", pa.binary()),  # raw uint8 pixels, image_size x image_size x 3 (lossless)
@@ -133,10 +139,9 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-def write_parts(batch: dict[str, np.ndarray], out_uri: str, run_id: str) -> dict[str, list]:
+def write_parts(table: pa.Table, out_uri: str, run_id: str) -> pa.Table:
     """Ray Data stage: write each split's decoded rows of a batch as one Parquet part and
     pass on a summary row per object (everything but the pixels)."""
-    table = pa.table({name: list(batch[name]) for name in ROW_FIELDS})
     parts = [None] * table.num_rows
     ok = pc.is_null(table["error"])
     for split in SPLITS:
@@ -153,9 +158,7 @@ def write_parts(batch: dict[str, np.ndarray], out_uri: str, run_id: str) -> dict
         for i, selected in enumerate(mask.to_pylist()):
             if selected:
                 parts[i] = name
-    summary = table.drop_columns(["image"]).to_pydict()
-    summary["part"] = parts
-    return summary
+    return table.drop_columns(["image"]).append_column("part", pa.array(parts, pa.string()))
 
 
 def prepare(config: PrepareConfig, progress: bool = True) -> dict:
@@ -183,6 +186,7 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
         write_parts,
         fn_kwargs={"out_uri": config.out, "run_id": run_id},
         batch_size=rows_per_part,
+        batch_format="pyarrow",
     )
     rows = [row for batch in summaries.iter_batches(batch_size=4096, batch_format="pyarrow")
             for row in batch.to_pylist()]

@@ -150,11 +150,22 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int):
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={
-            "train": data.read_split(cfg.data, "train"),
-            "val": data.read_split(cfg.data, "val"),
-        },
+        datasets={split: _dataset(cfg.data, split) for split in ("train", "val")},
     )
+
+
+MATERIALIZE_BELOW_BYTES = 1 << 30
+
+
+def _dataset(shards_uri: str, split: str):
+    """A split as a Ray dataset; small ones are read once into the object store, so epochs
+    after the first do not pay Parquet reads again."""
+    dataset = data.read_split(shards_uri, split)
+    manifest = data.read_manifest(shards_uri)
+    rows = sum(manifest["counts"][split].values())
+    if rows * 3 * manifest["image_size"] ** 2 < MATERIALIZE_BELOW_BYTES:
+        return dataset.materialize()
+    return dataset
 
 
 def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str) -> dict:

@@ -61,3 +61,61 @@ def batches(x, y, size, seed=None):
             yield x[idx], y[idx]
 
     return generate
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint (moto's server) on 127.0.0.1; AWS_* variables point at it, so
+    boto3, pyarrow (through detector.storage) and Ray workers started afterwards use it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket per test, named after it."""
+    import re
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3_server):
+    """One in-process local Ray for the session (after the S3 server, so its workers
+    inherit the endpoint). Logical CPUs exceed the 2 cores on purpose: Train workers and
+    Ray Data tasks must be schedulable side by side."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()

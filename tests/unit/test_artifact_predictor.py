@@ -52,7 +52,7 @@ def test_directory_without_card_is_not_an_artifact(tmp_path):
 
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "model.keras").write_bytes(b"partial upload")
-    with pytest.raises(FileNotFoundError, match="detector.json"):
+    with pytest.raises(FileNotFoundError, match=r"detector\.json"):
         load_artifact(str(tmp_path / "half"))
 
 
