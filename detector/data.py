@@ -64,6 +64,9 @@ def list_inputs(config: PrepareConfig) -> list[dict]:
             objects.sort(key=lambda o: hashlib.sha1(f"{config.seed}:{o.uri}".encode()).digest())
             objects = objects[: config.per_class]
         items += [{"uri": o.uri, "label": label, "size_bytes": o.size} for o in objects]
+    # Interleave classes and folders in a seeded order: parts then hold a mix of both
+    # classes, so even an unshuffled read never feeds a model one class at a time.
+    items.sort(key=lambda item: hashlib.sha1(f"{config.seed}/{item['uri']}".encode()).digest())
     return items
 
 

@@ -108,7 +108,8 @@ def fit(
     @tf.function
     def train_step(images, labels):
         loss = strategy.run(train_replica, args=(images, labels))
-        return strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None)
+        # Each replica already divided by the global batch: the sum is the batch mean.
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
 
     @tf.function
     def eval_step(images, labels):

@@ -24,6 +24,7 @@ CURRENT_WEIGHTS = "current.weights.h5"
 BEST_WEIGHTS = "best.weights.h5"
 STATE = "state.json"
 RUNS_DIR = "_ray_runs"
+SHUFFLE_BUFFER_ROWS = 2048
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -53,6 +54,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with open(os.path.join(directory, STATE)) as handle:
                 state = FitState.from_dict(json.load(handle))
             best_weights = _read_weights(model, os.path.join(directory, BEST_WEIGHTS))
+        if rank == 0:
+            print(f"Resuming {name} from its checkpoint after epoch {state.epoch}", flush=True)
 
     per_worker_batch = max(1, cfg.batch_size // world)
     rng = np.random.default_rng([cfg.seed, rank, state.epoch if state else 0])
@@ -63,7 +66,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         def generate():
             # drop_last keeps every worker at the same step count, which the all-reduce needs.
             for batch in shard.iter_batches(
-                batch_size=per_worker_batch, batch_format="numpy", drop_last=train
+                batch_size=per_worker_batch, batch_format="numpy", drop_last=train,
+                # A fresh order every epoch, within a bounded buffer (memory stays flat).
+                local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS if train else None,
+                local_shuffle_seed=int(rng.integers(2**31)) if train else None,
             ):
                 pixels = data.decode_pixels(batch["image"], image_size)
                 if train and cfg.augment == "robust":

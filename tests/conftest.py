@@ -109,13 +109,14 @@ def bucket(s3_server, request):
     return name
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray(s3_server):
-    """One in-process local Ray for the session (after the S3 server, so its workers
-    inherit the endpoint). Logical CPUs exceed the 2 cores on purpose: Train workers and
-    Ray Data tasks must be schedulable side by side."""
+    """An in-process local Ray per test module (after the S3 server, so its workers
+    inherit the endpoint). address="local" never joins a cluster someone else started.
+    Logical CPUs exceed the 2 cores on purpose: Train workers and Ray Data tasks must be
+    schedulable side by side."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()

@@ -97,7 +97,8 @@ def test_rerun_gives_identical_membership_and_drops_stale_parts(sampled):
 def test_per_class_sampling_is_deterministic(sampled, tmp_path):
     a = prepare_into(str(tmp_path / "a"), sampled, per_class=40, seed=5)
     b = prepare_into(str(tmp_path / "b"), sampled, per_class=40, seed=5)
-    assert a["objects"] == 80
+    assert a["objects"] == b["objects"] == 80
+    assert a["fingerprint"] == b["fingerprint"]
     assert membership(str(tmp_path / "a")) == membership(str(tmp_path / "b"))
 
 

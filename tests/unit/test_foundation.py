@@ -97,7 +97,7 @@ def test_bias_audit_flags_the_format_shortcut_only_when_present():
 
     def rows(fmt_real, fmt_fake, n=60):
         return [
-            {"label": label, "source_format": fmt if i % 2 or fmt_real != fmt_fake else fmt,
+            {"label": label, "source_format": fmt,
              "width": 256 + (i % 3) * 64, "height": 256, "size_bytes": 1000 + i * 7}
             for label, fmt in ((0, fmt_real), (1, fmt_fake)) for i in range(n)
         ]

@@ -1,0 +1,497 @@
+"""Ray Serve application: an HTTP ingress that decodes images in front of a batching model.
+
+    Ingress (FastAPI)  --uint8 pixels-->  Model (@serve.batch, autoscaled)
+
+The ingress checks the key, the content type and the size limits, and decodes with the ONE
+preprocessing path; the model deployment only ever sees fixed-size uint8 arrays, which it
+stacks into one forward pass for all concurrent requests. Built by `build_app(args)`, so it
+runs the same under `serve run detector.serve:build_app model_uri=...`, a `serve deploy`
+config file or a KubeRay RayService (`import_path: detector.serve:build_app`).
+
+HTTP contract (DESIGN.md): `POST /v1/detect`, `GET /healthz`, `GET /v1/model`, `GET /`.
+Every error body is JSON `{error, detail}`; a 5xx never carries a traceback.
+"""
+
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import time
+import typing
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from detector import preprocess
+
+# Serve routes the "ray.serve" logger into each replica's log file with the request id.
+log = logging.getLogger("ray.serve")
+
+APP_NAME = "detector"
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file itself
+RAW_TYPES = ("application/octet-stream",)  # plus image/* and a missing Content-Type
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `build_app` accepts; every field is also a `key=value` for `serve run`."""
+
+    model_uri: str = ""
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 16.0  # per Model replica: about half a full batch
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.01
+    max_ongoing_requests: int | None = None  # per Model replica; default 2 x max_batch_size
+    max_queued_requests: int = 256  # per caller; beyond it the ingress answers 503
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+    look_back_period_s: float = 30.0
+    metrics_interval_s: float | None = None  # None keeps Serve's default (10 s)
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = preprocess.DEFAULT_MAX_PIXELS
+    api_key_env: str = "DETECTOR_API_KEY"
+    num_cpus: float = 1.0  # per Model replica
+    num_gpus: float = 0.0  # per Model replica
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 0.5  # decoding happens here
+    ingress_max_ongoing_requests: int = 256
+
+    def model_max_ongoing(self) -> int:
+        # A replica must hold at least one full batch, plus the next one filling up.
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+
+def config_from_args(args: dict[str, Any]) -> ServeConfig:
+    """`build_app` args -> ServeConfig. `serve run key=value` passes strings: coerce them."""
+    fields = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    unknown = sorted(set(args) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown serve args {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(ServeConfig)
+    values = {key: _coerce(value, hints[key]) for key, value in args.items()}
+    config = ServeConfig(**values)
+    if not config.model_uri:
+        raise ValueError("model_uri is required (e.g. model_uri=s3://bucket/models/vit)")
+    return config
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+        return None if type(None) in typing.get_args(hint) else value
+    return kinds[0](value) if isinstance(value, str) else value
+
+
+class ApiError(Exception):
+    """A client-visible failure: HTTP status, short code, human detail."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict | None = None):
+        super().__init__(f"{status} {code}: {detail}")
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.detail, self.headers)
+
+
+def error_response(
+    status: int, code: str, detail: str, headers: dict | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+# Helpers come before the deployments: Serve pickles the decorated classes by value at
+# decoration time, so anything they call must already exist.
+
+
+async def read_bounded(request: Request, limit: int) -> bytes:
+    """Read the body, refusing (413) anything over `limit` without holding more than that."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise ApiError(400, "bad-request", "invalid Content-Length header")
+        if int(declared) > limit:
+            raise ApiError(413, "too-large", f"{declared} bytes exceeds the limit of {limit}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:  # a chunked upload, or a Content-Length that lied
+            raise ApiError(413, "too-large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _multipart_file(request: Request, body: bytes) -> bytes:
+    """The `file` part of a multipart body that has already been read (bounded)."""
+    replay = Request(request.scope, receive=_replayer(body))
+    try:
+        form = await replay.form(max_files=1, max_fields=8)
+    except Exception as exc:
+        raise ApiError(400, "bad-multipart", f"unreadable multipart body: {exc}") from None
+    try:
+        part = form.get("file")
+        if not isinstance(part, UploadFile):
+            raise ApiError(422, "missing-file", "multipart body has no file field named `file`")
+        return await part.read()
+    finally:
+        await form.close()
+
+
+def _replayer(body: bytes):
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def _verdict(card: dict[str, Any], score: float) -> str:
+    # Same rule as ModelCard.verdict, applied to the card the Model deployment sent.
+    threshold, margin = card["threshold"], card["uncertain_margin"]
+    if abs(score - threshold) < margin:
+        return "uncertain"
+    return "ai-generated" if score >= threshold else "real"
+
+
+def _render_page(card: dict[str, Any], auth: bool) -> str:
+    page = resources.files("detector").joinpath("static/index.html").read_text()
+    settings = {"auth": auth, "model": card["name"], "threshold": card["threshold"],
+                "margin": card["uncertain_margin"]}
+    # "</" cannot appear inside the JSON, so it cannot close the <script> element early.
+    return page.replace("{{settings}}", json.dumps(settings).replace("</", "<\\/"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model deployment: uint8 batches -> scores
+# ---------------------------------------------------------------------------------------------
+
+
+@serve.deployment(name="Model")
+class Model:
+    """Holds one Predictor; concurrent `score` calls are stacked into one forward pass."""
+
+    def __init__(self, config: ServeConfig):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
+        from detector.predictor import Predictor
+
+        self.predictor = Predictor.from_uri(config.model_uri, batch_size=config.max_batch_size)
+        # The decorator's arguments are fixed at import; the configured values apply here.
+        self.score.set_max_batch_size(config.max_batch_size)
+        self.score.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        size = self.predictor.image_size
+        self._probe = np.zeros((1, size, size, 3), dtype=np.uint8)
+        self.predictor.score(self._probe)  # trace the graph now, not on the first request
+        self.batch_sizes = Histogram(
+            "detector_batch_size", "images per forward pass", boundaries=BATCH_BUCKETS
+        )
+
+    def card(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.predictor.card)
+
+    def ping(self) -> str:
+        return self.predictor.card.id
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def score(self, images: list[np.ndarray]) -> list[tuple[float, int]]:
+        """One decoded image per caller -> (score_ai, size of the batch it ran in)."""
+        # A worker thread keeps the event loop free, so the next batch fills during this one.
+        scores = await asyncio.to_thread(self.predictor.score, np.stack(images))
+        self.batch_sizes.observe(len(images))
+        return [(float(s), len(images)) for s in scores]
+
+    async def check_health(self) -> None:
+        """Serve restarts the replica when this raises: the model must still score."""
+        scores = await asyncio.to_thread(self.predictor.score, self._probe)
+        if scores.shape != (1,) or not 0.0 <= float(scores[0]) <= 1.0:
+            raise RuntimeError(f"model produced an invalid score: {scores!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ingress deployment: HTTP in, JSON out
+# ---------------------------------------------------------------------------------------------
+
+app = FastAPI(
+    title="AI-generated image detector",
+    description="POST an image, get P(AI-generated) (`score_ai`) and a verdict.",
+    version="1",
+)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "bad-request")
+    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(422, "invalid-request", str(exc.errors())[:500])
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # The last net: log the traceback server-side, never send it to the client.
+    log.error("unhandled %s", type(exc).__name__, exc_info=exc)
+    return error_response(500, "internal", "internal error; see the server logs")
+
+
+DETECT_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            },
+        },
+    },
+}
+ERROR_DOC = {
+    status: {"description": text, "content": {"application/json": {"example": example}}}
+    for status, text, example in [
+        (400, "undecodable image", {"error": "truncated", "detail": "image file is truncated"}),
+        (401, "missing or wrong API key", {"error": "unauthorized", "detail": "..."}),
+        (413, "too many bytes or pixels", {"error": "too-large", "detail": "..."}),
+        (415, "unsupported content type", {"error": "unsupported-media-type", "detail": "..."}),
+        (422, "multipart without `file`", {"error": "missing-file", "detail": "..."}),
+        (503, "overloaded; retry later", {"error": "overloaded", "detail": "..."}),
+    ]
+}
+
+
+@dataclass
+class _Outcome:
+    """What one /v1/detect request did, for the metrics and the log line."""
+
+    code: str = "ok"
+    bytes: int = 0
+    batch_size: int = 0
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(app)
+class Ingress:
+    """Validates and decodes uploads, then asks the Model deployment for a score."""
+
+    async def __init__(self, model: DeploymentHandle, config: ServeConfig):
+        self.model = model
+        self.config = config
+        key = os.environ.get(config.api_key_env, "")
+        self._key = key.encode() if key else None
+        # Decode at the model's own size: ask it once, at startup.
+        self.card = await model.card.remote()
+        self.page = _render_page(self.card, auth=self._key is not None)
+        self.requests = Counter(
+            "detector_requests", "POST /v1/detect requests by outcome", tag_keys=("status", "code")
+        )
+        self.latency = Histogram(
+            "detector_request_latency_s", "POST /v1/detect latency (seconds)",
+            boundaries=LATENCY_BUCKETS_S, tag_keys=("status",),
+        )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page_(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 when the model deployment answers within 5 s."""
+        try:
+            model_id = await asyncio.wait_for(self.model.ping.remote(), timeout=5.0)
+        except Exception as exc:
+            return error_response(503, "unavailable", f"model not answering: {type(exc).__name__}")
+        return JSONResponse({"status": "ok", "model": model_id})
+
+    @app.get("/v1/model")
+    async def model_card(self, request: Request) -> JSONResponse:
+        """What is loaded: the model card."""
+        self._authorize(request)
+        keys = ("name", "id", "architecture", "image_size", "threshold", "uncertain_margin",
+                "labels", "metrics", "preprocess_version", "created_at")
+        return JSONResponse({k: self.card.get(k) for k in keys})
+
+    @app.post("/v1/detect", openapi_extra=DETECT_DOC, responses=ERROR_DOC)
+    async def detect(self, request: Request) -> JSONResponse:
+        """One image (raw body or multipart `file`) -> `{score_ai, verdict, threshold, ...}`."""
+        start = time.perf_counter()
+        outcome = _Outcome()
+        try:
+            response = JSONResponse(
+                await self._detect(request, outcome),
+                headers={"X-Batch-Size": str(outcome.batch_size)},
+            )
+        except ApiError as err:
+            outcome.code, response = err.code, err.response()
+        except Exception as exc:
+            log.error("detect failed: %s", type(exc).__name__, exc_info=exc)
+            outcome.code = "internal"
+            response = error_response(500, "internal", "internal error; see the server logs")
+        self._record(response.status_code, outcome, time.perf_counter() - start)
+        return response
+
+    async def _detect(self, request: Request, outcome: _Outcome) -> dict[str, Any]:
+        self._authorize(request)
+        blob = await self._read_image(request)
+        outcome.bytes = len(blob)
+        pixels, info = await asyncio.to_thread(self._decode, blob)
+        score, outcome.batch_size = await self._score(pixels)
+        return {
+            "score_ai": score,
+            "verdict": _verdict(self.card, score),
+            "threshold": self.card["threshold"],
+            "model": f"{self.card['name']}@{self.card['id']}",
+            "format": info.format,
+            "width": info.width,
+            "height": info.height,
+        }
+
+    def _authorize(self, request: Request) -> None:
+        if self._key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # Constant-time compare; neither key ever reaches a log line.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 self._key):
+            raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: "
+                           "Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_image(self, request: Request) -> bytes:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        limit = self.config.max_body_bytes
+        if kind == "multipart/form-data":
+            body = await read_bounded(request, limit + MULTIPART_OVERHEAD)
+            return await _multipart_file(request, body)
+        if kind and not kind.startswith("image/") and kind not in RAW_TYPES:
+            raise ApiError(415, "unsupported-media-type", f"{kind} is not accepted; send "
+                           "image/*, application/octet-stream or multipart/form-data")
+        return await read_bounded(request, limit)
+
+    def _decode(self, blob: bytes) -> tuple[np.ndarray, preprocess.ImageInfo]:
+        try:
+            return preprocess.load_image(
+                blob, self.card["image_size"], max_bytes=self.config.max_body_bytes,
+                max_pixels=self.config.max_pixels,
+            )
+        except preprocess.ImageError as err:
+            raise ApiError(413 if err.code == "too-large" else 400, err.code, err.detail) from None
+
+    async def _score(self, pixels: np.ndarray) -> tuple[float, int]:
+        try:
+            return await self.model.score.remote(pixels)
+        except BackPressureError:
+            raise ApiError(503, "overloaded", "too many requests queued; retry shortly",
+                           headers={"Retry-After": "1"}) from None
+        except (DeploymentUnavailableError, RayActorError) as exc:
+            raise ApiError(503, "unavailable", f"model unavailable: {type(exc).__name__}",
+                           headers={"Retry-After": "5"}) from None
+
+    def _record(self, status: int, outcome: _Outcome, seconds: float) -> None:
+        self.requests.inc(tags={"status": str(status), "code": outcome.code})
+        self.latency.observe(seconds, tags={"status": str(status)})
+        # One structured line per request; sizes and codes only, never bytes or keys.
+        log.info(json.dumps({
+            "event": "detect", "status": status, "code": outcome.code,
+            "latency_ms": round(seconds * 1000, 2), "batch_size": outcome.batch_size,
+            "bytes": outcome.bytes,
+        }))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and running
+# ---------------------------------------------------------------------------------------------
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The Serve application builder (`import_path: detector.serve:build_app`)."""
+    return build_app_from_config(config_from_args(dict(args)))
+
+
+def build_app_from_config(
+    config: ServeConfig, env: dict[str, str] | None = None
+) -> serve.Application:
+    """Bind Ingress -> Model with `config`; `env` is set in the replicas' environment."""
+    runtime_env = {"runtime_env": {"env_vars": dict(env)}} if env else {}
+    model = Model.options(
+        autoscaling_config=_autoscaling(config),
+        max_ongoing_requests=config.model_max_ongoing(),
+        max_queued_requests=config.max_queued_requests,
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus,
+                           **runtime_env},
+    ).bind(config)
+    return Ingress.options(
+        num_replicas=config.ingress_replicas,
+        max_ongoing_requests=config.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress_num_cpus, **runtime_env},
+    ).bind(model, config)
+
+
+def _autoscaling(config: ServeConfig) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "min_replicas": config.min_replicas,
+        "max_replicas": config.max_replicas,
+        "target_ongoing_requests": config.target_ongoing_requests,
+        "upscale_delay_s": config.upscale_delay_s,
+        "downscale_delay_s": config.downscale_delay_s,
+        "look_back_period_s": config.look_back_period_s,
+    }
+    if config.metrics_interval_s is not None:  # deprecated in Serve, but still the knob
+        settings["metrics_interval_s"] = config.metrics_interval_s
+    return settings
+
+
+def run(
+    config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True
+) -> None:
+    """Start Serve on host:port with this app (what `detector serve` calls).
+
+    The API key, when set in this process, is handed to the replicas explicitly: on an
+    already-running cluster they would not inherit this shell's environment.
+    """
+    key = os.environ.get(config.api_key_env)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(
+        build_app_from_config(config, env={config.api_key_env: key} if key else None),
+        name=APP_NAME, route_prefix="/",
+    )
+    print(f"detector serving {config.model_uri} on http://{host}:{port}/ (docs at /docs)")
+    if not blocking:
+        return
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down")
+    finally:
+        serve.shutdown()

@@ -1,0 +1,470 @@
+"""The Serve endpoint over real HTTP on 127.0.0.1: contract, limits, auth, batching,
+overload, autoscaling and the page in a real headless Chromium.
+
+Two apps share one local Ray: "main" (route /) for the contract tests, and "tight"
+(route /tight: API key, batch size 1, a one-request queue, 1..2 autoscaled replicas)
+for auth, overload and autoscaling.
+"""
+
+import base64
+import io
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from detector import preprocess
+from detector.serve import ServeConfig, build_app, build_app_from_config, config_from_args
+
+pytestmark = pytest.mark.e2e
+
+SIZE = 32
+MAX_BODY = 256 * 1024
+MAX_PIXELS = 1_000_000
+API_KEY = "test-key-0123456789"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory) -> str:
+    """An untrained vit_tiny artifact: enough for the API, scores are deterministic."""
+    from detector.artifact import ModelCard, save_artifact
+    from detector.models import build_model
+
+    uri = str(tmp_path_factory.mktemp("serve") / "vit_tiny")
+    model = build_model("vit_tiny", image_size=SIZE)
+    card = ModelCard(name="vit_tiny", architecture="vit", image_size=SIZE,
+                     preprocess_version=preprocess.PREPROCESS_VERSION)
+    return save_artifact(model, card, uri)
+
+
+@pytest.fixture(scope="module")
+def predictor(model_uri):
+    from detector.predictor import Predictor
+
+    return Predictor.from_uri(model_uri)
+
+
+@pytest.fixture(scope="module")
+def serve_port():
+    """Serve on a free loopback port in a local Ray of our own (address="local": a
+    `ray start` cluster elsewhere on the machine must not be joined)."""
+    import ray
+    from ray import serve
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base(serve_port, model_uri) -> str:
+    """The "main" app, built through `build_app(args)` with string values, as `serve run
+    detector.serve:build_app key=value ...` would pass them."""
+    from ray import serve
+
+    args = {
+        "model_uri": model_uri, "min_replicas": "1", "max_replicas": "1",
+        "max_batch_size": "16", "batch_wait_timeout_s": "0.05",
+        "max_body_bytes": str(MAX_BODY), "max_pixels": str(MAX_PIXELS),
+        "num_cpus": "0.5", "ingress_num_cpus": "0.25",
+        # A variable nobody sets: a developer's exported DETECTOR_API_KEY must not leak in.
+        "api_key_env": "DETECTOR_SERVE_TEST_UNSET",
+    }
+    serve.run(build_app(args), name="main", route_prefix="/")
+    return f"http://127.0.0.1:{serve_port}"
+
+
+@pytest.fixture(scope="module")
+def tight(serve_port, model_uri) -> str:
+    """The "tight" app: a key in the replicas' environment (runtime_env), no batching, a
+    queue of one (easy to overload) and fast autoscaling between 1 and 2 Model replicas."""
+    from ray import serve
+
+    config = ServeConfig(
+        model_uri=model_uri, min_replicas=1, max_replicas=2, target_ongoing_requests=0.5,
+        max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1,
+        upscale_delay_s=1, downscale_delay_s=2, look_back_period_s=2, metrics_interval_s=0.5,
+        num_cpus=0.5, ingress_num_cpus=0.25,
+    )
+    serve.run(build_app_from_config(config, env={"DETECTOR_API_KEY": API_KEY}),
+              name="tight", route_prefix="/tight")
+    return f"http://127.0.0.1:{serve_port}/tight"
+
+
+# --------------------------------------------------------------------------- images
+
+
+def scene(width: int = 48, height: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    base = 255 * (0.5 * x + 0.5 * y) * rng.uniform(0.5, 1, 3)
+    return np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def encode(pixels: np.ndarray, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+IMAGES = {
+    "PNG": ("image/png", lambda: encode(scene(seed=1), "PNG")),
+    "JPEG": ("image/jpeg", lambda: encode(scene(64, 48, seed=2), "JPEG", quality=90)),
+    "WEBP": ("application/octet-stream", lambda: encode(scene(seed=3), "WEBP", lossless=True)),
+}
+
+
+def post(url: str, data, content_type: str | None = "image/png", key: str | None = None,
+         **kwargs) -> requests.Response:
+    headers = {"Content-Type": content_type} if content_type else {}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return requests.post(f"{url}/v1/detect", data=data, headers=headers, timeout=60, **kwargs)
+
+
+def assert_error(response: requests.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error", "detail"} and body["error"] == code, body
+    assert "Traceback" not in body["detail"]
+
+
+def hammer(call: Callable[[], requests.Response], threads: int, per_thread: int) -> list:
+    """`threads` workers released together, each making `per_thread` calls."""
+    barrier = threading.Barrier(threads)
+
+    def work() -> list:
+        barrier.wait()
+        return [call() for _ in range(per_thread)]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return [r for rs in pool.map(lambda _: work(), range(threads)) for r in rs]
+
+
+# --------------------------------------------------------------------------- contract
+
+
+def test_config_from_args_coerces_and_rejects_unknown():
+    config = config_from_args({"model_uri": "m", "max_batch_size": "8", "num_gpus": "0.5",
+                               "max_ongoing_requests": "none"})
+    assert (config.max_batch_size, config.num_gpus, config.max_ongoing_requests) == (8, 0.5, None)
+    assert config.model_max_ongoing() == 16
+    with pytest.raises(ValueError, match="unknown serve args"):
+        config_from_args({"model_uri": "m", "max_batchsize": 8})
+    with pytest.raises(ValueError, match="model_uri is required"):
+        config_from_args({})
+
+
+@pytest.mark.parametrize("fmt", sorted(IMAGES))
+def test_valid_image_scores_like_the_predictor(base, predictor, fmt):
+    content_type, make = IMAGES[fmt]
+    blob = make()
+    response = post(base, blob, content_type)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = predictor.predict_bytes([blob])[0]
+    assert set(body) == {"score_ai", "verdict", "threshold", "model", "format", "width", "height"}
+    assert body["score_ai"] == pytest.approx(expected.score_ai, abs=1e-5)
+    assert body["verdict"] == predictor.card.verdict(body["score_ai"])
+    assert (body["format"], body["width"], body["height"]) == (
+        expected.format, expected.width, expected.height)
+    assert body["threshold"] == predictor.card.threshold
+    assert body["model"] == f"vit_tiny@{predictor.card.id}"
+    assert int(response.headers["X-Batch-Size"]) >= 1
+
+
+def test_multipart_upload(base, predictor):
+    blob = IMAGES["JPEG"][1]()
+    response = requests.post(f"{base}/v1/detect", files={"file": ("a.jpg", blob, "image/jpeg")},
+                             timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["score_ai"] == pytest.approx(
+        predictor.predict_bytes([blob])[0].score_ai, abs=1e-5)
+    missing = requests.post(f"{base}/v1/detect", files={"other": ("a.jpg", blob)}, timeout=60)
+    assert_error(missing, 422, "missing-file")
+
+
+def local_error(blob: bytes) -> str:
+    """The code the one preprocessing path gives `blob`, so the API must give the same."""
+    with pytest.raises(preprocess.ImageError) as info:
+        preprocess.load_image(blob, SIZE, max_bytes=MAX_BODY, max_pixels=MAX_PIXELS)
+    return info.value.code
+
+
+def bad_inputs() -> dict[str, tuple[bytes, str, int, str]]:
+    rng = np.random.default_rng(7)
+    jpeg = encode(scene(200, 160, seed=4), "JPEG", quality=95)
+    return {
+        "empty": (b"", "image/jpeg", 400, "empty"),
+        "random bytes": (rng.bytes(5000), "application/octet-stream", 400, "not-an-image"),
+        "truncated jpeg": (jpeg[: len(jpeg) // 2], "image/jpeg", 400, local_error(
+            jpeg[: len(jpeg) // 2])),
+        "pcx": (encode(scene(), "PCX"), "image/x-pcx", 400, "unsupported-format"),
+        "ico": (encode(scene(32, 32), "ICO"), "image/x-icon", 400, "unsupported-format"),
+        "text/plain": (b"hello", "text/plain", 415, "unsupported-media-type"),
+        "json": (b"{}", "application/json", 415, "unsupported-media-type"),
+        "too many bytes": (rng.bytes(MAX_BODY + 1), "image/png", 413, "too-large"),
+        "too many pixels": (encode(np.zeros((1000, 1001, 3), np.uint8), "PNG"), "image/png",
+                            413, "too-large"),
+    }
+
+
+def test_bad_inputs_get_json_4xx_and_the_app_stays_healthy(base):
+    for name, (blob, content_type, status, code) in bad_inputs().items():
+        response = post(base, blob, content_type)
+        assert response.status_code == status, (name, response.text)
+        assert_error(response, status, code)
+    assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
+    assert post(base, IMAGES["PNG"][1]()).status_code == 200
+
+
+def test_chunked_upload_over_the_limit_is_cut_off(base):
+    # No Content-Length: the server must count while reading and stop at the limit.
+    chunks = (b"\x89PNG" + bytes(64 * 1024) for _ in range(8))
+    assert_error(post(base, chunks, "image/png"), 413, "too-large")
+
+
+def test_unknown_route_and_method_are_json(base):
+    assert_error(requests.get(f"{base}/nope", timeout=30), 404, "not-found")
+    assert_error(requests.get(f"{base}/v1/detect", timeout=30), 405, "method-not-allowed")
+
+
+def test_model_card_health_and_docs(base, predictor):
+    card = requests.get(f"{base}/v1/model", timeout=30).json()
+    assert card["id"] == predictor.card.id and card["image_size"] == SIZE
+    assert {"name", "architecture", "threshold", "metrics", "created_at"} <= set(card)
+    health = requests.get(f"{base}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert requests.get(f"{base}/docs", timeout=30).status_code == 200
+    spec = requests.get(f"{base}/openapi.json", timeout=30).json()
+    assert "multipart/form-data" in spec["paths"]["/v1/detect"]["post"]["requestBody"]["content"]
+
+
+def test_concurrent_requests_share_batches(base):
+    blob = IMAGES["PNG"][1]()
+    responses = hammer(lambda: post(base, blob), threads=32, per_thread=3)
+    assert {r.status_code for r in responses} == {200}
+    sizes = [int(r.headers["X-Batch-Size"]) for r in responses]
+    assert max(sizes) > 1, sizes
+    assert len({round(r.json()["score_ai"], 5) for r in responses}) == 1
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def test_page_is_offline_html(base):
+    page = requests.get(f"{base}/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    text = page.text
+    assert "{{settings}}" not in text and "v1/detect" in text
+    assert "http://" not in text and "https://" not in text  # nothing fetched from elsewhere
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4): no
+    port, no extra Python package."""
+
+    FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--remote-debugging-pipe")
+
+    def __init__(self, user_data_dir: Path):
+        child_in, self._out = os.pipe()
+        self._in, child_out = os.pipe()
+
+        def wire() -> None:  # runs in the child: Chromium reads fd 3, writes fd 4
+            a, b = os.dup(child_in), os.dup(child_out)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *self.FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
+            preexec_fn=wire, close_fds=False, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(child_in)
+        os.close(child_out)
+        self._buffer, self._next_id, self.session = b"", 0, None
+
+    def send(self, method: str, timeout: float = 30, **params) -> dict:
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params}
+        if self.session and not method.startswith(("Target.", "Browser.")):
+            message["sessionId"] = self.session
+        os.write(self._out, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read(deadline)
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def _read(self, deadline: float) -> dict:
+        while b"\0" not in self._buffer:
+            ready, _, _ = select.select([self._in], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError("Chromium did not answer")
+            chunk = os.read(self._in, 1 << 20)
+            if not chunk:
+                raise RuntimeError("Chromium closed the DevTools pipe")
+            self._buffer += chunk
+        message, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"]
+        self.send("Emulation.setDeviceMetricsOverride", width=900, height=900,
+                  deviceScaleFactor=1, mobile=False)
+        self.send("Page.navigate", url=url)
+        self.wait_for("document.readyState === 'complete'")
+
+    def evaluate(self, expression: str):
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise TimeoutError(f"never true: {expression}")
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=5)
+        except Exception:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        os.close(self._in)
+        os.close(self._out)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                    reason=f"{CHROMIUM} not installed (apt-get install -y chromium)")
+def test_page_in_headless_chromium(base, predictor, tmp_path):
+    image = tmp_path / "upload.png"
+    blob = IMAGES["PNG"][1]()
+    image.write_bytes(blob)
+    expected = predictor.predict_bytes([blob])[0]
+    browser = Chromium(tmp_path / "profile")
+    try:
+        browser.open(f"{base}/")
+        root = browser.send("DOM.getDocument")["root"]["nodeId"]
+        node = browser.send("DOM.querySelector", nodeId=root, selector="#file")["nodeId"]
+        browser.send("DOM.setFileInputFiles", files=[str(image)], nodeId=node)
+        kind = browser.wait_for(
+            "['ai-generated','real','uncertain','error'].includes(result.className) "
+            "&& result.className")
+        shot = browser.send("Page.captureScreenshot", format="png")["data"]
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "serve-page.png").write_bytes(base64.b64decode(shot))
+        assert kind == expected.verdict, browser.evaluate("result.innerText")
+        assert f"{100 * expected.score_ai:.1f}%" in browser.evaluate("score.textContent")
+        assert "probability" in browser.evaluate("explain.textContent")
+    finally:
+        browser.close()
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- tight app
+
+
+def model_replicas() -> dict[str, int]:
+    from ray import serve
+
+    deployment = serve.status().applications["tight"].deployments["Model"]
+    return {str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()}
+
+
+def wait_for_replicas(predicate: Callable[[dict], bool], timeout: float) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = model_replicas()
+        if predicate(states):
+            return states
+        time.sleep(0.5)
+    raise AssertionError(f"replicas never matched; last {model_replicas()}")
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(tight):
+    wait_for_replicas(lambda s: s == {"RUNNING": 1}, timeout=30)
+    blob = IMAGES["PNG"][1]()
+    stop, statuses = threading.Event(), set()
+
+    def load() -> None:  # 4 clients against a target of 0.5 ongoing requests per replica
+        while not stop.is_set():
+            statuses.add(post(tight, blob, key=API_KEY).status_code)
+
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        wait_for_replicas(lambda s: s.get("RUNNING", 0) == 2, timeout=90)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+    assert 200 in statuses and statuses <= {200, 503}, statuses
+    wait_for_replicas(lambda s: s == {"RUNNING": 1}, timeout=90)
+    assert post(tight, blob, key=API_KEY).status_code == 200
+
+
+def test_api_key_is_required_when_set(tight):
+    blob = IMAGES["PNG"][1]()
+    assert_error(post(tight, blob), 401, "unauthorized")
+    assert_error(post(tight, blob, key="wrong-key"), 401, "unauthorized")
+    assert_error(post(tight, blob, key=API_KEY[:-1]), 401, "unauthorized")
+    basic = requests.post(f"{tight}/v1/detect", data=blob, timeout=60,
+                          headers={"Authorization": f"Basic {API_KEY}"})
+    assert_error(basic, 401, "unauthorized")
+    assert post(tight, blob, key=API_KEY).status_code == 200
+    assert_error(requests.get(f"{tight}/v1/model", timeout=30), 401, "unauthorized")
+    assert requests.get(f"{tight}/healthz", timeout=30).status_code == 200
+    assert '"auth": true' in requests.get(f"{tight}/", timeout=30).text
+
+
+def test_overload_gets_json_503_not_a_hang(tight):
+    blob = IMAGES["PNG"][1]()
+    responses = hammer(lambda: post(tight, blob, key=API_KEY), threads=32, per_thread=2)
+    statuses = {r.status_code for r in responses}
+    assert statuses <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert_error(rejected, 503, "overloaded")
+    assert rejected.headers["Retry-After"] == "1"
+    assert requests.get(f"{tight}/healthz", timeout=30).status_code == 200

@@ -1,0 +1,171 @@
+"""Training as users run it: `ray start --head`, then `ray job submit -- python jobs/...`.
+
+One module-scoped cluster: prepare -> train both architectures with 2 workers (one worker
+is killed mid-run and Ray Train resumes from the last checkpoint) -> artifacts, then a
+stopped job continued with --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import free_port
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SIZE = 32
+
+
+def ray_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    # `python` in job entrypoints must be this interpreter, with the package installed.
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env["RAY_AUTH_MODE"] = "token"  # `ray start` 2.60 turns on token auth for the job API
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env.pop("RAY_ADDRESS", None)
+    return env | (extra or {})
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real local Ray cluster started the way users start one; stopped afterwards."""
+    dashboard = free_port()
+    subprocess.run(
+        [BIN / "ray", "start", "--head", f"--port={free_port()}", "--num-cpus=4",
+         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+        env=ray_env(), check=True, capture_output=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    yield address
+    subprocess.run([BIN / "ray", "stop", "--force"], env=ray_env(), capture_output=True)
+
+
+def submit(address: str, *args: str, wait: bool = True, timeout: float = 900):
+    command = [BIN / "ray", "job", "submit", f"--address={address}", "--working-dir", str(REPO)]
+    if not wait:
+        command.append("--no-wait")
+    command += ["--", "python", *args]
+    result = subprocess.run(command, env=ray_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def shards(cluster, tmp_path_factory):
+    from detector.sample import SampleSpec, write_sample
+
+    root = tmp_path_factory.mktemp("train-e2e")
+    write_sample(str(root / "bucket"), SampleSpec(per_class=160, size=SIZE, seed=11))
+    out = submit(cluster, "jobs/prepare.py", "--real", str(root / "bucket" / "real"),
+                 "--fake", str(root / "bucket" / "fake"), "--out", str(root / "shards"),
+                 "--image-size", str(SIZE))
+    assert "Prepared 320 of 320 objects" in out
+    return root
+
+
+def worker_pids() -> list[int]:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in ps.splitlines() if "ray::RayTrainWorker" in line]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoint_*")) if run_dir.exists() else []
+
+
+def test_train_job_survives_a_killed_worker_and_writes_both_artifacts(cluster, shards):
+    models = shards / "models"
+    job = subprocess.Popen(
+        [BIN / "ray", "job", "submit", f"--address={cluster}", "--working-dir", str(REPO), "--",
+         "python", "jobs/train.py", "--data", str(shards / "shards"), "--model",
+         "resnet50v2_tiny,vit_tiny", "--out", str(models), "--workers", "2", "--epochs", "30",
+         "--lr", "1e-3", "--batch-size", "16", "--patience", "30"],
+        env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    # Kill one worker of the first model once it has a checkpoint to come back to. The
+    # second checkpoint on disk proves the controller registered the first.
+    wait_for(lambda: len(checkpoints(models / "_ray_runs" / "train-resnet50v2_tiny")) >= 2, 600,
+             "two checkpoints")
+    pids = wait_for(worker_pids, 60, "training workers")
+    os.kill(pids[-1], signal.SIGKILL)
+    output, _ = job.communicate(timeout=1200)
+    assert job.returncode == 0, output[-6000:]
+    assert "Resuming resnet50v2_tiny from its checkpoint after epoch" in output
+
+    comparison = json.loads((models / "comparison.json").read_text())
+    assert [row["model"] for row in comparison] == ["resnet50v2_tiny", "vit_tiny"]
+    assert "| resnet50v2_tiny |" in (models / "comparison.md").read_text()
+    for row in comparison:
+        assert row["accuracy"] > 0.75, row  # held-out test split; chance is 0.5
+        assert row["roc_auc"] > 0.8, row
+        artifact = models / row["model"]
+        for name in ("model.keras", "detector.json", "metrics.json", "confusion_matrix.png",
+                     "roc.png", "history.png", "classification_report.txt", "robustness.json",
+                     "per_format.json", "predictions.parquet"):
+            assert (artifact / name).exists(), name
+        card = json.loads((artifact / "detector.json").read_text())
+        assert card["image_size"] == SIZE and 0 < card["threshold"] < 1
+        robustness = json.loads((artifact / "robustness.json").read_text())
+        assert set(robustness) == {"original", "jpeg95", "jpeg75", "jpeg50", "resize0.5"}
+
+
+def test_artifact_predicts_what_evaluation_scored(shards):
+    from detector.predictor import Predictor
+
+    artifact = shards / "models" / "vit_tiny"
+    evaluated = pq.read_table(artifact / "predictions.parquet").slice(0, 12).to_pylist()
+    predictor = Predictor.from_uri(str(artifact))
+    blobs = [Path(row["source_uri"]).read_bytes() for row in evaluated]
+    scores = [p.score_ai for p in predictor.predict_bytes(blobs)]
+    np.testing.assert_allclose(scores, [row["score_ai"] for row in evaluated], atol=1e-5)
+
+    out = subprocess.run(
+        [BIN / "detector", "predict", "--model", str(artifact),
+         *[row["source_uri"] for row in evaluated[:3]]],
+        capture_output=True, text=True, check=True, env=ray_env(),
+    ).stdout.strip().splitlines()
+    assert [float(line.split("\t")[1]) for line in out] == pytest.approx(
+        [row["score_ai"] for row in evaluated[:3]], abs=1e-5)
+
+
+def test_resume_continues_a_stopped_job(cluster, shards):
+    out_dir = shards / "resumed"
+    args = ["jobs/train.py", "--data", str(shards / "shards"), "--model", "vit_tiny", "--out",
+            str(out_dir), "--workers", "2", "--epochs", "40", "--lr", "2e-3", "--patience", "40"]
+    submitted = submit(cluster, *args, wait=False)
+    job_id = next(line.split("'")[1] for line in submitted.splitlines()
+                  if "submitted successfully" in line)
+    wait_for(lambda: len(checkpoints(out_dir / "_ray_runs" / "train-vit_tiny")) >= 2, 600,
+             "checkpoints of the first job")
+    subprocess.run([BIN / "ray", "job", "stop", f"--address={cluster}", job_id],
+                   env=ray_env(), check=True, capture_output=True)
+    output = submit(cluster, *args, "--resume")
+    resumed = [line for line in output.splitlines() if "Resuming vit_tiny" in line]
+    assert resumed, output[-4000:]
+    epoch = int(resumed[0].rsplit(" ", 1)[-1])
+    assert epoch >= 1
+    history = json.loads((out_dir / "vit_tiny" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    assert len(history) == 40
