@@ -40,8 +40,8 @@ def run(workdir: str) -> int:
 
     _step("3/4 train: both architectures, data-parallel on 2 Ray Train workers")
     result = train_models(TrainConfig(
-        data=shards, model=DEMO_MODELS, out=models, workers=2, epochs=8, batch_size=32,
-        lr=1e-3, weights="none", patience=3,
+        data=shards, model=DEMO_MODELS, out=models, workers=2, epochs=25, batch_size=16,
+        lr=1e-3, weights="none", patience=8,
     ))
     print(result["comparison"])
 

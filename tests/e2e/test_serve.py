@@ -468,3 +468,37 @@ def test_overload_gets_json_503_not_a_hang(tight):
     assert_error(rejected, 503, "overloaded")
     assert rejected.headers["Retry-After"] == "1"
     assert requests.get(f"{tight}/healthz", timeout=30).status_code == 200
+
+
+# --------------------------------------------------------------------------- observability
+
+
+def test_logs_are_structured_and_never_hold_the_key_or_the_image():
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    ingress = [p.read_text(errors="replace") for p in logs.glob("replica_tight_Ingress_*.log")]
+    lines = [json.loads(line.split(" -- ", 1)[1]) for text in ingress
+             for line in text.splitlines() if '"event": "detect"' in line]
+    assert {(r["status"], r["code"]) for r in lines} >= {(401, "unauthorized"), (200, "ok"),
+                                                         (503, "overloaded")}
+    assert all({"latency_ms", "batch_size", "bytes"} <= set(r) for r in lines)
+    everything = "".join(p.read_text(errors="replace") for p in logs.glob("*.log"))
+    assert API_KEY not in everything
+    assert "IHDR" not in everything  # no PNG bytes either
+
+
+def test_request_metrics_reach_prometheus():
+    import ray
+
+    node = ray.nodes()[0]
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    wanted = ("detector_requests", "detector_request_latency_s", "detector_batch_size")
+    deadline, text = time.monotonic() + 45, ""
+    while time.monotonic() < deadline:  # workers push metrics every few seconds
+        text = requests.get(url, timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    assert all(name in text for name in wanted), [n for n in wanted if n not in text]
+    assert 'code="unauthorized"' in text and 'status="401"' in text

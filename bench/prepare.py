@@ -1,0 +1,152 @@
+"""Preparation throughput and memory: the Ray Data pipeline vs a plain loop.
+
+Prints images/s of `detector.data.prepare` and of a single-process loop doing the same
+work (list, read, hash, decode with the same preprocess, write Parquet) over the same
+objects, as a ratio, and the peak memory of the pipeline (driver + Ray workers) at two
+input sizes 10x apart: streaming means it must not grow with the input.
+
+    .venv/bin/python bench/prepare.py [--small 300] [--image-size 224] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def plain_loop(source: str, out: str, image_size: int) -> float:
+    """The baseline: one process, one object at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from detector import preprocess, storage
+
+    started = time.perf_counter()
+    rows = {"image": [], "label": [], "sha256": []}
+    for label, folder in ((0, "real"), (1, "fake")):
+        for obj in storage.list_objects(storage.join(source, folder)):
+            blob = storage.read_bytes(obj.uri)
+            digest = hashlib.sha256(blob).hexdigest()
+            try:
+                pixels, _ = preprocess.load_image(blob, image_size)
+            except preprocess.ImageError:
+                continue
+            rows["image"].append(pixels.tobytes())
+            rows["label"].append(label)
+            rows["sha256"].append(digest)
+    os.makedirs(out, exist_ok=True)
+    pq.write_table(pa.table(rows), os.path.join(out, "all.parquet"), compression="zstd")
+    return time.perf_counter() - started
+
+
+def pipeline_child(source: str, out: str, image_size: int) -> None:
+    """Runs in its own process so memory readings belong to this run alone."""
+    import ray
+
+    from detector import data
+    from detector.config import PrepareConfig
+
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             logging_level="ERROR")
+    config = PrepareConfig(real=(f"{source}/real",), fake=(f"{source}/fake",), out=out,
+                           image_size=image_size)
+    started = time.perf_counter()
+    manifest = data.prepare(config, progress=False)
+    print(json.dumps({"seconds": time.perf_counter() - started, "objects": manifest["objects"]}))
+
+
+def run_pipeline(source: str, out: str, image_size: int) -> dict:
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--child", source, out, str(image_size)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    peak = 0
+    done = threading.Event()
+
+    def sample_memory() -> None:
+        nonlocal peak
+        while not done.is_set():
+            total = 0
+            try:
+                parent = psutil.Process(child.pid)
+                procs = [parent, *parent.children(recursive=True)]
+                procs += [p for p in psutil.process_iter(["name", "cmdline"])
+                          if "ray::" in " ".join(p.info["cmdline"] or [])]
+                seen = set()
+                for proc in procs:
+                    if proc.pid not in seen:
+                        seen.add(proc.pid)
+                        total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+            peak = max(peak, total)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    sampler.start()
+    output, _ = child.communicate()
+    done.set()
+    sampler.join()
+    if child.returncode:
+        raise SystemExit(f"pipeline run failed ({child.returncode})")
+    result = json.loads(output.strip().splitlines()[-1])
+    result["peak_rss_mb"] = round(peak / 2**20)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=300, help="images per class, small run")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--json", default=os.path.join(HERE, "results", "prepare.json"))
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        pipeline_child(args.child[0], args.child[1], int(args.child[2]))
+        return
+
+    from detector.sample import SampleSpec, write_sample
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, per_class in (("small", args.small), ("large", args.small * 10)):
+            source = os.path.join(tmp, f"bucket-{label}")
+            write_sample(source, SampleSpec(per_class=per_class, seed=1))
+            run = run_pipeline(source, os.path.join(tmp, f"shards-{label}"), args.image_size)
+            results[label] = {"objects": run["objects"], "pipeline_seconds": run["seconds"],
+                              "pipeline_images_per_s": run["objects"] / run["seconds"],
+                              "peak_rss_mb": run["peak_rss_mb"]}
+            if label == "small":
+                seconds = plain_loop(source, os.path.join(tmp, "plain"), args.image_size)
+                results[label]["plain_images_per_s"] = run["objects"] / seconds
+    small, large = results["small"], results["large"]
+    results["speedup_small"] = small["pipeline_images_per_s"] / small["plain_images_per_s"]
+    results["memory_growth_10x_input"] = large["peak_rss_mb"] / small["peak_rss_mb"]
+    print(f"{'run':6s} {'objects':>8s} {'pipeline img/s':>15s} {'plain img/s':>12s} "
+          f"{'peak RSS MB':>12s}")
+    for label in ("small", "large"):
+        r = results[label]
+        plain = f"{r['plain_images_per_s']:.1f}" if "plain_images_per_s" in r else "-"
+        print(f"{label:6s} {r['objects']:8d} {r['pipeline_images_per_s']:15.1f} {plain:>12s} "
+              f"{r['peak_rss_mb']:12d}")
+    print(f"pipeline / plain loop (small run, incl. Ray start-up work): "
+          f"{results['speedup_small']:.2f}x")
+    print(f"peak memory, 10x the input: {results['memory_growth_10x_input']:.2f}x")
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
