@@ -41,11 +41,13 @@ class ModelCard:
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
 
-    def verdict(self, score: float) -> str:
-        """Map P(AI-generated) to a verdict, with an "uncertain" band around the threshold."""
-        if abs(score - self.threshold) < self.uncertain_margin:
+    def verdict(self, score: float, threshold: float | None = None) -> str:
+        """Map P(AI-generated) to a verdict, with an "uncertain" band around the threshold
+        (the card's own unless one is given)."""
+        threshold = self.threshold if threshold is None else threshold
+        if abs(score - threshold) < self.uncertain_margin:
             return "uncertain"
-        return "ai-generated" if score >= self.threshold else "real"
+        return "ai-generated" if score >= threshold else "real"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -19,7 +19,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ banner is noise
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except (FileNotFoundError, ValueError, KeyError) as exc:  # the user's input, not a bug
+        print(f"detector {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--params", action="store_true", help="build each and count parameters")
     models.set_defaults(run=run_models)
 
+    scan = commands.add_parser("scan", help="score every image under a prefix into a report")
+    cfg.add_arguments(scan, cfg.ScanConfig)
+    scan.set_defaults(run=run_scan)
+
     demo = commands.add_parser("demo", help="the whole product end to end on sample data")
     demo.add_argument("--workdir", default="demo-output")
     demo.set_defaults(run=run_demo)
@@ -97,9 +105,12 @@ def init_ray() -> None:
 
 
 def _local_cluster_running() -> bool:
-    from ray._private.services import find_gcs_addresses  # live `ray start` processes
+    """A cluster started with `ray start` on this machine (not some other process's
+    private in-process Ray), and still alive."""
+    from ray._private.services import find_bootstrap_address, find_gcs_addresses
 
-    return bool(find_gcs_addresses())
+    address = find_bootstrap_address(None)  # written by `ray start`, removed by `ray stop`
+    return bool(address) and address in find_gcs_addresses()
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -139,6 +150,24 @@ def run_train(args: argparse.Namespace) -> int:
     result = train_models(config)
     print("\n" + result["comparison"])
     return 0
+
+
+def run_scan(args: argparse.Namespace) -> int:
+    from detector.scan import scan
+
+    config = cfg.from_args(cfg.ScanConfig, args)
+    init_ray()
+    print_scan_summary(scan(config))
+    return 0
+
+
+def print_scan_summary(summary: dict) -> None:
+    print(f"\nScanned {summary['objects']} objects into {summary['out']} via {summary['via']} "
+          f"({summary['objects_per_second']} objects/s, {summary['scanned']} scored now)")
+    print("  by verdict: " + (", ".join(f"{k}={v}" for k, v in summary["by_verdict"].items())
+                              or "none"))
+    print("  by error:   " + (", ".join(f"{k}={v}" for k, v in summary["by_error"].items())
+                              or "none"))
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+IMAGE_PATTERNS = ("*.jpg", "*.jpeg", "*.png", "*.webp", "*.gif", "*.bmp", "*.tif", "*.tiff")
+
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
@@ -60,6 +62,28 @@ class TrainConfig:
     seed: int = _opt(42, "random seed")
 
 
+@dataclass(frozen=True)
+class ScanConfig:
+    """`detector scan`: every image under a prefix -> one Parquet report row each."""
+
+    source: str = _req("URI prefix to scan (s3://bucket/prefix, file:// or path)",
+                       positional=True)
+    model: str = _req("model artifact URI")
+    out: str = _req("report URI (.parquet); written atomically")
+    include: tuple[str, ...] = _opt(IMAGE_PATTERNS, "file-name globs to select, case-insensitive")
+    via: str = _opt("auto", "scoring path: serve (shared Serve replicas), data (own actor "
+                    "pool) or auto (serve when a detector Serve app is running)",
+                    choices=("auto", "serve", "data"))
+    batch_size: int = _opt(32, "images per forward pass")
+    resume: bool = _opt(False, "reuse rows of an existing report whose (uri, etag) still match")
+    threshold: float | None = _opt(None, "decision threshold (default: the model's own)")
+    actors: int | None = _opt(None, "scoring actors for --via data (default: by cluster CPUs)")
+    cpus_per_actor: float = _opt(1.0, "CPUs per scoring actor (--via data)")
+    gpus_per_actor: float = _opt(0.0, "GPUs per scoring actor (--via data)")
+    serve_app: str = _opt("detector", "name of the Serve application for --via serve")
+    max_bytes: int = _opt(50 * 1024 * 1024, "objects larger than this are reported too-large")
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one `--flag` per dataclass field (tuple fields take a comma list or repeats)."""
     hints = typing.get_type_hints(cls)
@@ -69,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
         required = meta.pop("required", False)
+        if meta.pop("positional", False):
+            parser.add_argument(f.name, help=help_text, metavar=f.name.upper())
+            continue
         if f.default is not dataclasses.MISSING:
             shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
             help_text = f"{help_text} (default: {shown})"

@@ -83,7 +83,8 @@ def _read_with_retries(uri: str) -> bytes:
     raise AssertionError("unreachable")
 
 
-def _fetch(uri: str) -> tuple[bytes | None, str | None, str | None]:
+def fetch(uri: str) -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, None, None), or (None, code, detail) after retrying transient failures."""
     try:
         return _read_with_retries(uri), None, None
     except FileNotFoundError as exc:
@@ -98,7 +99,7 @@ def decode_batch(
     """Ray Data stage: read, hash and decode a batch of objects into model-ready rows."""
     uris = [str(u) for u in batch["uri"]]
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-        fetched = list(pool.map(_fetch, uris))
+        fetched = list(pool.map(fetch, uris))
     out: dict[str, list] = {name: [] for name in ROW_FIELDS}
     for uri, label, (blob, error, detail) in zip(uris, batch["label"], fetched, strict=True):
         row = dict.fromkeys(ROW_FIELDS)

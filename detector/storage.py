@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-IMAGE_PATTERNS = ("*.jpg", "*.jpeg", "*.png", "*.webp", "*.gif", "*.bmp", "*.tif", "*.tiff")
+from detector.config import IMAGE_PATTERNS  # noqa: F401  (re-exported for callers)
 
 
 @dataclass(frozen=True)
@@ -116,33 +116,46 @@ def exists(uri: str) -> bool:
 
 
 def list_objects(uri: str, patterns: Iterable[str] | None = None) -> Iterator[ObjectInfo]:
-    """Every file below `uri` (recursively, sorted by URI), optionally filtered by
-    case-insensitive glob patterns on the file name. S3 listing paginates as needed."""
-    patterns = [p.lower() for p in patterns] if patterns else None
+    """Every object below `uri` (recursively, sorted by URI), optionally filtered by
+    case-insensitive glob patterns on the file name. S3 listings paginate as needed and
+    carry the objects' real ETags."""
+    lowered = [p.lower() for p in patterns] if patterns else None
+    listed = _list_s3(uri) if is_s3(uri) else _list_local(uri)
+    for info in sorted(listed, key=lambda o: o.uri):
+        name = posixpath.basename(info.uri).lower()
+        if lowered and not any(fnmatch.fnmatchcase(name, p) for p in lowered):
+            continue
+        yield info
+
+
+def _list_s3(uri: str) -> Iterator[ObjectInfo]:
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"  # a prefix names a folder: s3://b/img must not match s3://b/img2/x
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    for page in pages:
+        for item in page.get("Contents", []):
+            if not item["Key"].endswith("/"):  # folder marker objects
+                yield ObjectInfo(f"s3://{bucket}/{item['Key']}", item["Size"],
+                                 item["ETag"].strip('"'))
+
+
+def _list_local(uri: str) -> Iterator[ObjectInfo]:
     fs, root = resolve(uri)
     selector = pafs.FileSelector(root.rstrip("/"), recursive=True, allow_not_found=True)
-    infos = sorted(
-        (i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File),
-        key=lambda i: i.path,
-    )
-    for info in infos:
-        name = posixpath.basename(info.path).lower()
-        if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            continue
-        yield ObjectInfo(uri=_to_uri(uri, info.path), size=info.size, etag=_etag(info))
+    for info in fs.get_file_info(selector):
+        if info.type == pafs.FileType.File:
+            # Local files have no ETag: size + mtime changes whenever a file is replaced,
+            # which is what report resumption needs.
+            stamp = hashlib.sha1(f"{info.size}:{info.mtime_ns}".encode()).hexdigest()[:16]
+            yield ObjectInfo(uri=info.path, size=info.size, etag=stamp)
 
 
-def _to_uri(base_uri: str, path: str) -> str:
-    if is_s3(base_uri):
-        return f"s3://{path}"
-    return path
+def s3_client():
+    """A boto3 S3 client (boto3 reads AWS_ENDPOINT_URL and the credential chain itself)."""
+    import boto3
 
-
-def _etag(info: pafs.FileInfo) -> str:
-    # pyarrow does not expose S3 ETags; size + mtime changes whenever an object is
-    # replaced, which is what report resumption needs.
-    stamp = f"{info.size}:{info.mtime_ns}"
-    return hashlib.sha1(stamp.encode()).hexdigest()[:16]
+    return boto3.client("s3")
 
 
 def delete_tree(uri: str) -> None:
