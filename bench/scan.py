@@ -1,0 +1,154 @@
+"""Bucket scan throughput and memory, against the notebook's way and the raw model.
+
+In one run, on the same bucket and the same model (the real ResNet50V2 architecture at
+224 px by default, weights none):
+- notebook: one `model.predict` per image in a Python loop (decode included);
+- raw: the model's batched throughput on pre-decoded tensors (the ceiling);
+- scan --via data (and --via serve when detector.serve offers score_pixels), end to end
+  from the bucket to the published report.
+Also the peak memory of scans over two bucket sizes 10x apart.
+
+    .venv/bin/python bench/scan.py [--images 96] [--model resnet50v2] [--image-size 224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def make_model(tmp: str, name: str, size: int) -> str:
+    from detector.artifact import ModelCard, save_artifact
+    from detector.models import build_model, get_spec
+
+    overrides = {"weights": "none"} if get_spec(name).pretrained else {}
+    uri = os.path.join(tmp, "model")
+    save_artifact(build_model(name, image_size=size, **overrides),
+                  ModelCard(name=name, architecture=get_spec(name).family, image_size=size,
+                            preprocess_version=1), uri)
+    return uri
+
+
+def notebook_way(model_uri: str, files: list[str]) -> float:
+    from detector import preprocess
+    from detector.artifact import load_artifact
+
+    model, card = load_artifact(model_uri)
+    model.predict(np.zeros((1, card.image_size, card.image_size, 3)), verbose=0)  # warm-up
+    started = time.perf_counter()
+    for path in files:
+        with open(path, "rb") as handle:
+            pixels, _ = preprocess.load_image(handle.read(), card.image_size)
+        model.predict(pixels[None].astype(np.float32), verbose=0)
+    return len(files) / (time.perf_counter() - started)
+
+
+def raw_batched(model_uri: str, count: int) -> float:
+    from detector.predictor import Predictor
+
+    predictor = Predictor.from_uri(model_uri)
+    size = predictor.image_size
+    pixels = np.random.default_rng(0).integers(0, 255, (count, size, size, 3), dtype=np.uint8)
+    predictor.score(pixels[:32])  # trace once
+    started = time.perf_counter()
+    predictor.score(pixels)
+    return count / (time.perf_counter() - started)
+
+
+def scan_child(bucket: str, model_uri: str, via: str) -> None:
+    import ray
+
+    from detector.config import ScanConfig
+    from detector.scan import scan
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    started = time.perf_counter()
+    summary = scan(ScanConfig(source=bucket, model=model_uri, out=f"{bucket}-report.parquet",
+                              via=via), progress=False)
+    print(json.dumps({"seconds": time.perf_counter() - started, "objects": summary["objects"]}))
+
+
+def run_scan(bucket: str, model_uri: str, via: str) -> dict:
+    """A scan in its own process; peak RSS of it and every Ray process, sampled."""
+    child = subprocess.Popen([sys.executable, __file__, "--child", bucket, model_uri, via],
+                             stdout=subprocess.PIPE, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            total = 0
+            for proc in psutil.process_iter(["cmdline"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if proc.pid == child.pid or "ray::" in cmd or "raylet" in cmd:
+                    with contextlib.suppress(psutil.Error):
+                        total += proc.memory_info().rss
+            peak = max(peak, total)
+            time.sleep(0.25)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    output, _ = child.communicate()
+    done.set()
+    thread.join()
+    if child.returncode:
+        raise SystemExit(f"scan via {via} failed")
+    result = json.loads(output.strip().splitlines()[-1])
+    return {"images_per_s": result["objects"] / result["seconds"],
+            "peak_rss_mb": round(peak / 2**20)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=96, help="per class, small bucket")
+    parser.add_argument("--model", default="resnet50v2")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--json", default=os.path.join(HERE, "results", "scan.json"))
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        scan_child(*args.child)
+        return
+
+    from detector import storage
+    from detector.sample import SampleSpec, write_sample
+
+    results: dict = {"model": args.model, "image_size": args.image_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_uri = make_model(tmp, args.model, args.image_size)
+        small, large = f"{tmp}/small", f"{tmp}/large"
+        write_sample(small, SampleSpec(per_class=args.images, seed=1))
+        files = [o.uri for o in storage.list_objects(small)]
+        results["notebook_images_per_s"] = notebook_way(model_uri, files[:48])
+        results["raw_batched_images_per_s"] = raw_batched(model_uri, 128)
+        results["scan_data"] = run_scan(small, model_uri, "data")
+        write_sample(large, SampleSpec(per_class=args.images * 10, seed=2))
+        results["scan_data_10x_bucket"] = run_scan(large, model_uri, "data")
+    scan_rate = results["scan_data"]["images_per_s"]
+    results["scan_vs_notebook"] = scan_rate / results["notebook_images_per_s"]
+    results["scan_vs_raw"] = scan_rate / results["raw_batched_images_per_s"]
+    results["memory_growth_10x_bucket"] = (results["scan_data_10x_bucket"]["peak_rss_mb"]
+                                           / results["scan_data"]["peak_rss_mb"])
+    print(json.dumps(results, indent=2))
+    print(f"scan --via data: {results['scan_vs_notebook']:.2f}x the notebook's way, "
+          f"{results['scan_vs_raw']:.2f} of raw batched model throughput; peak memory with a "
+          f"10x bucket: {results['memory_growth_10x_bucket']:.2f}x")
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
