@@ -149,6 +149,21 @@ def test_artifact_predicts_what_evaluation_scored(shards):
         [row["score_ai"] for row in evaluated[:3]], abs=1e-5)
 
 
+def test_evaluate_reproduces_the_training_evaluation(shards, tmp_path):
+    artifact = shards / "models" / "resnet50v2_tiny"
+    subprocess.run(
+        [BIN / "detector", "evaluate", "--model", str(artifact), "--data",
+         str(shards / "shards"), "--out", str(tmp_path / "eval")],
+        capture_output=True, text=True, check=True, env=ray_env(),
+    )
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    original = json.loads((artifact / "metrics.json").read_text())
+    for key in ("accuracy", "roc_auc", "threshold", "count", "confusion_matrix"):
+        assert again[key] == pytest.approx(original[key], abs=1e-6), key
+    for name in ("confusion_matrix.png", "roc.png", "robustness.md", "classification_report.txt"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+
+
 def test_resume_continues_a_stopped_job(cluster, shards):
     out_dir = shards / "resumed"
     args = ["jobs/train.py", "--data", str(shards / "shards"), "--model", "vit_tiny", "--out",

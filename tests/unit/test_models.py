@@ -86,3 +86,4 @@ def test_tiny_model_learns_sample_traces(sample_arrays, trained_tiny):
     assert history[-1]["loss"] < history[0]["loss"] * 0.8
     best = max(h["val_accuracy"] for h in history)
     assert best >= 0.8, history
+

@@ -1,0 +1,41 @@
+"""Metrics and threshold choice (from scikit-learn, on known inputs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+def test_threshold_sits_in_the_middle_of_a_clean_gap():
+    from detector.evaluate import choose_threshold
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    assert choose_threshold(labels, np.array([0.01, 0.05, 0.2, 0.8, 0.95, 0.99])) == \
+        pytest.approx(0.5)
+    noisy = np.array([0.1, 0.3, 0.6, 0.4, 0.7, 0.9])  # one real above one fake
+    t = choose_threshold(labels, noisy)
+    assert ((noisy >= t) == labels).mean() >= 5 / 6
+
+
+def test_metrics_on_a_known_confusion_matrix():
+    from detector.evaluate import compute_metrics
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.7, 0.4, 0.8, 0.9, 0.95])
+    m = compute_metrics(labels, scores, threshold=0.5)
+    assert m["confusion_matrix"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["precision"] == pytest.approx(0.75) and m["recall"] == pytest.approx(0.75)
+    assert m["specificity"] == pytest.approx(0.75)
+    assert m["roc_auc"] == pytest.approx(15 / 16)  # 15 of 16 (fake, real) pairs ordered
+    assert 0 <= m["tpr_at_1pct_fpr"] <= 1 and 0 <= m["ece"] <= 1
+
+
+def test_calibration_error_is_zero_for_calibrated_scores():
+    from detector.evaluate import expected_calibration_error
+
+    labels = np.array([1] * 7 + [0] * 3 + [1] * 2 + [0] * 8)
+    scores = np.array([0.75] * 10 + [0.15] * 10)
+    assert expected_calibration_error(labels, scores) == pytest.approx(0.05)
