@@ -14,7 +14,6 @@ Also the peak memory of scans over two bucket sizes 10x apart.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -81,7 +80,7 @@ def scan_child(bucket: str, model_uri: str, via: str) -> None:
 
 
 def run_scan(bucket: str, model_uri: str, via: str) -> dict:
-    """A scan in its own process; peak RSS of it and every Ray process, sampled."""
+    """A scan in its own process; peak PSS (shared memory counted once) of it and every Ray process, sampled."""
     child = subprocess.Popen([sys.executable, __file__, "--child", bucket, model_uri, via],
                              stdout=subprocess.PIPE, text=True)
     peak, done = 0, threading.Event()
@@ -90,11 +89,12 @@ def run_scan(bucket: str, model_uri: str, via: str) -> dict:
         nonlocal peak
         while not done.is_set():
             total = 0
-            for proc in psutil.process_iter(["cmdline"]):
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if proc.pid == child.pid or "ray::" in cmd or "raylet" in cmd:
-                    with contextlib.suppress(psutil.Error):
-                        total += proc.memory_info().rss
+            try:  # ray.init() in the child starts GCS, raylet and workers as descendants
+                parent = psutil.Process(child.pid)
+                for proc in [parent, *parent.children(recursive=True)]:
+                    total += proc.memory_full_info().pss
+            except psutil.Error:
+                pass
             peak = max(peak, total)
             time.sleep(0.25)
 
@@ -107,7 +107,7 @@ def run_scan(bucket: str, model_uri: str, via: str) -> dict:
         raise SystemExit(f"scan via {via} failed")
     result = json.loads(output.strip().splitlines()[-1])
     return {"images_per_s": result["objects"] / result["seconds"],
-            "peak_rss_mb": round(peak / 2**20)}
+            "peak_pss_mb": round(peak / 2**20)}
 
 
 def main() -> None:
@@ -139,8 +139,8 @@ def main() -> None:
     scan_rate = results["scan_data"]["images_per_s"]
     results["scan_vs_notebook"] = scan_rate / results["notebook_images_per_s"]
     results["scan_vs_raw"] = scan_rate / results["raw_batched_images_per_s"]
-    results["memory_growth_10x_bucket"] = (results["scan_data_10x_bucket"]["peak_rss_mb"]
-                                           / results["scan_data"]["peak_rss_mb"])
+    results["memory_growth_10x_bucket"] = (results["scan_data_10x_bucket"]["peak_pss_mb"]
+                                           / results["scan_data"]["peak_pss_mb"])
     print(json.dumps(results, indent=2))
     print(f"scan --via data: {results['scan_vs_notebook']:.2f}x the notebook's way, "
           f"{results['scan_vs_raw']:.2f} of raw batched model throughput; peak memory with a "
