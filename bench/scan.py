@@ -80,7 +80,7 @@ def scan_child(bucket: str, model_uri: str, via: str) -> None:
 
 
 def run_scan(bucket: str, model_uri: str, via: str) -> dict:
-    """A scan in its own process; peak PSS (shared memory counted once) of it and every Ray process, sampled."""
+    """A scan in its own process, with the peak PSS of its process tree (sampled)."""
     child = subprocess.Popen([sys.executable, __file__, "--child", bucket, model_uri, via],
                              stdout=subprocess.PIPE, text=True)
     peak, done = 0, threading.Event()

@@ -180,6 +180,7 @@ def test_config_from_args_coerces_and_rejects_unknown():
                                "max_ongoing_requests": "none"})
     assert (config.max_batch_size, config.num_gpus, config.max_ongoing_requests) == (8, 0.5, None)
     assert config.model_max_ongoing() == 16
+    assert config_from_args({"model_uri": "m", "max_batch_size": "32"}).model_max_ongoing() == 64
     with pytest.raises(ValueError, match="unknown serve args"):
         config_from_args({"model_uri": "m", "max_batchsize": 8})
     with pytest.raises(ValueError, match="model_uri is required"):
@@ -276,7 +277,7 @@ def test_concurrent_requests_share_batches(base):
     responses = hammer(lambda: post(base, blob), threads=32, per_thread=3)
     assert {r.status_code for r in responses} == {200}
     sizes = [int(r.headers["X-Batch-Size"]) for r in responses]
-    assert max(sizes) > 1, sizes
+    assert 1 < max(sizes) <= 16, sizes  # batches form, capped at the app's max_batch_size
     assert len({round(r.json()["score_ai"], 5) for r in responses}) == 1
 
 
@@ -464,6 +465,7 @@ def test_overload_gets_json_503_not_a_hang(tight):
     responses = hammer(lambda: post(tight, blob, key=API_KEY), threads=32, per_thread=2)
     statuses = {r.status_code for r in responses}
     assert statuses <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    assert {r.headers["X-Batch-Size"] for r in responses if r.status_code == 200} == {"1"}
     rejected = next(r for r in responses if r.status_code == 503)
     assert_error(rejected, 503, "overloaded")
     assert rejected.headers["Retry-After"] == "1"
@@ -474,6 +476,8 @@ def test_overload_gets_json_503_not_a_hang(tight):
 
 
 def test_logs_are_structured_and_never_hold_the_key_or_the_image():
+    """Serve's logs (replicas, proxy, controller). Ray's runtime_env agent does log env_vars,
+    which is why `run()` hands a key to the ingress as an argument, not through the env."""
     import ray
 
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
@@ -493,12 +497,21 @@ def test_request_metrics_reach_prometheus():
 
     node = ray.nodes()[0]
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    wanted = ("detector_requests", "detector_request_latency_s", "detector_batch_size")
-    deadline, text = time.monotonic() + 45, ""
-    while time.monotonic() < deadline:  # workers push metrics every few seconds
-        text = requests.get(url, timeout=10).text
-        if all(name in text for name in wanted):
-            break
+
+    def missing() -> list[str]:
+        lines = requests.get(url, timeout=10).text.splitlines()
+        found = {
+            "401 counted by code": any(
+                line.startswith("ray_detector_requests") and 'code="unauthorized"' in line
+                and 'status="401"' in line for line in lines),
+            "latency histogram": any(
+                line.startswith("ray_detector_request_latency_s_bucket") for line in lines),
+            "batch size histogram": any(
+                line.startswith("ray_detector_batch_size_bucket") for line in lines),
+        }
+        return [name for name, ok in found.items() if not ok]
+
+    deadline = time.monotonic() + 60
+    while missing() and time.monotonic() < deadline:  # replicas push every few seconds
         time.sleep(2)
-    assert all(name in text for name in wanted), [n for n in wanted if n not in text]
-    assert 'code="unauthorized"' in text and 'status="401"' in text
+    assert not missing()
