@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_arguments(scan, cfg.ScanConfig)
     scan.set_defaults(run=run_scan)
 
+    srv = commands.add_parser("serve", help="HTTP endpoint on Ray Serve (blocks until Ctrl-C)")
+    srv.add_argument("--model", required=True, help="model artifact URI")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--min-replicas", type=int, default=1)
+    srv.add_argument("--max-replicas", type=int, default=2)
+    srv.add_argument("--scan-allow", nargs="*", default=[],
+                     help="URI prefixes POST /v1/scans may read and write (default: none)")
+    srv.set_defaults(run=run_serve)
+
     demo = commands.add_parser("demo", help="the whole product end to end on sample data")
     demo.add_argument("--workdir", default="demo-output")
     demo.set_defaults(run=run_demo)
@@ -168,6 +178,16 @@ def print_scan_summary(summary: dict) -> None:
                               or "none"))
     print("  by error:   " + (", ".join(f"{k}={v}" for k, v in summary["by_error"].items())
                               or "none"))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from detector.serve import ServeConfig, run
+
+    init_ray()
+    run(ServeConfig(model_uri=args.model, min_replicas=args.min_replicas,
+                    max_replicas=args.max_replicas, scan_allow=tuple(args.scan_allow)),
+        host=args.host, port=args.port)
+    return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

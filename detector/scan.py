@@ -137,8 +137,10 @@ def finish_rows(table: pa.Table, card, threshold: float | None, score) -> pa.Tab
     return table.select(REPORT_SCHEMA.names).cast(REPORT_SCHEMA)
 
 
-def scan(config: ScanConfig, progress: bool = True) -> dict:
-    """Scan `config.source` into a report at `config.out`; returns the summary."""
+def scan(config: ScanConfig, progress: bool = True, on_progress=None) -> dict:
+    """Scan `config.source` into a report at `config.out`; returns the summary.
+
+    `on_progress(dict)` receives done/total/errors/objects_per_second as rows arrive."""
     import ray
 
     from detector.artifact import load_card
@@ -158,7 +160,7 @@ def scan(config: ScanConfig, progress: bool = True) -> dict:
         with pq.ParquetWriter(local, REPORT_SCHEMA, compression="zstd") as writer:
             if reused:
                 writer.write_table(pa.Table.from_pylist(list(reused.values()), REPORT_SCHEMA))
-            seen = _run_passes(config, card, todo, via, writer, started)
+            seen = _run_passes(config, card, todo, via, writer, started, on_progress)
         table = pq.read_table(local)
         if table.num_rows != len(listed):  # the contract; never publish a report breaking it
             raise RuntimeError(f"report has {table.num_rows} rows for {len(listed)} objects")
@@ -168,10 +170,10 @@ def scan(config: ScanConfig, progress: bool = True) -> dict:
     return summary
 
 
-def _run_passes(config, card, todo, via, writer, started) -> int:
+def _run_passes(config, card, todo, via, writer, started, on_progress) -> int:
     """Scan `todo`, then re-scan whatever a crashed worker lost; write each URI once."""
     written: set[str] = set()
-    progress = Progress(len(todo), started)
+    progress = Progress(len(todo), started, on_progress)
     pending = todo
     for attempt in range(3):
         if not pending:
@@ -202,12 +204,16 @@ def _first_rows_only(table: pa.Table, written: set[str]) -> pa.Table:
 class Progress:
     """Logs done/total, objects/s and errors at most every PROGRESS_EVERY_S seconds."""
 
-    def __init__(self, total: int, started: float):
+    def __init__(self, total: int, started: float, callback=None):
         self.total, self.started, self.errors, self.last = total, started, 0, 0.0
+        self.callback = callback
 
     def update(self, done: int, errors: int) -> None:
         self.errors += errors
         now = time.perf_counter()
+        if self.callback is not None:
+            self.callback({"done": done, "total": self.total, "errors": self.errors,
+                           "objects_per_second": round(done / max(now - self.started, 1e-9), 1)})
         if now - self.last >= PROGRESS_EVERY_S or done >= self.total:
             self.last = now
             rate = done / max(now - self.started, 1e-9)

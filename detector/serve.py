@@ -36,7 +36,7 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from detector import preprocess
+from detector import preprocess, scan_service
 
 # Serve routes the "ray.serve" logger into each replica's log file with the request id.
 log = logging.getLogger("ray.serve")
@@ -72,6 +72,8 @@ class ServeConfig:
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.5  # decoding happens here
     ingress_max_ongoing_requests: int = 256
+    # URI prefixes POST /v1/scans may read from and write to; empty = scans are refused.
+    scan_allow: tuple[str, ...] = ()
 
     def model_max_ongoing(self) -> int:
         # A replica must hold one full batch plus the next one filling up; and never so few
@@ -94,6 +96,9 @@ def config_from_args(args: dict[str, Any]) -> ServeConfig:
 
 
 def _coerce(value: Any, hint: Any) -> Any:
+    if typing.get_origin(hint) is tuple:  # "a,b" from `serve run`, a list from YAML
+        parts = value.split(",") if isinstance(value, str) else value
+        return tuple(str(p).strip() for p in parts if str(p).strip())
     kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
     if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
         return None if type(None) in typing.get_args(hint) else value
@@ -225,6 +230,13 @@ class Model:
         scores = self.predictor.score(np.stack(images))
         self.batch_sizes.observe(len(images))
         return [(float(s), len(images)) for s in scores]
+
+    def score_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """A whole batch from a bucket scan (already batched by the scan) -> scores, so
+        scans and online traffic share these autoscaled replicas."""
+        scores = self.predictor.score(pixels)
+        self.batch_sizes.observe(len(pixels))
+        return scores
 
     async def check_health(self) -> None:
         """Serve restarts the replica when this raises: the model must still score."""
@@ -393,6 +405,40 @@ class Ingress:
             "width": info.width,
             "height": info.height,
         }
+
+    @app.post("/v1/scans", status_code=202)
+    async def start_scan(self, request: Request) -> JSONResponse:
+        """Start a bucket scan `{source, output}` through this deployment -> 202 `{id}`."""
+        try:
+            self._authorize(request)
+            body = await request.json()
+            source, output = str(body["source"]), str(body["output"])
+        except ApiError as err:
+            return err.response()
+        except (ValueError, KeyError, TypeError):
+            return error_response(422, "invalid-request", 'send JSON {"source": URI, '
+                                  '"output": URI ending in .parquet}')
+        for uri in (source, output):
+            if not scan_service.allowed(uri, self.config.scan_allow):
+                return error_response(403, "forbidden", f"{uri} is outside the scan allow-list")
+        scan_id = await asyncio.to_thread(
+            scan_service.start_scan, source, output, self.config.model_uri,
+            serve.get_replica_context().app_name,
+        )
+        return JSONResponse({"id": scan_id, "status": "running",
+                             "status_url": f"/v1/scans/{scan_id}"}, status_code=202)
+
+    @app.get("/v1/scans/{scan_id}")
+    async def get_scan(self, scan_id: str, request: Request) -> JSONResponse:
+        """Status, progress counts and, when finished, the summary of a scan."""
+        try:
+            self._authorize(request)
+        except ApiError as err:
+            return err.response()
+        state = await asyncio.to_thread(scan_service.scan_status, scan_id)
+        if state is None:
+            return error_response(404, "not-found", f"no scan {scan_id}")
+        return JSONResponse(state)
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:

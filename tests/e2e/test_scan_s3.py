@@ -154,3 +154,73 @@ def test_killed_scoring_actor_loses_no_rows(scan_bucket, model_uri):
     report = read_report(out)
     uris = report.column("uri").to_pylist()
     assert sorted(uris) == sorted(selected(scan_bucket))
+
+
+@pytest.fixture(scope="module")
+def serve_app(local_ray, model_uri):
+    """The detector Serve app on 127.0.0.1, allowed to scan the test bucket."""
+    import requests
+    from ray import serve
+
+    from conftest import free_port
+    from detector.serve import APP_NAME, ServeConfig, build_app_from_config
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = ServeConfig(model_uri=model_uri, min_replicas=1, max_replicas=1,
+                         scan_allow=("s3://scan/photos", "s3://scan/reports"))
+    serve.run(build_app_from_config(config), name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while requests.get(f"{url}/healthz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    yield url
+    serve.shutdown()
+
+
+def test_scan_via_serve_matches_data_and_the_http_endpoint(scan_bucket, model_uri, serve_app):
+    import requests
+
+    via_serve = "s3://scan/reports/via-serve.parquet"
+    summary = scan(ScanConfig(source=scan_bucket, model=model_uri, out=via_serve,
+                              max_bytes=MAX_BYTES), progress=False)
+    assert summary["via"] == "serve"  # auto: the detector app is running
+    rows = {r["uri"]: r for r in read_report(via_serve).to_pylist()}
+    assert sorted(rows) == sorted(selected(scan_bucket))
+    scored = [u for u, r in rows.items() if r["error"] is None][:10]
+    for uri in scored:
+        answer = requests.post(f"{serve_app}/v1/detect", data=storage.read_bytes(uri),
+                               headers={"Content-Type": "application/octet-stream"}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["score_ai"] == pytest.approx(rows[uri]["score_ai"], abs=1e-5)
+
+
+def test_scans_start_over_http_within_the_allow_list(scan_bucket, serve_app):
+    import requests
+
+    refused = requests.post(f"{serve_app}/v1/scans", json={
+        "source": "s3://other-bucket/private", "output": "s3://scan/reports/x.parquet"},
+        timeout=30)
+    assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
+    sneaky = requests.post(f"{serve_app}/v1/scans", json={
+        "source": "s3://scan/photos/../../etc", "output": "s3://scan/reports/x.parquet"},
+        timeout=30)
+    assert sneaky.status_code == 403
+    assert requests.post(f"{serve_app}/v1/scans", json={"source": 1}, timeout=30).status_code \
+        == 422
+    assert requests.get(f"{serve_app}/v1/scans/nope", timeout=30).status_code == 404
+
+    started = requests.post(f"{serve_app}/v1/scans", json={
+        "source": f"{scan_bucket}/real/batch-01", "output": "s3://scan/reports/http.parquet"},
+        timeout=30)
+    assert started.status_code == 202, started.text
+    status_url = f"{serve_app}{started.json()['status_url']}"
+    deadline = time.monotonic() + 180
+    while (state := requests.get(status_url, timeout=30).json())["status"] == "running":
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+    assert state["status"] == "succeeded", state
+    assert state["summary"]["objects"] == len(selected(f"{scan_bucket}/real/batch-01")) > 0
+    assert state["summary"]["by_verdict"] and state["summary"]["via"] == "serve"
+    assert read_report("s3://scan/reports/http.parquet").num_rows == state["summary"]["objects"]
