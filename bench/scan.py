@@ -73,6 +73,14 @@ def scan_child(bucket: str, model_uri: str, via: str) -> None:
     from detector.scan import scan
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    if via == "serve":
+        from ray import serve
+
+        from detector.serve import APP_NAME, ServeConfig, build_app_from_config
+
+        serve.start(http_options={"host": "127.0.0.1", "port": 0})
+        serve.run(build_app_from_config(ServeConfig(model_uri=model_uri, max_replicas=1)),
+                  name=APP_NAME, route_prefix="/")
     started = time.perf_counter()
     summary = scan(ScanConfig(source=bucket, model=model_uri, out=f"{bucket}-report.parquet",
                               via=via), progress=False)
@@ -134,17 +142,24 @@ def main() -> None:
         results["notebook_images_per_s"] = notebook_way(model_uri, files[:48])
         results["raw_batched_images_per_s"] = raw_batched(model_uri, 128)
         results["scan_data"] = run_scan(small, model_uri, "data")
+        results["scan_serve"] = run_scan(small, model_uri, "serve")
         write_sample(large, SampleSpec(per_class=args.images * 10, seed=2))
         results["scan_data_10x_bucket"] = run_scan(large, model_uri, "data")
     scan_rate = results["scan_data"]["images_per_s"]
     results["scan_vs_notebook"] = scan_rate / results["notebook_images_per_s"]
     results["scan_vs_raw"] = scan_rate / results["raw_batched_images_per_s"]
+    results["scan_serve_vs_notebook"] = (results["scan_serve"]["images_per_s"]
+                                         / results["notebook_images_per_s"])
+    results["scan_serve_vs_raw"] = (results["scan_serve"]["images_per_s"]
+                                    / results["raw_batched_images_per_s"])
     results["memory_growth_10x_bucket"] = (results["scan_data_10x_bucket"]["peak_pss_mb"]
                                            / results["scan_data"]["peak_pss_mb"])
     print(json.dumps(results, indent=2))
     print(f"scan --via data: {results['scan_vs_notebook']:.2f}x the notebook's way, "
           f"{results['scan_vs_raw']:.2f} of raw batched model throughput; peak memory with a "
           f"10x bucket: {results['memory_growth_10x_bucket']:.2f}x")
+    print(f"scan --via serve: {results['scan_serve_vs_notebook']:.2f}x the notebook's way, "
+          f"{results['scan_serve_vs_raw']:.2f} of raw batched model throughput")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as handle:
         json.dump(results, handle, indent=2)

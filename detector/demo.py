@@ -1,7 +1,8 @@
 """`detector demo` / `make demo`: the whole product end to end on sample data, locally.
 
 sample bucket -> prepare (Ray Data) -> train two small models (Ray Train, 2 workers) ->
-evaluate -> predict. Small models at 64 px keep it to a few minutes on 2 cores.
+evaluate -> predict -> Serve endpoint with real HTTP calls -> a bucket scan started over
+HTTP into a Parquet report. Small models at 64 px keep it to minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ def run(workdir: str) -> int:
     bucket, shards, models = (os.path.join(workdir, d) for d in ("bucket", "shards", "models"))
     started = time.perf_counter()
 
-    _step("1/4 sample: synthetic real/fake images (same formats and sizes in both classes)")
+    _step("1/6 sample: synthetic real/fake images (same formats and sizes in both classes)")
     summary = write_sample(bucket, SampleSpec(per_class=300, size=IMAGE_SIZE, seed=7, corrupt=3))
     print(f"    wrote {summary['real']} real + {summary['fake']} fake "
           f"(+{summary['corrupt']} corrupt) under {bucket}")
 
-    _step("2/4 prepare: Ray Data streams the bucket into Parquet shards")
+    _step("2/6 prepare: Ray Data streams the bucket into Parquet shards")
     cli.init_ray()
     manifest = data.prepare(PrepareConfig(
         real=(storage.join(bucket, "real"),), fake=(storage.join(bucket, "fake"),),
@@ -38,21 +39,79 @@ def run(workdir: str) -> int:
     ), progress=False)
     cli.print_prepare_summary(manifest, shards)
 
-    _step("3/4 train: both architectures, data-parallel on 2 Ray Train workers")
+    _step("3/6 train: both architectures, data-parallel on 2 Ray Train workers")
     result = train_models(TrainConfig(
         data=shards, model=DEMO_MODELS, out=models, workers=2, epochs=25, batch_size=16,
         lr=1e-3, weights="none", patience=8,
     ))
     print(result["comparison"])
 
-    _step("4/4 predict: score a few files with the trained artifact (no cluster needed)")
+    _step("4/6 predict: score a few files with the trained artifact (no cluster needed)")
+    model_uri = storage.join(models, DEMO_MODELS[0])
     images = [o.uri for o in storage.list_objects(bucket)][::97][:6]
-    cli.main(["predict", "--model", storage.join(models, DEMO_MODELS[0]), *images])
+    cli.main(["predict", "--model", model_uri, *images])
+
+    _step("5/6 serve: the HTTP endpoint on Ray Serve, a few real requests")
+    url = _serve(model_uri, bucket, workdir)
+    for path in images[:4]:
+        print(f"    POST /v1/detect {os.path.basename(path)} -> {_post(url, path)}")
+
+    _step("6/6 scan: the whole bucket into a Parquet report, through the Serve replicas")
+    report = os.path.join(workdir, "report.parquet")
+    cli.print_scan_summary(_scan_over_http(url, bucket, report))
+    print(f"    report: {report} (one row per object; read it with pandas.read_parquet)")
 
     print(f"\nDemo finished in {time.perf_counter() - started:.0f} s. Artifacts: {models}/<model>/"
           " (model.keras, detector.json, metrics, plots); comparison: "
           f"{models}/comparison.md")
     return 0
+
+
+def _serve(model_uri: str, bucket: str, workdir: str) -> str:
+    from detector.serve import ServeConfig, run
+
+    port = _free_port()
+    run(ServeConfig(model_uri=model_uri, max_replicas=1, scan_allow=(bucket, workdir)),
+        port=port, blocking=False)
+    return f"http://127.0.0.1:{port}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, path: str) -> str:
+    import requests
+
+    with open(path, "rb") as handle:
+        answer = requests.post(f"{url}/v1/detect", data=handle.read(), timeout=60,
+                               headers={"Content-Type": "application/octet-stream"})
+    body = answer.json()
+    if answer.status_code != 200:
+        return f"{answer.status_code} {body['error']}: {body['detail']}"
+    return f"200 score_ai={body['score_ai']:.4f} verdict={body['verdict']}"
+
+
+def _scan_over_http(url: str, bucket: str, report: str) -> dict:
+    import requests
+
+    started = requests.post(f"{url}/v1/scans", json={"source": bucket, "output": report},
+                            timeout=60).json()
+    print(f"    POST /v1/scans -> {started['id']}; polling {started['status_url']}")
+    while True:
+        state = requests.get(f"{url}{started['status_url']}", timeout=60).json()
+        if state["status"] != "running":
+            break
+        if state["progress"]:
+            print(f"    {state['progress']['done']}/{state['progress']['total']} objects")
+        time.sleep(2)
+    if state["status"] != "succeeded":
+        raise RuntimeError(f"scan failed: {state['error']}")
+    return state["summary"]
 
 
 def _step(text: str) -> None:

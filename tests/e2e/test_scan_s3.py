@@ -160,9 +160,9 @@ def test_killed_scoring_actor_loses_no_rows(scan_bucket, model_uri):
 def serve_app(local_ray, model_uri):
     """The detector Serve app on 127.0.0.1, allowed to scan the test bucket."""
     import requests
+    from conftest import free_port
     from ray import serve
 
-    from conftest import free_port
     from detector.serve import APP_NAME, ServeConfig, build_app_from_config
 
     port = free_port()
