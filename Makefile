@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-ray test-e2e lint bench clean
+.PHONY: demo test test-unit test-ray test-e2e lint bench manifests clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+manifests: $(STAMP)
+	$(BIN)/python -m detector.deploy render cluster/
 
 clean:
 	rm -rf $(VENV) demo-output bench/results test-artifacts

@@ -63,7 +63,8 @@ def pipeline_child(source: str, out: str, image_size: int) -> None:
                            image_size=image_size)
     started = time.perf_counter()
     manifest = data.prepare(config, progress=False)
-    print(json.dumps({"seconds": time.perf_counter() - started, "objects": manifest["objects"]}))
+    print("RESULT " + json.dumps({"seconds": time.perf_counter() - started,
+                                  "objects": manifest["objects"]}), flush=True)
 
 
 def run_pipeline(source: str, out: str, image_size: int) -> dict:
@@ -95,7 +96,9 @@ def run_pipeline(source: str, out: str, image_size: int) -> dict:
     sampler.join()
     if child.returncode:
         raise SystemExit(f"pipeline run failed ({child.returncode})")
-    result = json.loads(output.strip().splitlines()[-1])
+    # Ray may print to stdout too: take the child's own marked line.
+    result = json.loads(next(line[len("RESULT "):] for line in output.splitlines()
+                             if line.startswith("RESULT ")))
     result["peak_pss_mb"] = round(peak / 2**20)
     return result
 

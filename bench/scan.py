@@ -72,7 +72,9 @@ def scan_child(bucket: str, model_uri: str, via: str) -> None:
     from detector.config import ScanConfig
     from detector.scan import scan
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    # Logical CPUs above the cores: the Serve replicas must not starve the decode tasks.
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             logging_level="ERROR")
     if via == "serve":
         from ray import serve
 
@@ -84,7 +86,8 @@ def scan_child(bucket: str, model_uri: str, via: str) -> None:
     started = time.perf_counter()
     summary = scan(ScanConfig(source=bucket, model=model_uri, out=f"{bucket}-report.parquet",
                               via=via), progress=False)
-    print(json.dumps({"seconds": time.perf_counter() - started, "objects": summary["objects"]}))
+    print("RESULT " + json.dumps({"seconds": time.perf_counter() - started,
+                                  "objects": summary["objects"]}), flush=True)
 
 
 def run_scan(bucket: str, model_uri: str, via: str) -> dict:
@@ -113,7 +116,9 @@ def run_scan(bucket: str, model_uri: str, via: str) -> dict:
     thread.join()
     if child.returncode:
         raise SystemExit(f"scan via {via} failed")
-    result = json.loads(output.strip().splitlines()[-1])
+    # Ray may print to stdout too: take the child's own marked line.
+    result = json.loads(next(line[len("RESULT "):] for line in output.splitlines()
+                             if line.startswith("RESULT ")))
     return {"images_per_s": result["objects"] / result["seconds"],
             "peak_pss_mb": round(peak / 2**20)}
 
