@@ -206,7 +206,7 @@ for shapes in phases:  # one job after another; each phase's actors stay until t
     new = [Worker.options(**shape).remote() for shape in shapes]
     actors += new
     refs = [actor.run.remote() for actor in new]
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180  # a fake node is a whole raylet: slow on a busy box
     while time.monotonic() < deadline:
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=1)
         peak = max(peak, len(alive()))
@@ -218,7 +218,7 @@ report.update(peak=peak, up_s=time.monotonic() - start,
               placed=[resources[node] for node in placed])
 for actor in actors:
     ray.kill(actor)  # the jobs are over: their nodes are idle from now on
-deadline = time.monotonic() + 90
+deadline = time.monotonic() + 150
 while time.monotonic() < deadline and len(alive()) > 1:
     time.sleep(1)
 report.update(nodes_after=len(alive()), down_s=time.monotonic() - start)
@@ -244,7 +244,7 @@ def test_worker_nodes_follow_the_work():
         cluster.start()
         result = subprocess.run([sys.executable, "-c", DRIVER, cluster.address,
                                  json.dumps(phases)], env=client_env(), capture_output=True,
-                                text=True, timeout=300)
+                                text=True, timeout=600)
         assert cluster.process.poll() is None, cluster.log.read_text()[-3000:]
         lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
         assert result.returncode == 0 and lines, (
