@@ -14,13 +14,10 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 
-import psutil
+from _measure import report, run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,44 +60,12 @@ def pipeline_child(source: str, out: str, image_size: int) -> None:
                            image_size=image_size)
     started = time.perf_counter()
     manifest = data.prepare(config, progress=False)
-    print("RESULT " + json.dumps({"seconds": time.perf_counter() - started,
-                                  "objects": manifest["objects"]}), flush=True)
+    report({"seconds": time.perf_counter() - started, "objects": manifest["objects"]})
 
 
 def run_pipeline(source: str, out: str, image_size: int) -> dict:
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--child", source, out, str(image_size)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    peak = 0
-    done = threading.Event()
-
-    def sample_memory() -> None:
-        nonlocal peak
-        while not done.is_set():
-            total = 0
-            try:
-                parent = psutil.Process(child.pid)
-                # ray.init() in the child starts GCS, raylet and workers as its descendants.
-                for proc in [parent, *parent.children(recursive=True)]:
-                    total += proc.memory_full_info().pss
-            except psutil.Error:
-                pass
-            peak = max(peak, total)
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample_memory, daemon=True)
-    sampler.start()
-    output, _ = child.communicate()
-    done.set()
-    sampler.join()
-    if child.returncode:
-        raise SystemExit(f"pipeline run failed ({child.returncode})")
-    # Ray may print to stdout too: take the child's own marked line.
-    result = json.loads(next(line[len("RESULT "):] for line in output.splitlines()
-                             if line.startswith("RESULT ")))
-    result["peak_pss_mb"] = round(peak / 2**20)
-    return result
+    result, peak_mb = run_child(__file__, source, out, str(image_size))
+    return {**result, "peak_pss_mb": peak_mb}
 
 
 def main() -> None:

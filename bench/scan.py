@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
-import psutil
+from _measure import report, run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -86,41 +83,13 @@ def scan_child(bucket: str, model_uri: str, via: str) -> None:
     started = time.perf_counter()
     summary = scan(ScanConfig(source=bucket, model=model_uri, out=f"{bucket}-report.parquet",
                               via=via), progress=False)
-    print("RESULT " + json.dumps({"seconds": time.perf_counter() - started,
-                                  "objects": summary["objects"]}), flush=True)
+    report({"seconds": time.perf_counter() - started, "objects": summary["objects"]})
 
 
 def run_scan(bucket: str, model_uri: str, via: str) -> dict:
-    """A scan in its own process, with the peak PSS of its process tree (sampled)."""
-    child = subprocess.Popen([sys.executable, __file__, "--child", bucket, model_uri, via],
-                             stdout=subprocess.PIPE, text=True)
-    peak, done = 0, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            total = 0
-            try:  # ray.init() in the child starts GCS, raylet and workers as descendants
-                parent = psutil.Process(child.pid)
-                for proc in [parent, *parent.children(recursive=True)]:
-                    total += proc.memory_full_info().pss
-            except psutil.Error:
-                pass
-            peak = max(peak, total)
-            time.sleep(0.25)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    output, _ = child.communicate()
-    done.set()
-    thread.join()
-    if child.returncode:
-        raise SystemExit(f"scan via {via} failed")
-    # Ray may print to stdout too: take the child's own marked line.
-    result = json.loads(next(line[len("RESULT "):] for line in output.splitlines()
-                             if line.startswith("RESULT ")))
-    return {"images_per_s": result["objects"] / result["seconds"],
-            "peak_pss_mb": round(peak / 2**20)}
+    """A scan in its own process, with the peak PSS of its process tree."""
+    result, peak_mb = run_child(__file__, bucket, model_uri, via)
+    return {"images_per_s": result["objects"] / result["seconds"], "peak_pss_mb": peak_mb}
 
 
 def main() -> None:

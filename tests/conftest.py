@@ -35,7 +35,7 @@ def sample_arrays():
 
 @pytest.fixture(scope="session")
 def trained_tiny(sample_arrays, tmp_path_factory):
-    """A vit_tiny trained briefly on sample data and saved as an artifact: (uri, metrics)."""
+    """A resnet50v2_tiny trained briefly on sample data, saved as an artifact: (uri, state)."""
     from detector.artifact import ModelCard, save_artifact
     from detector.fit import FitSettings, fit
     from detector.models import build_model

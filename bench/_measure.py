@@ -1,0 +1,47 @@
+"""Shared by the benchmarks: run a child process, sample its tree's memory, read its result."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+
+def report(result: dict) -> None:
+    """Called in the child: one marked line, since Ray may print to stdout too."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(script: str, *args: str) -> tuple[dict, int]:
+    """Run `python script --child ARGS...`; return (its reported result, peak PSS in MB of
+    it and every descendant: ray.init() in the child starts GCS, raylet and workers)."""
+    child = subprocess.Popen([sys.executable, script, "--child", *args],
+                             stdout=subprocess.PIPE, text=True)
+    peak, done = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            total = 0
+            try:  # PSS counts shared memory (the object store) once, not per process
+                parent = psutil.Process(child.pid)
+                for proc in [parent, *parent.children(recursive=True)]:
+                    total += proc.memory_full_info().pss
+            except psutil.Error:
+                pass
+            peak = max(peak, total)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    output, _ = child.communicate()
+    done.set()
+    thread.join()
+    if child.returncode:
+        raise SystemExit(f"{script} {' '.join(args)} failed ({child.returncode})")
+    line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):]), round(peak / 2**20)
