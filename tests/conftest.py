@@ -9,7 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
-TINY_SIZE = 32
+TINY_SIZE = 48
 
 
 @pytest.fixture(scope="session")
@@ -36,15 +36,18 @@ def sample_arrays():
 @pytest.fixture(scope="session")
 def trained_tiny(sample_arrays, tmp_path_factory):
     """A resnet50v2_tiny trained briefly on sample data, saved as an artifact: (uri, state)."""
+    import keras
+
     from detector.artifact import ModelCard, save_artifact
     from detector.fit import FitSettings, fit
     from detector.models import build_model
     from detector.preprocess import PREPROCESS_VERSION
 
     train_x, train_y, test_x, test_y = sample_arrays
+    keras.utils.set_random_seed(int(os.environ.get("DETECTOR_TEST_SEED", "0")))
     model = build_model("resnet50v2_tiny", image_size=TINY_SIZE)
     state = fit(model, batches(train_x, train_y, 16, seed=1), batches(test_x, test_y, 64),
-                FitSettings(epochs=6, lr=2e-3, patience=6))
+                FitSettings(epochs=12, lr=1e-3, patience=12, lr_patience=4))
     card = ModelCard(name="resnet50v2_tiny", architecture="resnet50v2", image_size=TINY_SIZE,
                      preprocess_version=PREPROCESS_VERSION)
     uri = str(tmp_path_factory.mktemp("artifact") / "model")

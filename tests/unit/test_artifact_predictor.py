@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import TINY_SIZE
 
 pytestmark = pytest.mark.unit
 
@@ -17,7 +18,7 @@ def test_artifact_round_trip_gives_identical_scores(trained_tiny, sample_arrays)
 
     uri, _ = trained_tiny
     model, card = load_artifact(uri)
-    assert card.name == "resnet50v2_tiny" and card.image_size == 32
+    assert card.name == "resnet50v2_tiny" and card.image_size == TINY_SIZE
     assert set(os.listdir(uri)) >= {"model.keras", "detector.json"}
     _, _, test_x, _ = sample_arrays
     predictor = Predictor(model, card)
