@@ -18,7 +18,6 @@ import io
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -289,17 +288,6 @@ def read_split_local(shards_uri: str, split: str, columns: list[str] | None = No
         fs, path = storage.resolve(uri)
         tables.append(pq.read_table(path, filesystem=fs, columns=columns))
     return pa.concat_tables(tables) if tables else pa.table({})
-
-
-def iter_local_batches(
-    shards_uri: str, split: str, batch_size: int, image_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    table = read_split_local(shards_uri, split, ["image", "label"])
-    for batch in table.to_batches(max_chunksize=batch_size):
-        yield (
-            decode_pixels(batch.column("image").to_pylist(), image_size),
-            np.asarray(batch.column("label").to_pylist(), dtype=np.float32),
-        )
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
