@@ -75,6 +75,9 @@ class ScanConfig:
                     "pool) or auto (serve when a detector Serve app is running)",
                     choices=("auto", "serve", "data"))
     batch_size: int = _opt(32, "images per forward pass")
+    precision: str = _opt("float32", "inference precision for --via data: float32, or "
+                          "bfloat16 (about 1.6x faster on CPUs with AMX/AVX512-BF16; "
+                          "scores move by a few hundredths)", choices=("float32", "bfloat16"))
     resume: bool = _opt(False, "reuse rows of an existing report whose (uri, etag) still match")
     threshold: float | None = _opt(None, "decision threshold (default: the model's own)")
     actors: int | None = _opt(None, "scoring actors for --via data (default: by cluster CPUs)")

@@ -80,10 +80,10 @@ def decode_objects(batch: dict[str, np.ndarray], image_size: int, max_bytes: int
 class ScoreWithPredictor:
     """Ray Data actor: holds one Predictor and scores the decoded rows of each batch."""
 
-    def __init__(self, model_uri: str, threshold: float | None):
+    def __init__(self, model_uri: str, threshold: float | None, precision: str = "float32"):
         from detector.predictor import Predictor
 
-        self.predictor = Predictor.from_uri(model_uri)
+        self.predictor = Predictor.from_uri(model_uri, precision=precision)
         self.threshold = threshold
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -240,7 +240,8 @@ def _stream(config: ScanConfig, card, objects, via: str) -> Iterable[pa.Table]:
         )
     else:
         scored = decoded.map_batches(
-            ScoreWithPredictor, fn_constructor_args=(config.model, config.threshold),
+            ScoreWithPredictor,
+            fn_constructor_args=(config.model, config.threshold, config.precision),
             batch_size=config.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actors(config)),
             num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,

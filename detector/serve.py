@@ -57,6 +57,7 @@ class ServeConfig:
     max_replicas: int = 2
     target_ongoing_requests: float = 16.0  # per Model replica: about half a full batch
     max_batch_size: int = 32
+    precision: str = "float32"  # or bfloat16: see detector.predictor.with_dtype_policy
     batch_wait_timeout_s: float = 0.01
     max_ongoing_requests: int | None = None  # per Model replica; see model_max_ongoing
     max_queued_requests: int = 256  # per caller; beyond it the ingress answers 503
@@ -92,6 +93,8 @@ def config_from_args(args: dict[str, Any]) -> ServeConfig:
     config = ServeConfig(**values)
     if not config.model_uri:
         raise ValueError("model_uri is required (e.g. model_uri=s3://bucket/models/vit)")
+    if config.precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be float32 or bfloat16, got {config.precision!r}")
     return config
 
 
@@ -201,7 +204,8 @@ class Model:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
         from detector.predictor import Predictor
 
-        self.predictor = Predictor.from_uri(config.model_uri, batch_size=config.max_batch_size)
+        self.predictor = Predictor.from_uri(config.model_uri, batch_size=config.max_batch_size,
+                                            precision=config.precision)
         # The decorator's arguments are fixed at import; the configured values apply here.
         self.score.set_max_batch_size(config.max_batch_size)
         self.score.set_batch_wait_timeout_s(config.batch_wait_timeout_s)

@@ -98,3 +98,43 @@ def test_predict_cli_prints_a_line_per_file(trained_tiny, tmp_path, capsys):
     assert lines[0].startswith(str(good)) and lines[0].split("\t")[2] in (
         "real", "ai-generated", "uncertain")
     assert "error=" in lines[1] and "error=read-failed" in lines[2]
+
+
+def test_bfloat16_predictor_computes_in_bfloat16_and_keeps_scores_and_verdicts(
+        trained_tiny, sample_arrays):
+    from detector.predictor import Predictor
+
+    uri, _ = trained_tiny
+    _, _, test_x, _ = sample_arrays
+    exact = Predictor.from_uri(uri)
+    fast = Predictor.from_uri(uri, precision="bfloat16")
+    policies = {layer.dtype_policy.name for layer in fast.model.layers}
+    assert "mixed_bfloat16" in policies
+    assert fast.model.layers[-1].dtype_policy.name == "float32"  # scores stay float32
+    assert all(w.dtype == "float32" for w in fast.model.weights)  # same stored weights
+    a, b = exact.score(test_x[:40]), fast.score(test_x[:40])
+    assert b.dtype == np.float32 and not np.array_equal(a, b)  # it really is another path
+    # bfloat16 keeps 8 mantissa bits: mid-range scores move by a few hundredths
+    np.testing.assert_allclose(a, b, atol=0.06)
+    confident = np.abs(a - 0.5) > 0.1
+    assert confident.sum() >= 20
+    assert ((a > 0.5) == (b > 0.5))[confident].all()
+
+
+def test_vit_runs_in_bfloat16_too():
+    from detector.artifact import ModelCard
+    from detector.models import build_model
+    from detector.predictor import Predictor
+
+    model = build_model("vit_tiny", image_size=32)
+    card = ModelCard(name="vit_tiny", architecture="vit", image_size=32, preprocess_version=1)
+    x = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    exact, fast = Predictor(model, card), Predictor(model, card, precision="bfloat16")
+    np.testing.assert_allclose(exact.score(x), fast.score(x), atol=0.06)
+
+
+def test_unknown_precision_is_refused(trained_tiny):
+    from detector.predictor import Predictor
+
+    with pytest.raises(ValueError, match="precision"):
+        Predictor.from_uri(trained_tiny[0], precision="float8")
