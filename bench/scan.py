@@ -2,13 +2,15 @@
 
 In one run, on the same bucket and the same model (the real ResNet50V2 architecture at
 224 px by default, weights none):
-- notebook: one `model.predict` per image in a Python loop (decode included);
-- raw: the model's batched throughput on pre-decoded tensors (the ceiling);
-- scan --via data (and --via serve when detector.serve offers score_pixels), end to end
-  from the bucket to the published report.
+- notebook: one `model.predict` per image in a Python loop (decode included), float32;
+- raw: the model's batched throughput on pre-decoded tensors (the ceiling), in float32 and
+  in the scan's precision;
+- scan --via data and --via serve, end to end from the bucket to the published report,
+  and at steady state (objects/s between the first and the last rows, from the scan's own
+  progress callback: the rate a large bucket sees once the model is loaded).
 Also the peak memory of scans over two bucket sizes 10x apart.
 
-    .venv/bin/python bench/scan.py [--images 96] [--model resnet50v2] [--image-size 224]
+    .venv/bin/python bench/scan.py [--images 96] [--precision bfloat16] [--model resnet50v2]
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ def notebook_way(model_uri: str, files: list[str]) -> float:
     return len(files) / (time.perf_counter() - started)
 
 
-def raw_batched(model_uri: str, count: int) -> float:
+def raw_batched(model_uri: str, count: int, precision: str) -> float:
     from detector.predictor import Predictor
 
-    predictor = Predictor.from_uri(model_uri)
+    predictor = Predictor.from_uri(model_uri, precision=precision)
     size = predictor.image_size
     pixels = np.random.default_rng(0).integers(0, 255, (count, size, size, 3), dtype=np.uint8)
     predictor.score(pixels[:32])  # trace once
@@ -63,7 +65,7 @@ def raw_batched(model_uri: str, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def scan_child(bucket: str, model_uri: str, via: str) -> None:
+def scan_child(bucket: str, model_uri: str, via: str, precision: str) -> None:
     import ray
 
     from detector.config import ScanConfig
@@ -78,18 +80,27 @@ def scan_child(bucket: str, model_uri: str, via: str) -> None:
         from detector.serve import APP_NAME, ServeConfig, build_app_from_config
 
         serve.start(http_options={"host": "127.0.0.1", "port": 0})
-        serve.run(build_app_from_config(ServeConfig(model_uri=model_uri, max_replicas=1)),
+        serve.run(build_app_from_config(ServeConfig(model_uri=model_uri, max_replicas=1,
+                                                    precision=precision)),
                   name=APP_NAME, route_prefix="/")
+    marks: list[tuple[float, int]] = []
     started = time.perf_counter()
     summary = scan(ScanConfig(source=bucket, model=model_uri, out=f"{bucket}-report.parquet",
-                              via=via), progress=False)
-    report({"seconds": time.perf_counter() - started, "objects": summary["objects"]})
+                              via=via, precision=precision), progress=False,
+                   on_progress=lambda p: marks.append((time.perf_counter(), p["done"])))
+    seconds = time.perf_counter() - started
+    (first_t, first_done), (last_t, last_done) = marks[0], marks[-1]
+    report({"seconds": seconds, "objects": summary["objects"],
+            "first_rows_after_s": first_t - started,
+            "steady_images_per_s": (last_done - first_done) / max(last_t - first_t, 1e-9)})
 
 
-def run_scan(bucket: str, model_uri: str, via: str) -> dict:
+def run_scan(bucket: str, model_uri: str, via: str, precision: str) -> dict:
     """A scan in its own process, with the peak PSS of its process tree."""
-    result, peak_mb = run_child(__file__, bucket, model_uri, via)
-    return {"images_per_s": result["objects"] / result["seconds"], "peak_pss_mb": peak_mb}
+    result, peak_mb = run_child(__file__, bucket, model_uri, via, precision)
+    return {"images_per_s": result["objects"] / result["seconds"],
+            "steady_images_per_s": result["steady_images_per_s"],
+            "first_rows_after_s": result["first_rows_after_s"], "peak_pss_mb": peak_mb}
 
 
 def main() -> None:
@@ -97,8 +108,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96, help="per class, small bucket")
     parser.add_argument("--model", default="resnet50v2")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--precision", default="bfloat16", choices=("float32", "bfloat16"),
+                        help="the scans' inference precision")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "scan.json"))
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         scan_child(*args.child)
@@ -107,33 +120,39 @@ def main() -> None:
     from detector import storage
     from detector.sample import SampleSpec, write_sample
 
-    results: dict = {"model": args.model, "image_size": args.image_size}
+    results: dict = {"model": args.model, "image_size": args.image_size,
+                     "precision": args.precision}
     with tempfile.TemporaryDirectory() as tmp:
         model_uri = make_model(tmp, args.model, args.image_size)
         small, large = f"{tmp}/small", f"{tmp}/large"
         write_sample(small, SampleSpec(per_class=args.images, seed=1))
         files = [o.uri for o in storage.list_objects(small)]
-        results["notebook_images_per_s"] = notebook_way(model_uri, files[:48])
-        results["raw_batched_images_per_s"] = raw_batched(model_uri, 128)
-        results["scan_data"] = run_scan(small, model_uri, "data")
-        results["scan_serve"] = run_scan(small, model_uri, "serve")
+        notebook = results["notebook_images_per_s"] = notebook_way(model_uri, files[:48])
+        results["raw_float32_images_per_s"] = raw_batched(model_uri, 128, "float32")
+        raw = results["raw_images_per_s"] = raw_batched(model_uri, 128, args.precision)
+        results["scan_data"] = run_scan(small, model_uri, "data", args.precision)
+        results["scan_serve"] = run_scan(small, model_uri, "serve", args.precision)
         write_sample(large, SampleSpec(per_class=args.images * 10, seed=2))
-        results["scan_data_10x_bucket"] = run_scan(large, model_uri, "data")
-    scan_rate = results["scan_data"]["images_per_s"]
-    results["scan_vs_notebook"] = scan_rate / results["notebook_images_per_s"]
-    results["scan_vs_raw"] = scan_rate / results["raw_batched_images_per_s"]
-    results["scan_serve_vs_notebook"] = (results["scan_serve"]["images_per_s"]
-                                         / results["notebook_images_per_s"])
-    results["scan_serve_vs_raw"] = (results["scan_serve"]["images_per_s"]
-                                    / results["raw_batched_images_per_s"])
+        results["scan_data_10x_bucket"] = run_scan(large, model_uri, "data", args.precision)
+    for key in ("scan_data", "scan_serve", "scan_data_10x_bucket"):
+        run = results[key]
+        run["end_to_end_vs_notebook"] = run["images_per_s"] / notebook
+        run["end_to_end_vs_raw"] = run["images_per_s"] / raw
+        run["steady_vs_notebook"] = run["steady_images_per_s"] / notebook
+        run["steady_vs_raw"] = run["steady_images_per_s"] / raw
     results["memory_growth_10x_bucket"] = (results["scan_data_10x_bucket"]["peak_pss_mb"]
                                            / results["scan_data"]["peak_pss_mb"])
     print(json.dumps(results, indent=2))
-    print(f"scan --via data: {results['scan_vs_notebook']:.2f}x the notebook's way, "
-          f"{results['scan_vs_raw']:.2f} of raw batched model throughput; peak memory with a "
-          f"10x bucket: {results['memory_growth_10x_bucket']:.2f}x")
-    print(f"scan --via serve: {results['scan_serve_vs_notebook']:.2f}x the notebook's way, "
-          f"{results['scan_serve_vs_raw']:.2f} of raw batched model throughput")
+    print(f"notebook {notebook:.1f} img/s; raw batched {raw:.1f} img/s ({args.precision}), "
+          f"{results['raw_float32_images_per_s']:.1f} img/s (float32)")
+    print(f"{'scan':22s} {'objects/s':>9s} {'steady':>7s} {'first rows':>10s} "
+          f"{'x notebook':>10s} {'of raw':>7s} {'peak MB':>8s}")
+    for key in ("scan_data", "scan_serve", "scan_data_10x_bucket"):
+        r = results[key]
+        print(f"{key:22s} {r['images_per_s']:9.1f} {r['steady_images_per_s']:7.1f} "
+              f"{r['first_rows_after_s']:9.1f}s {r['steady_vs_notebook']:10.2f} "
+              f"{r['steady_vs_raw']:7.2f} {r['peak_pss_mb']:8d}")
+    print(f"peak memory with a 10x bucket: {results['memory_growth_10x_bucket']:.2f}x")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as handle:
         json.dump(results, handle, indent=2)

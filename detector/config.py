@@ -81,7 +81,8 @@ class ScanConfig:
     resume: bool = _opt(False, "reuse rows of an existing report whose (uri, etag) still match")
     threshold: float | None = _opt(None, "decision threshold (default: the model's own)")
     actors: int | None = _opt(None, "scoring actors for --via data (default: by cluster CPUs)")
-    cpus_per_actor: float = _opt(1.0, "CPUs per scoring actor (--via data)")
+    cpus_per_actor: float = _opt(2.0, "CPUs per scoring actor (--via data); also the model's "
+                                 "thread count, so actors never oversubscribe a node")
     gpus_per_actor: float = _opt(0.0, "GPUs per scoring actor (--via data)")
     serve_app: str = _opt("detector", "name of the Serve application for --via serve")
     max_bytes: int = _opt(50 * 1024 * 1024, "objects larger than this are reported too-large")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import tempfile
 import time
@@ -80,9 +81,12 @@ def decode_objects(batch: dict[str, np.ndarray], image_size: int, max_bytes: int
 class ScoreWithPredictor:
     """Ray Data actor: holds one Predictor and scores the decoded rows of each batch."""
 
-    def __init__(self, model_uri: str, threshold: float | None, precision: str = "float32"):
-        from detector.predictor import Predictor
+    def __init__(self, model_uri: str, threshold: float | None, precision: str = "float32",
+                 threads: int | None = None):
+        from detector.predictor import Predictor, limit_threads
 
+        if threads:
+            limit_threads(threads)
         self.predictor = Predictor.from_uri(model_uri, precision=precision)
         self.threshold = threshold
 
@@ -230,6 +234,10 @@ def _stream(config: ScanConfig, card, objects, via: str) -> Iterable[pa.Table]:
         decode_objects,
         fn_kwargs={"image_size": card.image_size, "max_bytes": config.max_bytes},
         batch_size=16,
+        # Half a CPU: reads wait on storage part of the time. Resources unlike the scoring
+        # actors' also keep Ray Data from fusing decoding into them, where it would run
+        # serially with the model instead of alongside it (or occupy a GPU actor's CPU).
+        num_cpus=0.5,
     )
     if via == "serve":
         scored = decoded.map_batches(
@@ -241,13 +249,21 @@ def _stream(config: ScanConfig, card, objects, via: str) -> Iterable[pa.Table]:
     else:
         scored = decoded.map_batches(
             ScoreWithPredictor,
-            fn_constructor_args=(config.model, config.threshold, config.precision),
+            fn_constructor_args=(config.model, config.threshold, config.precision,
+                                 _model_threads(config)),
             batch_size=config.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actors(config)),
             num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
         )
     for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield batch.cast(REPORT_SCHEMA)
+
+
+def _model_threads(config: ScanConfig) -> int | None:
+    """CPU scoring uses as many threads as the actor reserved CPUs: TensorFlow would
+    otherwise start one per core of the machine (of the host, inside a container), and
+    several actors on a node would fight over them."""
+    return None if config.gpus_per_actor else max(1, math.ceil(config.cpus_per_actor))
 
 
 def _actors(config: ScanConfig) -> int:
