@@ -6,8 +6,8 @@ In one run, on the same bucket and the same model (the real ResNet50V2 architect
 - raw: the model's batched throughput on pre-decoded tensors (the ceiling), in float32 and
   in the scan's precision;
 - scan --via data and --via serve, end to end from the bucket to the published report,
-  and at steady state (objects/s between the first and the last rows, from the scan's own
-  progress callback: the rate a large bucket sees once the model is loaded).
+  and at steady state (objects/s from the first 10% of rows to the last, from the scan's
+  own progress callback: the rate a large bucket sees once the model is loaded).
 Also the peak memory of scans over two bucket sizes 10x apart.
 
     .venv/bin/python bench/scan.py [--images 96] [--precision bfloat16] [--model resnet50v2]
@@ -60,9 +60,12 @@ def raw_batched(model_uri: str, count: int, precision: str) -> float:
     size = predictor.image_size
     pixels = np.random.default_rng(0).integers(0, 255, (count, size, size, 3), dtype=np.uint8)
     predictor.score(pixels[:32])  # trace once
-    started = time.perf_counter()
-    predictor.score(pixels)
-    return count / (time.perf_counter() - started)
+    best = 0.0
+    for _ in range(2):  # the best of two: this is the ceiling, on a shared machine
+        started = time.perf_counter()
+        predictor.score(pixels)
+        best = max(best, count / (time.perf_counter() - started))
+    return best
 
 
 def scan_child(bucket: str, model_uri: str, via: str, precision: str) -> None:
@@ -89,7 +92,9 @@ def scan_child(bucket: str, model_uri: str, via: str, precision: str) -> None:
                               via=via, precision=precision), progress=False,
                    on_progress=lambda p: marks.append((time.perf_counter(), p["done"])))
     seconds = time.perf_counter() - started
-    (first_t, first_done), (last_t, last_done) = marks[0], marks[-1]
+    # From the first 10% on: rows finished during start-up arrive in a burst at first.
+    first_t, first_done = next(m for m in marks if m[1] >= 0.1 * summary["objects"])
+    last_t, last_done = marks[-1]
     report({"seconds": seconds, "objects": summary["objects"],
             "first_rows_after_s": first_t - started,
             "steady_images_per_s": (last_done - first_done) / max(last_t - first_t, 1e-9)})
@@ -98,7 +103,7 @@ def scan_child(bucket: str, model_uri: str, via: str, precision: str) -> None:
 def run_scan(bucket: str, model_uri: str, via: str, precision: str) -> dict:
     """A scan in its own process, with the peak PSS of its process tree."""
     result, peak_mb = run_child(__file__, bucket, model_uri, via, precision)
-    return {"images_per_s": result["objects"] / result["seconds"],
+    return {"objects": result["objects"], "images_per_s": result["objects"] / result["seconds"],
             "steady_images_per_s": result["steady_images_per_s"],
             "first_rows_after_s": result["first_rows_after_s"], "peak_pss_mb": peak_mb}
 
@@ -128,13 +133,14 @@ def main() -> None:
         write_sample(small, SampleSpec(per_class=args.images, seed=1))
         files = [o.uri for o in storage.list_objects(small)]
         notebook = results["notebook_images_per_s"] = notebook_way(model_uri, files[:48])
-        results["raw_float32_images_per_s"] = raw_batched(model_uri, 128, "float32")
-        raw = results["raw_images_per_s"] = raw_batched(model_uri, 128, args.precision)
+        results["raw_float32_images_per_s"] = raw_batched(model_uri, 256, "float32")
+        raw = results["raw_images_per_s"] = raw_batched(model_uri, 256, args.precision)
         results["scan_data"] = run_scan(small, model_uri, "data", args.precision)
-        results["scan_serve"] = run_scan(small, model_uri, "serve", args.precision)
         write_sample(large, SampleSpec(per_class=args.images * 10, seed=2))
         results["scan_data_10x_bucket"] = run_scan(large, model_uri, "data", args.precision)
-    for key in ("scan_data", "scan_serve", "scan_data_10x_bucket"):
+        results["scan_serve_10x_bucket"] = run_scan(large, model_uri, "serve", args.precision)
+    runs = ("scan_data", "scan_data_10x_bucket", "scan_serve_10x_bucket")
+    for key in runs:
         run = results[key]
         run["end_to_end_vs_notebook"] = run["images_per_s"] / notebook
         run["end_to_end_vs_raw"] = run["images_per_s"] / raw
@@ -145,11 +151,12 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     print(f"notebook {notebook:.1f} img/s; raw batched {raw:.1f} img/s ({args.precision}), "
           f"{results['raw_float32_images_per_s']:.1f} img/s (float32)")
-    print(f"{'scan':22s} {'objects/s':>9s} {'steady':>7s} {'first rows':>10s} "
-          f"{'x notebook':>10s} {'of raw':>7s} {'peak MB':>8s}")
-    for key in ("scan_data", "scan_serve", "scan_data_10x_bucket"):
+    print(f"{'scan':22s} {'objects':>7s} {'objects/s':>9s} {'steady':>7s} {'first rows':>10s} "
+          f"{'x notebook':>10s} {'of raw':>7s} {'peak MB':>8s}   (x and of: steady)")
+    for key in runs:
         r = results[key]
-        print(f"{key:22s} {r['images_per_s']:9.1f} {r['steady_images_per_s']:7.1f} "
+        print(f"{key:22s} {r['objects']:7d} {r['images_per_s']:9.1f} "
+              f"{r['steady_images_per_s']:7.1f} "
               f"{r['first_rows_after_s']:9.1f}s {r['steady_vs_notebook']:10.2f} "
               f"{r['steady_vs_raw']:7.2f} {r['peak_pss_mb']:8d}")
     print(f"peak memory with a 10x bucket: {results['memory_growth_10x_bucket']:.2f}x")

@@ -176,7 +176,8 @@ def prepare(config: PrepareConfig, progress: bool = True) -> dict:
         raise ValueError("no objects found under the given --real/--fake URIs")
     ray.data.DataContext.get_current().enable_progress_bars = progress
     run_id = uuid.uuid4().hex[:8]
-    # Parts of rows_per_file rows, but enough of them that every CPU gets work.
+    # Parts of at most rows_per_file rows (a part is assembled in a task's memory, so this
+    # bounds memory whatever the input size), and enough of them that every CPU gets work.
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows_per_part = max(32, min(config.rows_per_file, len(items) // (2 * cpus)))
     dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 32, 2000)))
@@ -263,11 +264,12 @@ def part_uris(shards_uri: str, split: str, manifest: dict | None = None) -> list
     return [storage.join(shards_uri, part) for part in manifest["parts"][split]]
 
 
-def read_split(shards_uri: str, split: str, columns: list[str] | None = None):
+def read_split(shards_uri: str, split: str, columns: list[str] | None = None,
+               manifest: dict | None = None):
     """A Ray Data dataset over one split's parts (only those the manifest names)."""
     import ray
 
-    uris = part_uris(shards_uri, split)
+    uris = part_uris(shards_uri, split, manifest)
     if not uris:
         raise ValueError(f"split {split!r} of {shards_uri} is empty")
     fs, _ = storage.resolve(uris[0])

@@ -228,9 +228,7 @@ def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str)
 
         with tempfile.TemporaryDirectory() as tmp:
             report.write(tmp)
-            for name in os.listdir(tmp):
-                with open(os.path.join(tmp, name), "rb") as handle:
-                    storage.write_bytes(storage.join(out_dir, name), handle.read())
+            storage.upload_dir(tmp, out_dir)
     else:
         report.write(storage.local_path(out_dir))
     return report.headline()

@@ -191,11 +191,17 @@ def publish_dir(local_dir: str, uri: str, commit_file: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(join(path, commit_file)).type == pafs.FileType.File:
         fs.delete_file(join(path, commit_file))  # un-publish the old one before overwriting
+    upload_dir(local_dir, uri, last=commit_file)
+
+
+def upload_dir(local_dir: str, uri: str, last: str | None = None) -> None:
+    """Copy every file below `local_dir` to `uri` (any storage), file by file, `last`
+    (a path relative to `local_dir`) after all the others."""
     files = []
     for root, _, names in os.walk(local_dir):
         for name in names:
             files.append(os.path.relpath(os.path.join(root, name), local_dir))
-    for rel in sorted(files, key=lambda f: f == commit_file):
+    for rel in sorted(files, key=lambda f: (f == last, f)):
         with open(os.path.join(local_dir, rel), "rb") as handle:
             write_bytes(join(uri, rel.replace(os.sep, "/")), handle.read())
 

@@ -166,8 +166,8 @@ MATERIALIZE_BELOW_BYTES = 1 << 30
 def _dataset(shards_uri: str, split: str):
     """A split as a Ray dataset; small ones are read once into the object store, so epochs
     after the first do not pay Parquet reads again."""
-    dataset = data.read_split(shards_uri, split)
     manifest = data.read_manifest(shards_uri)
+    dataset = data.read_split(shards_uri, split, manifest=manifest)
     rows = sum(manifest["counts"][split].values())
     if rows * 3 * manifest["image_size"] ** 2 < MATERIALIZE_BELOW_BYTES:
         return dataset.materialize()
