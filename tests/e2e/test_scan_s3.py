@@ -125,10 +125,10 @@ def test_resume_scores_only_new_and_changed_objects(scan_bucket, model_uri, s3_s
     assert len(set(report.column("uri").to_pylist())) == report.num_rows
 
 
-def scoring_actor_pids() -> list[int]:
+def scoring_actors() -> dict[int, str]:
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines()
-            if "ray::MapWorker" in line and "ScoreWithPredictor" in line]
+    return {int(line.split()[0]): line for line in ps.splitlines()
+            if "ray::MapWorker" in line and "ScoreWithPredictor" in line}
 
 
 def test_killed_scoring_actor_loses_no_rows(scan_bucket, model_uri):
@@ -138,17 +138,20 @@ def test_killed_scoring_actor_loses_no_rows(scan_bucket, model_uri):
     def run() -> None:
         result["summary"] = scan(ScanConfig(source=scan_bucket, model=model_uri, out=out,
                                             via="data", batch_size=8, actors=2,
-                                            max_bytes=MAX_BYTES), progress=False)
+                                            cpus_per_actor=1, max_bytes=MAX_BYTES),
+                                 progress=False)
 
     worker = threading.Thread(target=run)
     worker.start()
     deadline = time.monotonic() + 120
-    while not scoring_actor_pids() and time.monotonic() < deadline:
+    while not scoring_actors() and time.monotonic() < deadline:
         time.sleep(0.5)
     time.sleep(3)  # let it score some batches first
-    pids = scoring_actor_pids()
-    assert pids, "no scoring actor found"
-    os.kill(pids[0], signal.SIGKILL)
+    actors = scoring_actors()
+    assert actors, "no scoring actor found"
+    # Decoding runs in its own tasks, not fused into the (possibly GPU) scoring actors.
+    assert not any("decode_objects" in line for line in actors.values()), actors
+    os.kill(next(iter(actors)), signal.SIGKILL)
     worker.join(timeout=600)
     assert "summary" in result
     report = read_report(out)
