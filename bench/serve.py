@@ -69,13 +69,14 @@ def save_model(name: str, image_size: int, where: str) -> str:
     return save_artifact(model, card, os.path.join(where, name))
 
 
-def raw_throughput(uri: str, blobs: list[bytes], batches: int, repeats: int) -> dict:
+def raw_throughput(uri: str, blobs: list[bytes], batches: int, repeats: int,
+                   precision: str = "float32") -> dict:
     """Images/s of Predictor.score on pre-decoded batches of 32 (median and best)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from detector.predictor import Predictor
     from detector.preprocess import load_image
 
-    predictor = Predictor.from_uri(uri, batch_size=32)
+    predictor = Predictor.from_uri(uri, batch_size=32, precision=precision)
     decoded = np.stack([load_image(b, predictor.image_size)[0] for b in blobs])
     batch = np.resize(decoded, (32, *decoded.shape[1:]))
     predictor.score(batch)  # trace and warm up
@@ -127,14 +128,15 @@ def load(url: str, blobs: list[bytes], concurrency: int, total: int) -> dict:
 
 
 def bench_mode(uri: str, port: int, max_batch_size: int, blobs: list[bytes],
-               requests_per_client: int) -> dict:
+               requests_per_client: int, precision: str = "float32") -> dict:
     from ray import serve
 
     from detector.serve import ServeConfig, build_app_from_config
 
     # Same replica queue for both modes, so the only difference is the batching.
     config = ServeConfig(model_uri=uri, min_replicas=1, max_replicas=1,
-                         max_batch_size=max_batch_size, max_ongoing_requests=64)
+                         max_batch_size=max_batch_size, max_ongoing_requests=64,
+                         precision=precision)
     serve.run(build_app_from_config(config), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/detect"
     load(url, blobs, concurrency=4, total=16)  # warm up the path end to end
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-per-client", type=int, default=6,
                         help="requests per level = max(24, this x concurrency)")
     parser.add_argument("--raw-batches", type=int, default=4, help="batches of 32 per repeat")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
 
@@ -177,12 +180,13 @@ def main(argv: list[str] | None = None) -> int:
                  include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         load_before = os.getloadavg()
         raw = ray.get(ray.remote(num_cpus=1)(raw_throughput).remote(
-            uri, blobs, args.raw_batches, 3))
+            uri, blobs, args.raw_batches, 3, args.precision))
         print(f"raw Predictor.score, batches of 32: {raw['median_ips']:.1f} img/s (median)")
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
-            modes = {name: bench_mode(uri, port, size, blobs, args.requests_per_client)
+            modes = {name: bench_mode(uri, port, size, blobs, args.requests_per_client,
+                                      args.precision)
                      for name, size in MODES.items()}
         finally:
             serve.shutdown()
@@ -196,6 +200,7 @@ def report(args: argparse.Namespace, raw: dict, modes: dict, loadavg: dict) -> N
     ratio = served["batched"] / raw["median_ips"]
     result = {
         "benchmark": "serve", "model": args.model, "image_size": args.image_size,
+        "precision": args.precision,
         "cpus": os.cpu_count(), "platform": platform.platform(),
         "loadavg_1_5_15": loadavg,  # other processes on the machine skew every number
         "raw_predictor": raw, "modes": modes,
