@@ -1,7 +1,8 @@
 """Training throughput: 1 vs 2 Ray Train workers, and input pipeline vs model step rate.
 
 All in one run on the same shards:
-- images/s of data-parallel training with 1 and 2 workers (epochs after the first);
+- images/s of data-parallel training with 1 and 2 workers sharing the machine's cores
+  (1 worker x all cores vs 2 workers x half; epochs after the first);
 - a worker's input pipeline alone (Ray Data shard -> decoded uint8 batches), images/s;
 - the model's training step alone on in-memory batches, images/s.
 If the input pipeline is not well above the step rate, input bounds training.
@@ -26,8 +27,10 @@ def training_rate(shards: str, out: str, model: str, workers: int, epochs: int) 
     from detector.config import TrainConfig
     from detector.train import STATE, build_trainer
 
+    cores = max(workers, os.cpu_count() or 1)
     cfg = TrainConfig(data=shards, model=(model,), out=out, workers=workers, epochs=epochs,
-                      batch_size=32, weights="none", patience=epochs)
+                      cpus_per_worker=cores // workers, batch_size=32, weights="none",
+                      patience=epochs)
     result = build_trainer(cfg, model, _image_size(shards)).fit()
     with result.checkpoint.as_directory() as directory, open(os.path.join(directory, STATE)) as f:
         history = json.load(f)["history"][1:]  # the first epoch pays graph tracing

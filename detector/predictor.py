@@ -97,14 +97,6 @@ class Predictor:
         return results  # type: ignore[return-value]
 
 
-def limit_threads(threads: int) -> None:
-    """Cap TensorFlow's thread pools; call before the first model is built or loaded."""
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-
-
 def with_dtype_policy(model, policy: str):
     """A copy of `model` whose layers compute in `policy` (e.g. mixed_bfloat16), with the
     same float32 weights. The output layers stay float32 so scores keep full precision.

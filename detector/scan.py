@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import os
 import tempfile
 import time
@@ -27,6 +26,7 @@ import pyarrow.parquet as pq
 
 from detector import data, preprocess, storage
 from detector.config import ScanConfig
+from detector.threads import threads_for
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ class ScoreWithPredictor:
 
     def __init__(self, model_uri: str, threshold: float | None, precision: str = "float32",
                  threads: int | None = None):
-        from detector.predictor import Predictor, limit_threads
+        from detector.predictor import Predictor
+        from detector.threads import limit_threads
 
         if threads:
             limit_threads(threads)
@@ -263,7 +264,7 @@ def _model_threads(config: ScanConfig) -> int | None:
     """CPU scoring uses as many threads as the actor reserved CPUs: TensorFlow would
     otherwise start one per core of the machine (of the host, inside a container), and
     several actors on a node would fight over them."""
-    return None if config.gpus_per_actor else max(1, math.ceil(config.cpus_per_actor))
+    return None if config.gpus_per_actor else threads_for(config.cpus_per_actor)
 
 
 def _actors(config: ScanConfig) -> int:

@@ -68,7 +68,7 @@ class ServeConfig:
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = preprocess.DEFAULT_MAX_PIXELS
     api_key_env: str = "DETECTOR_API_KEY"
-    num_cpus: float = 1.0  # per Model replica
+    num_cpus: float = 2.0  # per Model replica; on CPU also its model's thread count
     num_gpus: float = 0.0  # per Model replica
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.5  # decoding happens here
@@ -203,7 +203,12 @@ class Model:
     def __init__(self, config: ServeConfig):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
         from detector.predictor import Predictor
+        from detector.threads import limit_threads, threads_for
 
+        if not config.num_gpus:
+            # TensorFlow would start a thread per core of the host (even in a 4-CPU pod), and
+            # replicas sharing a node would fight over them: use what the replica reserved.
+            limit_threads(threads_for(config.num_cpus))
         self.predictor = Predictor.from_uri(config.model_uri, batch_size=config.max_batch_size,
                                             precision=config.precision)
         # The decorator's arguments are fixed at import; the configured values apply here.

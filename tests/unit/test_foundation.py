@@ -109,3 +109,19 @@ def test_bias_audit_flags_the_format_shortcut_only_when_present():
     assert fair["trivial_rule_accuracy"]["format"] <= 0.6
     assert not any("format" in w for w in fair["warnings"])
     assert json.dumps(fair)  # manifest-serialisable
+
+
+def test_threads_follow_the_cpus_ray_reserved():
+    import subprocess
+    import sys
+
+    from detector.threads import threads_for
+
+    assert [threads_for(c) for c in (0.25, 1, 2, 2.5, 3)] == [1, 1, 2, 3, 3]
+    code = ("from detector.threads import limit_threads; limit_threads(3); "
+            "import tensorflow as tf; tf.constant(1.0) + 1; "
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["3", "3"]

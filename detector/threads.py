@@ -1,0 +1,23 @@
+"""TensorFlow thread pools sized to what Ray reserved for the process.
+
+TensorFlow starts a thread per core of the host (inside a container too), so several Ray
+workers, actors or replicas on one node would fight over the same cores. Each sets its
+pools to the CPUs it reserved instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def threads_for(cpus: float) -> int:
+    """Threads for a process that reserved `cpus` Ray CPUs (at least one)."""
+    return max(1, math.ceil(cpus))
+
+
+def limit_threads(threads: int) -> None:
+    """Cap TensorFlow's thread pools; call before the first model is built or loaded."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
