@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="model artifact URI")
     predict.add_argument("images", nargs="+", help="image paths or URIs")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
-    predict.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+    predict.add_argument("--precision", default="float32", choices=cfg.PRECISIONS,
                          help="bfloat16: ~1.6x faster on CPUs with AMX/AVX512-BF16")
     predict.set_defaults(run=run_predict)
 
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--min-replicas", type=int, default=1)
     srv.add_argument("--max-replicas", type=int, default=2)
-    srv.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+    srv.add_argument("--precision", default="float32", choices=cfg.PRECISIONS,
                          help="bfloat16: ~1.6x faster on CPUs with AMX/AVX512-BF16")
     srv.add_argument("--scan-allow", nargs="*", default=[],
                      help="URI prefixes POST /v1/scans may read and write (default: none)")

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+PRECISIONS = ("float32", "bfloat16")  # model inference; see detector.predictor
 IMAGE_PATTERNS = ("*.jpg", "*.jpeg", "*.png", "*.webp", "*.gif", "*.bmp", "*.tif", "*.tiff")
 
 
@@ -78,7 +79,7 @@ class ScanConfig:
     batch_size: int = _opt(32, "images per forward pass")
     precision: str = _opt("float32", "inference precision for --via data: float32, or "
                           "bfloat16 (about 1.6x faster on CPUs with AMX/AVX512-BF16; "
-                          "scores move by a few hundredths)", choices=("float32", "bfloat16"))
+                          "scores move by a few hundredths)", choices=PRECISIONS)
     resume: bool = _opt(False, "reuse rows of an existing report whose (uri, etag) still match")
     threshold: float | None = _opt(None, "decision threshold (default: the model's own)")
     actors: int | None = _opt(None, "scoring actors for --via data (default: by cluster CPUs)")

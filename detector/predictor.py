@@ -14,10 +14,9 @@ import numpy as np
 
 from detector import preprocess
 from detector.artifact import ModelCard, load_artifact
+from detector.config import PRECISIONS
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from detector import data, preprocess, storage
 from detector.config import ScanConfig
-from detector.threads import threads_for
+from detector.threads import limit_threads, threads_for
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,6 @@ class ScoreWithPredictor:
     def __init__(self, model_uri: str, threshold: float | None, precision: str = "float32",
                  threads: int | None = None):
         from detector.predictor import Predictor
-        from detector.threads import limit_threads
 
         if threads:
             limit_threads(threads)

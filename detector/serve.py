@@ -37,6 +37,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detector import preprocess, scan_service
+from detector.config import PRECISIONS
 
 # Serve routes the "ray.serve" logger into each replica's log file with the request id.
 log = logging.getLogger("ray.serve")
@@ -93,8 +94,8 @@ def config_from_args(args: dict[str, Any]) -> ServeConfig:
     config = ServeConfig(**values)
     if not config.model_uri:
         raise ValueError("model_uri is required (e.g. model_uri=s3://bucket/models/vit)")
-    if config.precision not in ("float32", "bfloat16"):
-        raise ValueError(f"precision must be float32 or bfloat16, got {config.precision!r}")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     return config
 
 
