@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from detector import data, preprocess, storage
 from detector.config import ScanConfig
-from detector.threads import limit_threads, threads_for
+from detector.threads import use_reserved_cpus
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,10 @@ class ScoreWithPredictor:
     """Ray Data actor: holds one Predictor and scores the decoded rows of each batch."""
 
     def __init__(self, model_uri: str, threshold: float | None, precision: str = "float32",
-                 threads: int | None = None):
+                 cpus: float = 1.0, gpus: float = 0.0):
         from detector.predictor import Predictor
 
-        if threads:
-            limit_threads(threads)
+        use_reserved_cpus(cpus, gpus)
         self.predictor = Predictor.from_uri(model_uri, precision=precision)
         self.threshold = threshold
 
@@ -250,20 +249,13 @@ def _stream(config: ScanConfig, card, objects, via: str) -> Iterable[pa.Table]:
         scored = decoded.map_batches(
             ScoreWithPredictor,
             fn_constructor_args=(config.model, config.threshold, config.precision,
-                                 _model_threads(config)),
+                                 config.cpus_per_actor, config.gpus_per_actor),
             batch_size=config.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actors(config)),
             num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
         )
     for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield batch.cast(REPORT_SCHEMA)
-
-
-def _model_threads(config: ScanConfig) -> int | None:
-    """CPU scoring uses as many threads as the actor reserved CPUs: TensorFlow would
-    otherwise start one per core of the machine (of the host, inside a container), and
-    several actors on a node would fight over them."""
-    return None if config.gpus_per_actor else threads_for(config.cpus_per_actor)
 
 
 def _actors(config: ScanConfig) -> int:

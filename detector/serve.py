@@ -204,12 +204,9 @@ class Model:
     def __init__(self, config: ServeConfig):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
         from detector.predictor import Predictor
-        from detector.threads import limit_threads, threads_for
+        from detector.threads import use_reserved_cpus
 
-        if not config.num_gpus:
-            # TensorFlow would start a thread per core of the host (even in a 4-CPU pod), and
-            # replicas sharing a node would fight over them: use what the replica reserved.
-            limit_threads(threads_for(config.num_cpus))
+        use_reserved_cpus(config.num_cpus, config.num_gpus)  # not every core of the host
         self.predictor = Predictor.from_uri(config.model_uri, batch_size=config.max_batch_size,
                                             precision=config.precision)
         # The decorator's arguments are fixed at import; the configured values apply here.

@@ -15,6 +15,13 @@ def threads_for(cpus: float) -> int:
     return max(1, math.ceil(cpus))
 
 
+def use_reserved_cpus(cpus: float, gpus: float = 0.0) -> None:
+    """Size TensorFlow's pools to a CPU reservation; on a GPU the CPU pools barely matter
+    and are left alone. Call before the first model is built or loaded."""
+    if not gpus:
+        limit_threads(threads_for(cpus))
+
+
 def limit_threads(threads: int) -> None:
     """Cap TensorFlow's thread pools; call before the first model is built or loaded."""
     import tensorflow as tf

@@ -35,13 +35,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from detector.augment import robust_augment
     from detector.models import build_model
-    from detector.threads import limit_threads, threads_for
+    from detector.threads import use_reserved_cpus
 
     cfg = TrainConfig(**loop_config["train_config"])
-    if not cfg.gpus_per_worker:
-        # As many threads as the worker reserved CPUs: TensorFlow would take every core of
-        # the host, and workers sharing a node would oversubscribe it.
-        limit_threads(threads_for(cfg.cpus_per_worker))
+    use_reserved_cpus(cfg.cpus_per_worker, cfg.gpus_per_worker)  # not every core of the host
     name, image_size = loop_config["model"], loop_config["image_size"]
     context = ray.train.get_context()
     world, rank = context.get_world_size(), context.get_world_rank()
