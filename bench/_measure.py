@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 
 import psutil
+
+
+def save_json(path: str, results: dict) -> None:
+    """Write a benchmark's results (bench/results/ is git-ignored: numbers are per machine)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2)
 
 
 def report(result: dict) -> None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import tempfile
 import time
 
-from _measure import report, run_child
+from _measure import report, run_child, save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,8 +92,8 @@ def main() -> None:
             results[label] = {"objects": run["objects"], "pipeline_seconds": run["seconds"],
                               "plain_seconds": plain, "peak_pss_mb": run["peak_pss_mb"],
                               "pipeline_images_per_s": run["objects"] / run["seconds"],
-                              "plain_images_per_s": run["objects"] / plain}
-            results[label]["speedup"] = run["seconds"] and plain / run["seconds"]
+                              "plain_images_per_s": run["objects"] / plain,
+                              "speedup": plain / run["seconds"]}
     small, large = results["small"], results["large"]
     extra = large["objects"] - small["objects"]
     results["marginal_pipeline_images_per_s"] = extra / (large["pipeline_seconds"]
@@ -115,9 +114,7 @@ def main() -> None:
           f"{results['marginal_plain_images_per_s']:.1f} img/s: "
           f"{results['marginal_speedup']:.2f}x")
     print(f"peak memory, 10x the input: {results['memory_growth_10x_input']:.2f}x")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(results, handle, indent=2)
+    save_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL
+from _measure import save_json
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    save_json(str(args.json), report)
     print(f"wrote {args.json}")
     return 0
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 
 import numpy as np
-from _measure import report, run_child
+from _measure import report, run_child, save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,7 +96,7 @@ def scan_child(bucket: str, model_uri: str, via: str, precision: str) -> None:
     first_t, first_done = next(m for m in marks if m[1] >= 0.1 * summary["objects"])
     last_t, last_done = marks[-1]
     report({"seconds": seconds, "objects": summary["objects"],
-            "first_rows_after_s": first_t - started,
+            "first_rows_after_s": marks[0][0] - started,
             "steady_images_per_s": (last_done - first_done) / max(last_t - first_t, 1e-9)})
 
 
@@ -160,9 +160,7 @@ def main() -> None:
               f"{r['first_rows_after_s']:9.1f}s {r['steady_vs_notebook']:10.2f} "
               f"{r['steady_vs_raw']:7.2f} {r['peak_pss_mb']:8d}")
     print(f"peak memory with a 10x bucket: {results['memory_growth_10x_bucket']:.2f}x")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(results, handle, indent=2)
+    save_json(args.json, results)
 
 
 if __name__ == "__main__":

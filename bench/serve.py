@@ -16,7 +16,6 @@ Writes JSON (default bench/results/serve.json).
 
 import argparse
 import io
-import json
 import os
 import platform
 import socket
@@ -29,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _measure import save_json
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,8 +212,7 @@ def report(args: argparse.Namespace, raw: dict, modes: dict, loadavg: dict) -> N
     print(f"\nserved at c=32: batched {served['batched']:.1f} img/s, unbatched "
           f"{served['unbatched']:.1f} img/s (x{result['batching_speedup_c32']:.2f}); "
           f"raw {raw['median_ips']:.1f} img/s -> ratio {ratio:.2f} (target >= {TARGET_RATIO})")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(str(args.json), result)
     print(f"wrote {args.json}")
 
 

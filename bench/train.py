@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import numpy as np
+from _measure import save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -109,9 +110,7 @@ def main() -> None:
         print(f"{key:34s} {value:.2f}" if isinstance(value, float) else f"{key:34s} {value}")
     bound = "input" if results["input_vs_step_rate"] < 1.5 else "compute"
     print(f"=> training here is {bound}-bound")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(results, handle, indent=2)
+    save_json(args.json, results)
 
 
 if __name__ == "__main__":
