@@ -167,17 +167,23 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    from detector.scan import scan
+    from detector.scan import ScanStalled, scan
 
     config = cfg.from_args(cfg.ScanConfig, args)
     init_ray()
-    print_scan_summary(scan(config))
+    try:
+        print_scan_summary(scan(config))
+    except ScanStalled as exc:
+        print(f"detector scan: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def print_scan_summary(summary: dict) -> None:
-    print(f"\nScanned {summary['objects']} objects into {summary['out']} via {summary['via']} "
-          f"({summary['objects_per_second']} objects/s, {summary['scanned']} scored now)")
+    print(f"\nScanned {summary['objects']} objects into {summary['out']} "
+          f"({summary['parts']} parts) via {summary['via']} with {summary['model']}: "
+          f"{summary['scanned']} scored now ({summary['objects_per_second']} objects/s), "
+          f"{summary['reused']} reused from the previous report")
     print("  by verdict: " + (", ".join(f"{k}={v}" for k, v in summary["by_verdict"].items())
                               or "none"))
     print("  by error:   " + (", ".join(f"{k}={v}" for k, v in summary["by_error"].items())

@@ -64,30 +64,47 @@ class TrainConfig:
     seed: int = _opt(42, "random seed")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScanConfig:
     """`detector scan`: every image under a prefix -> one Parquet report row each."""
 
-    source: str = _req("URI prefix to scan (s3://bucket/prefix, file:// or path)",
+    source: str = _opt("", "URI prefix to scan (s3://bucket/prefix, file:// or path)",
                        positional=True)
     model: str = _req("model artifact URI")
-    out: str = _req("report URI (.parquet); written atomically")
+    out: str = _req("report prefix: Parquet parts + _manifest.json, committed last")
+    manifest: str | None = _opt(None, "scan the keys listed in this CSV/Parquet file or "
+                                "prefix of files (columns uri, or bucket+key; optional "
+                                "size, etag), e.g. an S3 Inventory report, instead of "
+                                "listing SOURCE")
     include: tuple[str, ...] = _opt(IMAGE_PATTERNS, "file-name globs to select, case-insensitive")
-    via: str = _opt("auto", "scoring path: serve (shared Serve replicas), data (own actor "
-                    "pool) or auto (serve when a detector Serve app is running)",
-                    choices=("auto", "serve", "data"))
+    via: str = _opt("auto", "scoring path: serve (shared Serve replicas, which must serve "
+                    "--model), data (own actor pool) or auto (serve when the running "
+                    "Serve app serves --model)", choices=("auto", "serve", "data"))
     batch_size: int = _opt(32, "images per forward pass")
     precision: str = _opt("float32", "inference precision for --via data: float32, or "
                           "bfloat16 (about 1.6x faster on CPUs with AMX/AVX512-BF16; "
                           "scores move by a few hundredths)", choices=PRECISIONS)
-    resume: bool = _opt(False, "reuse rows of an existing report whose (uri, etag) still match")
+    resume: bool = _opt(False, "keep the parts of an earlier or interrupted scan into OUT and "
+                        "reuse rows whose (uri, etag, model id, threshold) all match")
     threshold: float | None = _opt(None, "decision threshold (default: the model's own)")
-    actors: int | None = _opt(None, "scoring actors for --via data (default: by cluster CPUs)")
-    cpus_per_actor: float = _opt(2.0, "CPUs per scoring actor (--via data); also the model's "
-                                 "thread count, so actors never oversubscribe a node")
+    partition_size: int = _opt(65536, "objects per report part: the unit of commit, resume "
+                               "and retry (and one Parquet row group)")
+    actors: int | None = _opt(None, "most scoring actors for --via data (default: as many as "
+                              "the cluster, autoscaling included, has room for)")
+    cpus_per_actor: float | None = _opt(None, "CPUs per scoring actor (--via data); also the "
+                                        "model's thread count (default: 2, less where no "
+                                        "node has room for 2 and a decode task)")
     gpus_per_actor: float = _opt(0.0, "GPUs per scoring actor (--via data)")
     serve_app: str = _opt("detector", "name of the Serve application for --via serve")
     max_bytes: int = _opt(50 * 1024 * 1024, "objects larger than this are reported too-large")
+    stall_timeout: float = _opt(600.0, "fail when nothing could be scheduled for this many "
+                                "seconds and no node is being added")
+
+    def __post_init__(self) -> None:
+        if not self.source and not self.manifest:
+            raise ValueError("give a SOURCE prefix to scan, or --manifest")
+        if self.partition_size < 1:
+            raise ValueError("--partition-size must be at least 1")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -100,7 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = meta.pop("help", "")
         required = meta.pop("required", False)
         if meta.pop("positional", False):
-            parser.add_argument(f.name, help=help_text, metavar=f.name.upper())
+            optional = f.default is not dataclasses.MISSING
+            parser.add_argument(f.name, help=help_text, metavar=f.name.upper(),
+                                nargs="?" if optional else None,
+                                default=f.default if optional else None)
             continue
         if f.default is not dataclasses.MISSING:
             shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default

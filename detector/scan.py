@@ -1,327 +1,436 @@
 """Bucket scanning: every selected object under a prefix -> exactly one report row.
 
-Ray Data streams: the driver lists objects (metadata only), tasks read and decode them
-with `detector.preprocess`, a scoring stage turns pixels into scores (an actor pool with
-the shared Predictor for `--via data`, or the Serve deployment's replicas for
-`--via serve`), and the driver writes the small report rows to a local Parquet file
-that is published to the output URI only when complete.
+The driver plans and keeps the books; workers do everything that grows with the bucket:
 
-Exactly one row per object is enforced at the end, not hoped for: rows lost to a crashed
-worker are scanned again, duplicates from retried work are dropped.
+    plan (driver: a few delimiter listings -> listing ranges)
+      -> list_partitions (tasks: pages -> partitions of objects, as they arrive)
+      -> decode_objects (tasks) -> ScoreWithPredictor | ScoreWithServe (actors)
+      -> PartWriter (actor: one part per partition, written whole)
+      -> notes to the driver (per partition: listed, committed; counts)
+
+The driver holds one record per partition, never one per object, and commits the report
+(`detector.report`) only when every listed partition has its part. A partition the
+pipeline lost (a dead writer, say) is listed and scanned again, up to `MAX_PASSES`
+times; parts already written stay, so an interrupted scan continues with `--resume`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
-import os
-import tempfile
+import queue
+import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from detector import data, preprocess, storage
+from detector import listing, report
 from detector.config import ScanConfig
-from detector.threads import use_reserved_cpus
+from detector.scan_stages import (
+    NOTE_SCHEMA,
+    ROWS_PER_BLOCK,
+    PartWriter,
+    ScoreWithPredictor,
+    ScoreWithServe,
+    decode_objects,
+    list_partitions,
+)
 
 log = logging.getLogger(__name__)
 
-REPORT_SCHEMA = pa.schema(
-    [
-        ("uri", pa.string()),
-        ("size_bytes", pa.int64()),
-        ("etag", pa.string()),
-        ("format", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("score_ai", pa.float64()),
-        ("verdict", pa.string()),
-        ("model", pa.string()),
-        ("threshold", pa.float64()),
-        ("error", pa.string()),
-        ("error_detail", pa.string()),
-        ("scanned_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
-# Decoded rows between the decode and scoring stages: report columns + pixels.
-DECODED_SCHEMA = pa.schema([("pixels", pa.binary()), *REPORT_SCHEMA])
-RETRYABLE_ERRORS = {"read-failed", "scan-failed"}  # not reused by --resume
+MAX_PASSES = 3
 PROGRESS_EVERY_S = 10.0
+DEFAULT_CPUS_PER_ACTOR = 2.0
+DECODE_CPUS = 0.5  # per decode task: reads wait on storage part of the time
+LISTING_TASKS = 4  # listing tasks at once; each is I/O-bound and cheap
+REPORT_SCHEMA = report.REPORT_SCHEMA  # re-exported: the report's columns
 
 
-def decode_objects(batch: dict[str, np.ndarray], image_size: int, max_bytes: int) -> pa.Table:
-    """Ray Data stage: read and decode a batch of listed objects (never raises per object)."""
-    rows = {name: [] for name in DECODED_SCHEMA.names}
-    for uri, size, etag in zip(batch["uri"], batch["size_bytes"], batch["etag"], strict=True):
-        row = dict.fromkeys(DECODED_SCHEMA.names)
-        row.update(uri=str(uri), size_bytes=int(size), etag=str(etag))
-        if size > max_bytes:  # refused before a byte is downloaded
-            row.update(error="too-large", error_detail=f"{size} bytes exceeds {max_bytes}")
-        else:
-            blob, error, detail = data.fetch(str(uri))
-            if blob is None:
-                row.update(error=error, error_detail=detail)
-            else:
-                try:
-                    pixels, info = preprocess.load_image(blob, image_size, max_bytes=max_bytes)
-                except preprocess.ImageError as err:
-                    row.update(error=err.code, error_detail=err.detail)
-                else:
-                    row.update(pixels=pixels.tobytes(), format=info.format, width=info.width,
-                               height=info.height)
-        for name in DECODED_SCHEMA.names:
-            rows[name].append(row[name])
-    return pa.table(rows, schema=DECODED_SCHEMA)
+class ScanStalled(RuntimeError):
+    """Nothing could be scheduled for too long, and no node is on its way."""
 
 
-class ScoreWithPredictor:
-    """Ray Data actor: holds one Predictor and scores the decoded rows of each batch."""
+def scan(config: ScanConfig, progress: bool = True,
+         on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Scan `config.source` into a committed report at `config.out`; returns the summary.
 
-    def __init__(self, model_uri: str, threshold: float | None, precision: str = "float32",
-                 cpus: float = 1.0, gpus: float = 0.0):
-        from detector.predictor import Predictor
-
-        use_reserved_cpus(cpus, gpus)
-        self.predictor = Predictor.from_uri(model_uri, precision=precision)
-        self.threshold = threshold
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        return finish_rows(table, self.predictor.card, self.threshold, self.predictor.score)
-
-
-class ScoreWithServe:
-    """Ray Data actor: sends each batch's pixels to the Serve model deployment, so scans
-    share the autoscaled replicas that answer HTTP traffic."""
-
-    def __init__(self, app_name: str, threshold: float | None):
-        from ray import serve
-
-        from detector.artifact import ModelCard
-
-        self.handle = serve.get_deployment_handle("Model", app_name=app_name)
-        self.card = ModelCard(**self.handle.card.remote().result())
-        self.threshold = threshold
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        def score(pixels: np.ndarray) -> np.ndarray:
-            return np.asarray(self.handle.score_pixels.remote(pixels).result())
-
-        return finish_rows(table, self.card, self.threshold, score)
-
-
-def finish_rows(table: pa.Table, card, threshold: float | None, score) -> pa.Table:
-    """Score the decodable rows of `table` and fill in the report columns for all rows."""
-    threshold = card.threshold if threshold is None else threshold
-    pixels_column = table.column("pixels").to_pylist()
-    scores: list[float | None] = [None] * table.num_rows
-    todo = [i for i, p in enumerate(pixels_column) if p is not None]
-    if todo:
-        batch = data.decode_pixels([pixels_column[i] for i in todo], card.image_size)
-        for i, value in zip(todo, score(batch), strict=True):
-            scores[i] = float(value)
-    verdicts = [None if s is None else card.verdict(s, threshold) for s in scores]
-    now = dt.datetime.now(dt.UTC)
-    table = table.drop_columns(["pixels", "score_ai", "verdict", "model", "threshold",
-                                "scanned_at"])
-    n = table.num_rows
-    columns = {
-        "score_ai": pa.array(scores, pa.float64()),
-        "verdict": pa.array(verdicts, pa.string()),
-        "model": pa.array([f"{card.name}@{card.id}"] * n, pa.string()),
-        "threshold": pa.array([threshold] * n, pa.float64()),
-        "scanned_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-    }
-    for name, column in columns.items():
-        table = table.append_column(name, column)
-    return table.select(REPORT_SCHEMA.names).cast(REPORT_SCHEMA)
-
-
-def scan(config: ScanConfig, progress: bool = True, on_progress=None) -> dict:
-    """Scan `config.source` into a report at `config.out`; returns the summary.
-
-    `on_progress(dict)` receives done/total/errors/objects_per_second as rows arrive."""
-    import ray
-
+    `on_progress(dict)` receives listed/done/errors/partitions/objects_per_second."""
     from detector.artifact import load_card
 
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), _now()
     card = load_card(config.model)
-    listed = list(storage.list_objects(config.source, config.include))
-    reused = _reusable_rows(config, listed) if config.resume else {}
-    todo = [o for o in listed if (o.uri, o.etag) not in reused]
-    via = resolve_via(config)
-    log.info("scan %s: %d objects selected, %d reused from the previous report, %d to scan "
-             "via %s", config.source, len(listed), len(reused), len(todo), via)
-    ray.data.DataContext.get_current().enable_progress_bars = progress
+    threshold = card.threshold if config.threshold is None else config.threshold
+    label = f"{card.name}@{card.id}"
+    out = config.out.rstrip("/")
+    via = resolve_via(config, card.id)
+    existing = report.part_files(out)  # refuses a single-file report from older versions
+    plan = _plan(config, out)
+    report.uncommit(out)  # from here until the commit, `out` is not a report
+    if not config.resume and existing:
+        report.delete_parts(out, existing)
+    committed = _committed_spans(out, existing) if config.resume else {}
+    run = {"model": label, "threshold": threshold}
+    report.write_json(out, report.PLAN, {
+        "source": config.source, "manifest": config.manifest, "include": list(config.include),
+        "partition_size": config.partition_size, "started_at": started_at, **run,
+        "ranges": [r.to_dict() for r in plan.ranges]})
+    log.info("scan %s -> %s: %d listing ranges (%d LIST calls to plan), %d committed parts "
+             "to reuse, scoring via %s with %s", config.source, out, len(plan.ranges),
+             plan.list_calls, sum(len(v) for v in committed.values()), via, label)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "report.parquet")
-        with pq.ParquetWriter(local, REPORT_SCHEMA, compression="zstd") as writer:
-            if reused:
-                writer.write_table(pa.Table.from_pylist(list(reused.values()), REPORT_SCHEMA))
-            seen = _run_passes(config, card, todo, via, writer, started, on_progress)
-        table = pq.read_table(local)
-        if table.num_rows != len(listed):  # the contract; never publish a report breaking it
-            raise RuntimeError(f"report has {table.num_rows} rows for {len(listed)} objects")
-        _publish(local, config.out)
-    summary = summarize(table, config, time.perf_counter() - started, len(todo), via)
-    summary["scanned"] = seen
-    return summary
-
-
-def _run_passes(config, card, todo, via, writer, started, on_progress) -> int:
-    """Scan `todo`, then re-scan whatever a crashed worker lost; write each URI once."""
-    written: set[str] = set()
-    progress = Progress(len(todo), started, on_progress)
-    pending = todo
-    for attempt in range(3):
-        if not pending:
-            break
-        for table in _stream(config, card, pending, via):
-            table = _first_rows_only(table, written)
-            writer.write_table(table)
-            progress.update(len(written), table.num_rows - table.column("error").null_count)
-        pending = [o for o in pending if o.uri not in written]
-        if pending:
-            log.warning("pass %d left %d objects without a row; scanning them again",
-                        attempt + 1, len(pending))
-    if pending:  # still missing after retries: say so in the report, never drop them
-        writer.write_table(_failed_rows(pending, card, config.threshold))
-        written.update(o.uri for o in pending)
-    return len(written)
-
-
-def _first_rows_only(table: pa.Table, written: set[str]) -> pa.Table:
-    keep = []
-    for i, uri in enumerate(table.column("uri").to_pylist()):
-        if uri not in written:
-            written.add(uri)
-            keep.append(i)
-    return table.take(keep)
+    ledger = Ledger(started, on_progress, bar=progress)
+    specs = [{"range": r.to_dict(), "committed": committed.get(r.id, [])} for r in plan.ranges]
+    try:
+        for attempt in range(MAX_PASSES):
+            _run_pass(config, card, via, specs, out, run, ledger)
+            lost = ledger.lost()
+            if not lost:
+                break
+            log.warning("pass %d: %d partitions listed but not written; listing them again",
+                        attempt + 1, len(lost))
+            specs = [{"range": h["range"], "bounds": [h["after"], h["last"]],
+                      "committed": committed.get(listing.ListingRange.from_dict(
+                          h["range"]).id, [])} for h in lost]
+    finally:
+        ledger.close()
+    if ledger.lost():
+        raise RuntimeError(f"{len(ledger.lost())} partitions still have no part after "
+                           f"{MAX_PASSES} passes; the {len(ledger.committed)} written parts "
+                           "are kept: run the scan again with --resume")
+    if ledger.objects() == 0:
+        raise ValueError(f"no objects under {config.manifest or config.source} match "
+                         f"--include {','.join(config.include)}")
+    files = {meta["file"] for meta in ledger.committed.values()}
+    report.delete_parts(out, [f for f in report.part_files(out) if f not in files])
+    manifest = _manifest(config, ledger, run, via, started_at, time.perf_counter() - started)
+    report.write_json(out, report.MANIFEST, manifest)
+    return summarize(manifest)
 
 
-class Progress:
-    """Logs done/total, objects/s and errors at most every PROGRESS_EVERY_S seconds."""
-
-    def __init__(self, total: int, started: float, callback=None):
-        self.total, self.started, self.errors, self.last = total, started, 0, 0.0
-        self.callback = callback
-
-    def update(self, done: int, errors: int) -> None:
-        self.errors += errors
-        now = time.perf_counter()
-        if self.callback is not None:
-            self.callback({"done": done, "total": self.total, "errors": self.errors,
-                           "objects_per_second": round(done / max(now - self.started, 1e-9), 1)})
-        if now - self.last >= PROGRESS_EVERY_S or done >= self.total:
-            self.last = now
-            rate = done / max(now - self.started, 1e-9)
-            log.info("scan progress: %d/%d objects, %.1f objects/s, %d errors",
-                     done, self.total, rate, self.errors)
+def _plan(config: ScanConfig, out: str) -> listing.Plan:
+    """The listing ranges: those of the interrupted run when resuming the same source
+    (so partitions line up with its parts), else planned afresh."""
+    previous = report.read_json(out, report.PLAN) if config.resume else None
+    if previous and previous["source"] == config.source and \
+            previous.get("manifest") == config.manifest and \
+            previous.get("partition_size") == config.partition_size:
+        return listing.Plan(config.source, [listing.ListingRange.from_dict(r)
+                                            for r in previous["ranges"]])
+    return listing.plan(config.source, manifest=config.manifest)
 
 
-def _stream(config: ScanConfig, card, objects, via: str) -> Iterable[pa.Table]:
+def _committed_spans(out: str, names: Iterable[str]) -> dict[str, list[dict]]:
+    """range id -> the partition records of the parts already written there."""
+    spans: dict[str, list[dict]] = {}
+    for meta in report.part_metadata(out, names).values():
+        if "range" in meta and "after" in meta:
+            rid = listing.ListingRange.from_dict(meta["range"]).id
+            spans.setdefault(rid, []).append(meta)
+    return spans
+
+
+# ------------------------------------------------------------------------------ one pass
+
+
+def _run_pass(config: ScanConfig, card, via: str, specs: list[dict], out: str, run: dict,
+              ledger: Ledger) -> None:
     import ray
 
-    items = [{"uri": o.uri, "size_bytes": o.size, "etag": o.etag} for o in objects]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 16, 4000)))
-    decoded = dataset.map_batches(
-        decode_objects,
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the bar
+    items = [{"spec": json.dumps(s)} for s in specs]
+    listed = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        list_partitions, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"include": tuple(config.include), "partition_size": config.partition_size,
+                   "out": out, **run},
+        compute=ray.data.TaskPoolStrategy(size=min(LISTING_TASKS, len(items))), num_cpus=0,
+    ).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
+    decoded = listed.map_batches(
+        decode_objects, batch_size=ROWS_PER_BLOCK, batch_format="pyarrow",
         fn_kwargs={"image_size": card.image_size, "max_bytes": config.max_bytes},
-        batch_size=16,
-        # Half a CPU: reads wait on storage part of the time. Resources unlike the scoring
-        # actors' also keep Ray Data from fusing decoding into them, where it would run
-        # serially with the model instead of alongside it (or occupy a GPU actor's CPU).
-        num_cpus=0.5,
+        # Resources unlike the scoring actors' also keep Ray Data from fusing decoding into
+        # them, where it would run serially with the model (or hold a GPU actor's CPU).
+        num_cpus=DECODE_CPUS,
     )
     if via == "serve":
         scored = decoded.map_batches(
-            ScoreWithServe, fn_constructor_args=(config.serve_app, config.threshold),
+            ScoreWithServe, fn_constructor_args=(config.serve_app, card.id, run["threshold"]),
             batch_size=config.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.actors or 4),
             num_cpus=0.1,  # I/O-bound: the replicas do the compute
         )
     else:
+        cpus = scoring_cpus(config)
         scored = decoded.map_batches(
             ScoreWithPredictor,
-            fn_constructor_args=(config.model, config.threshold, config.precision,
-                                 config.cpus_per_actor, config.gpus_per_actor),
+            fn_constructor_args=(config.model, run["threshold"], config.precision, cpus,
+                                 config.gpus_per_actor),
             batch_size=config.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_actors(config)),
-            num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor,
+            # Grows with the cluster: Ray Data adds actors while they are busy and the
+            # cluster (or its autoscaler) has room, up to --actors when given.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.actors),
+            num_cpus=cpus, num_gpus=config.gpus_per_actor,
         )
-    for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield batch.cast(REPORT_SCHEMA)
+    notes = scored.map_batches(
+        PartWriter, fn_constructor_args=(out, run), batch_size=None, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
+    )
+    for batch in _iterate_watched(notes, config.stall_timeout, ledger):
+        ledger.update(batch.cast(NOTE_SCHEMA).to_pylist())
 
 
-def _actors(config: ScanConfig) -> int:
+def scoring_cpus(config: ScanConfig) -> float:
+    """CPUs per scoring actor: as asked, or by default 2 (also its thread count) unless
+    no node has room for that and a decode task beside it, when it takes what fits."""
+    if config.cpus_per_actor is not None:
+        return config.cpus_per_actor
+    if config.gpus_per_actor:
+        return 1.0
+    largest = _largest_node_cpus()
+    if largest and largest < DEFAULT_CPUS_PER_ACTOR + DECODE_CPUS:
+        fitted = max(DECODE_CPUS, largest - DECODE_CPUS)
+        log.info("scoring actors reserve %.1f CPUs: the largest node has %.1f, and decoding "
+                 "needs %.1f beside them", fitted, largest, DECODE_CPUS)
+        return fitted
+    return DEFAULT_CPUS_PER_ACTOR  # also on a cluster scaling from zero nodes
+
+
+def _largest_node_cpus() -> float:
     import ray
 
-    if config.actors:
-        return config.actors
-    if config.gpus_per_actor:
-        return max(1, int(ray.cluster_resources().get("GPU", 1) / config.gpus_per_actor))
-    return max(1, int(ray.cluster_resources().get("CPU", 2) // (2 * config.cpus_per_actor)))
+    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]),
+               default=0.0)
 
 
-def resolve_via(config: ScanConfig) -> str:
-    """`auto` means: through Serve when a detector app is running, else an actor pool."""
-    if config.via != "auto":
-        return config.via
+# ------------------------------------------------------------------------------ watching
+
+
+def _iterate_watched(dataset, stall_timeout: float, ledger: Ledger):
+    """Batches of `dataset`, raising ScanStalled when nothing has moved for
+    `stall_timeout` seconds while work waits for resources no node is coming to give."""
+    batches: queue.Queue = queue.Queue(maxsize=8)
+    done = object()
+
+    def pump() -> None:
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                batches.put(batch)
+            batches.put(done)
+        except BaseException as exc:  # handed to the driver's thread
+            batches.put(exc)
+
+    threading.Thread(target=pump, daemon=True, name="scan-results").start()
+    last_move = time.monotonic()
+    while True:
+        try:
+            item = batches.get(timeout=30)
+        except queue.Empty:
+            idle = time.monotonic() - last_move
+            waiting = missing_resources()
+            if waiting:
+                log.warning("scan: no progress for %.0f s; waiting for %s", idle, waiting)
+                if idle > stall_timeout and not nodes_on_the_way():
+                    raise ScanStalled(f"nothing could be scheduled for {idle:.0f} s: work "
+                                      f"waits for {waiting} and no node is being added. "
+                                      "Lower --cpus-per-actor/--gpus-per-actor, or add "
+                                      "nodes.") from None
+            continue
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        last_move = time.monotonic()
+        yield item
+
+
+def missing_resources() -> str:
+    """Pending tasks' and actors' resource shapes, e.g. "1 x {'CPU': 2.0}"."""
+    status = _cluster_status()
+    if status is None:
+        return ""
+    shapes = [f"{r.count} x {dict(r.bundle)}"
+              for demand in status.resource_demands.ray_task_actor_demand
+              for r in demand.bundles_by_count]
+    if not shapes:
+        return ""
+    free = {k: round(v, 2) for k, v in status.available_resources().items()
+            if k in ("CPU", "GPU")}
+    return f"{', '.join(shapes)} (free now: {free})"
+
+
+def nodes_on_the_way() -> bool:
+    status = _cluster_status()
+    return bool(status and (status.pending_launches or status.pending_nodes))
+
+
+def _cluster_status():
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    try:
+        return get_cluster_status(ray.get_runtime_context().gcs_address)
+    except Exception:  # an older or unreachable GCS: the watchdog only loses its detail
+        return None
+
+
+# ------------------------------------------------------------------------------ books
+
+
+class Ledger:
+    """The driver's books: one record per partition (never per object), progress lines,
+    an optional terminal progress bar and the `on_progress` callback."""
+
+    def __init__(self, started: float, callback: Callable[[dict], None] | None = None,
+                 bar: bool = False):
+        self.started, self.callback = started, callback
+        self.listed: dict[str, dict] = {}  # partition -> header
+        self.committed: dict[str, dict] = {}  # partition -> part record
+        self.done = self.errors = 0
+        self.last_log = 0.0
+        self.bar = _progress_bar() if bar else None
+
+    def update(self, notes: list[dict]) -> None:
+        for note in notes:
+            info = json.loads(note["info"])
+            if note["status"] == "listed":
+                self.listed[note["partition"]] = info
+            elif note["status"] == "committed":
+                self.committed[note["partition"]] = info
+                if "kept" in self.listed.get(note["partition"], {}):
+                    self.done += info["rows"]  # reused whole: no progress rows came
+                    self.errors += sum(info["by_error"].values())
+            else:
+                self.done += info["rows"]
+                self.errors += info["errors"]
+        self._report()
+
+    def lost(self) -> list[dict]:
+        """Headers of partitions listed but never written."""
+        return [h for p, h in self.listed.items() if p not in self.committed]
+
+    def objects(self) -> int:
+        return sum(meta["rows"] for meta in self.committed.values())
+
+    def snapshot(self) -> dict:
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        listed = sum(h["kept"]["rows"] if "kept" in h else h["expected"]
+                     for h in self.listed.values())
+        listed = max(listed, self.done)  # rows can arrive before their partition's header
+        return {"listed": listed, "done": self.done, "total": listed, "errors": self.errors,
+                "partitions_listed": len(self.listed),
+                "partitions_committed": len(self.committed),
+                "objects_per_second": round(self.done / seconds, 1)}
+
+    def _report(self) -> None:
+        state = self.snapshot()
+        if self.callback is not None:
+            self.callback(state)
+        if self.bar is not None:
+            self.bar.total = state["listed"]
+            self.bar.n = state["done"]
+            self.bar.set_postfix(errors=state["errors"], parts=state["partitions_committed"],
+                                 refresh=False)
+            self.bar.refresh()
+        now = time.perf_counter()
+        if now - self.last_log >= PROGRESS_EVERY_S:
+            self.last_log = now
+            log.info("scan progress: %d/%d objects listed so far, %.1f objects/s, %d errors, "
+                     "%d/%d partitions written", state["done"], state["listed"],
+                     state["objects_per_second"], state["errors"],
+                     state["partitions_committed"], state["partitions_listed"])
+
+    def close(self) -> None:
+        self.last_log = 0.0
+        self._report()  # the final counts, whenever the last line was
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress_bar():
+    """A tqdm bar on a terminal; nothing (log lines only) when stderr is not one."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=0, unit="obj", desc="scan", dynamic_ncols=True, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------ commit
+
+
+def _manifest(config: ScanConfig, ledger: Ledger, run: dict, via: str, started_at: str,
+              seconds: float) -> dict:
+    parts = sorted(ledger.committed.values(), key=lambda m: m["file"])
+    verdicts, errors = Counter(), Counter()
+    for part in parts:
+        verdicts.update(part["by_verdict"])
+        errors.update(part["by_error"])
+    objects = sum(p["rows"] for p in parts)
+    scanned = sum(p["scanned"] for p in parts if "kept" not in ledger.listed[p["partition"]])
+    return {
+        "format_version": report.FORMAT_VERSION,
+        "source": config.manifest or config.source,
+        "include": list(config.include),
+        "out": config.out.rstrip("/"),
+        **run,
+        "model_uri": config.model,
+        "via": via,
+        "started_at": started_at,
+        "finished_at": _now(),
+        "seconds": round(seconds, 2),
+        "objects": objects,
+        "scanned": scanned,
+        "reused": objects - scanned,
+        "by_verdict": dict(sorted(verdicts.items())),
+        "by_error": dict(sorted(errors.items())),
+        "objects_per_second": round(scanned / seconds, 1) if seconds else None,
+        "partition_size": config.partition_size,
+        "parts": [{k: p[k] for k in ("file", "partition", "rows", "after", "last", "range")}
+                  for p in parts],
+    }
+
+
+def summarize(manifest: dict) -> dict:
+    """The scan's summary, from its commit manifest (never from reading the rows)."""
+    keys = ("out", "objects", "scanned", "reused", "by_verdict", "by_error", "via",
+            "seconds", "objects_per_second", "model", "threshold")
+    return {**{k: manifest[k] for k in keys}, "parts": len(manifest["parts"])}
+
+
+def resolve_via(config: ScanConfig, model_id: str) -> str:
+    """Where scoring runs. `serve` needs the Serve app to serve exactly this model;
+    `auto` uses it when it does and otherwise the scan's own actor pool."""
+    if config.via == "data":
+        return "data"
+    served = served_model_id(config.serve_app)
+    if config.via == "serve":
+        if served is None:
+            raise ValueError(f"--via serve: no Serve application {config.serve_app!r} is "
+                             "running")
+        if served != model_id:
+            raise ValueError(f"--via serve: Serve application {config.serve_app!r} serves "
+                             f"model {served}, not {model_id} from {config.model}; use "
+                             "--via data, or deploy that model")
+        return "serve"
+    if served is not None and served != model_id:
+        log.info("Serve application %r serves model %s, not %s: scoring with the scan's own "
+                 "actor pool (--via data)", config.serve_app, served, model_id)
+    return "serve" if served == model_id else "data"
+
+
+def served_model_id(app_name: str) -> str | None:
+    """The id of the model a running Serve app serves, or None when none runs."""
     try:
         from ray import serve
 
-        status = serve.status()
-        return "serve" if config.serve_app in status.applications else "data"
-    except Exception:
-        return "data"
+        if app_name not in serve.status().applications:
+            return None
+        handle = serve.get_deployment_handle("Model", app_name=app_name)
+        return handle.ping.remote().result(timeout_s=60)
+    except Exception:  # no Serve on this cluster
+        return None
 
 
-def _reusable_rows(config: ScanConfig, listed) -> dict[tuple[str, str], dict]:
-    """Rows of the previous report for objects that are unchanged (same uri and etag)."""
-    if not storage.exists(config.out):
-        return {}
-    fs, path = storage.resolve(config.out)
-    previous = pq.read_table(path, filesystem=fs).cast(REPORT_SCHEMA).to_pylist()
-    current = {(o.uri, o.etag) for o in listed}
-    return {
-        (row["uri"], row["etag"]): row
-        for row in previous
-        if (row["uri"], row["etag"]) in current and row["error"] not in RETRYABLE_ERRORS
-    }
-
-
-def _failed_rows(objects, card, threshold) -> pa.Table:
-    now = dt.datetime.now(dt.UTC)
-    return pa.Table.from_pylist(
-        [{"uri": o.uri, "size_bytes": o.size, "etag": o.etag, "model": f"{card.name}@{card.id}",
-          "threshold": card.threshold if threshold is None else threshold,
-          "error": "scan-failed", "error_detail": "no result after 3 attempts",
-          "scanned_at": now} for o in objects],
-        REPORT_SCHEMA,
-    )
-
-
-def _publish(local_file: str, uri: str) -> None:
-    """The whole report appears at `uri` at once (rename locally, one PUT on S3)."""
-    with open(local_file, "rb") as handle:
-        storage.write_bytes(uri, handle.read())
-
-
-def summarize(table: pa.Table, config: ScanConfig, seconds: float, scanned: int,
-              via: str) -> dict:
-    verdicts = Counter(v for v in table.column("verdict").to_pylist() if v)
-    errors = Counter(e for e in table.column("error").to_pylist() if e)
-    return {
-        "out": config.out,
-        "objects": table.num_rows,
-        "by_verdict": dict(sorted(verdicts.items())),
-        "by_error": dict(sorted(errors.items())),
-        "via": via,
-        "seconds": round(seconds, 2),
-        "objects_per_second": round(scanned / seconds, 1) if seconds else None,
-    }
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -37,6 +37,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detector import preprocess, scan_service
+from detector.artifact import ModelCard
 from detector.config import PRECISIONS
 
 # Serve routes the "ray.serve" logger into each replica's log file with the request id.
@@ -176,14 +177,6 @@ def _replayer(body: bytes):
     return receive
 
 
-def _verdict(card: dict[str, Any], score: float) -> str:
-    # Same rule as ModelCard.verdict, applied to the card the Model deployment sent.
-    threshold, margin = card["threshold"], card["uncertain_margin"]
-    if abs(score - threshold) < margin:
-        return "uncertain"
-    return "ai-generated" if score >= threshold else "real"
-
-
 def _render_page(card: dict[str, Any], auth: bool) -> str:
     page = resources.files("detector").joinpath("static/index.html").read_text()
     settings = {"auth": auth, "model": card["name"], "threshold": card["threshold"],
@@ -238,12 +231,13 @@ class Model:
         self.batch_sizes.observe(len(images))
         return [(float(s), len(images)) for s in scores]
 
-    def score_pixels(self, pixels: np.ndarray) -> np.ndarray:
+    def score_pixels(self, pixels: np.ndarray) -> dict[str, Any]:
         """A whole batch from a bucket scan (already batched by the scan) -> scores, so
-        scans and online traffic share these autoscaled replicas."""
+        scans and online traffic share these autoscaled replicas. The answer names the
+        model, so a scan can tell when a redeployed app serves another one."""
         scores = self.predictor.score(pixels)
         self.batch_sizes.observe(len(pixels))
-        return scores
+        return {"scores": scores, "model": self.predictor.card.id}
 
     async def check_health(self) -> None:
         """Serve restarts the replica when this raises: the model must still score."""
@@ -344,6 +338,7 @@ class Ingress:
         self._key = key.encode() if key else None
         # Decode at the model's own size: ask it once, at startup.
         self.card = await model.card.remote()
+        self.model_card = ModelCard(**self.card)  # its verdict rule, the one rule
         self.page = _render_page(self.card, auth=self._key is not None)
         self.requests = Counter(
             "detector_requests", "POST /v1/detect requests by outcome", tag_keys=("status", "code")
@@ -405,7 +400,7 @@ class Ingress:
         outcome.lap("model", start)
         return {
             "score_ai": score,
-            "verdict": _verdict(self.card, score),
+            "verdict": self.model_card.verdict(score),
             "threshold": self.card["threshold"],
             "model": f"{self.card['name']}@{self.card['id']}",
             "format": info.format,
@@ -424,7 +419,7 @@ class Ingress:
             return err.response()
         except (ValueError, KeyError, TypeError):
             return error_response(422, "invalid-request", 'send JSON {"source": URI, '
-                                  '"output": URI ending in .parquet}')
+                                  '"output": URI of the report prefix}')
         for uri in (source, output):
             if not scan_service.allowed(uri, self.config.scan_allow):
                 return error_response(403, "forbidden", f"{uri} is outside the scan allow-list")
