@@ -57,9 +57,9 @@ def run(workdir: str) -> int:
         print(f"    POST /v1/detect {os.path.basename(path)} -> {_post(url, path)}")
 
     _step("6/6 scan: the whole bucket into a Parquet report, through the Serve replicas")
-    report = os.path.join(workdir, "report.parquet")
+    report = os.path.join(workdir, "report")
     cli.print_scan_summary(_scan_over_http(url, bucket, report))
-    print(f"    report: {report} (one row per object; read it with pandas.read_parquet)")
+    print(f"    report: {report} (a Parquet dataset, one row per object: pandas.read_parquet(it))")
 
     print(f"\nDemo finished in {time.perf_counter() - started:.0f} s. Artifacts: {models}/<model>/"
           " (model.keras, detector.json, metrics, plots); comparison: "

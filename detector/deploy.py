@@ -125,18 +125,20 @@ class TrainJob:
 @dataclass(frozen=True)
 class ScanJob:
     """Bucket scans score on CPU pods: decoding dominates, and CPU pods start in a minute
-    while GPU nodes take several (see cluster/README.md for the GPU variant)."""
+    while GPU nodes take several (see cluster/README.md for the GPU variant). The scoring
+    pool grows with the CPU group (no --actors bound): each actor takes 3 of a pod's 4
+    CPUs, the fourth decodes beside it."""
 
     via: str = "data"  # its own actor pool; the RayJob's cluster runs no Serve app
     batch_size: int = 64
-    actors: int = 12  # leaves CPU pods for the decode tasks (WORKER_GROUPS["cpu"] max 16)
-    cpus_per_actor: float = 3.0  # a 4-CPU pod: 3 for the model, 1 for a decode task
+    cpus_per_actor: float = 3.0
     gpus_per_actor: float = 0.0
-    resume: bool = True  # re-scans (and retries) score only new or changed objects
+    partition_size: int = 65536  # objects per report part: the work a retry repeats at most
+    resume: bool = True  # a RayJob retry keeps the parts already written, scans the rest
 
     def argv(self, paths: Paths) -> list[str]:
         return _argv("scan", paths.uri("incoming", ""), model=paths.model,
-                     out=paths.uri("reports", "incoming.parquet"), **dataclasses.asdict(self))
+                     out=paths.uri("reports", "incoming", ""), **dataclasses.asdict(self))
 
 
 PREPARE, TRAIN, SCAN = PrepareJob(), TrainJob(), ScanJob()

@@ -80,7 +80,7 @@ def scan(config: ScanConfig, progress: bool = True,
              "to reuse, scoring via %s with %s", config.source, out, len(plan.ranges),
              plan.list_calls, sum(len(v) for v in committed.values()), via, label)
 
-    ledger = Ledger(started, on_progress, bar=progress)
+    ledger = Ledger(started, on_progress, bar=progress, ranges=len(plan.ranges))
     specs = [{"range": r.to_dict(), "committed": committed.get(r.id, [])} for r in plan.ranges]
     try:
         for attempt in range(MAX_PASSES):
@@ -145,8 +145,8 @@ def _run_pass(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
         fn_kwargs={"include": tuple(config.include), "partition_size": config.partition_size,
                    "out": out, **run},
         compute=ray.data.TaskPoolStrategy(size=min(LISTING_TASKS, len(items))), num_cpus=0,
-    ).repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
-    decoded = listed.map_batches(
+    )
+    decoded = _reblocked(listed, ROWS_PER_BLOCK).map_batches(
         decode_objects, batch_size=ROWS_PER_BLOCK, batch_format="pyarrow",
         fn_kwargs={"image_size": card.image_size, "max_bytes": config.max_bytes},
         # Resources unlike the scoring actors' also keep Ray Data from fusing decoding into
@@ -178,6 +178,18 @@ def _run_pass(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
     )
     for batch in _iterate_watched(notes, config.stall_timeout, ledger):
         ledger.update(batch.cast(NOTE_SCHEMA).to_pylist())
+
+
+def _reblocked(dataset, rows: int):
+    """`dataset` in blocks of `rows` rows, streaming. Ray Data gathers a task's outputs up
+    to its block size (128 MiB), so a listing task would hand one whole range to a single
+    decode task; small blocks spread decoding over all decode tasks from the first page.
+    The re-blocking only moves rows, yet Ray Data gives its tasks the default 1 CPU and no
+    argument to change it: on a small cluster they would wait for a CPU the scoring actor
+    holds. Zero it on the logical operator (a private field; checked by the 2-CPU test)."""
+    reblocked = dataset.repartition(target_num_rows_per_block=rows)
+    reblocked._logical_plan.dag.ray_remote_args["num_cpus"] = 0
+    return reblocked
 
 
 def scoring_cpus(config: ScanConfig) -> float:
@@ -282,8 +294,13 @@ class Ledger:
     an optional terminal progress bar and the `on_progress` callback."""
 
     def __init__(self, started: float, callback: Callable[[dict], None] | None = None,
-                 bar: bool = False):
-        self.started, self.callback = started, callback
+                 bar: bool = False, ranges: int = 0):
+        self.started, self.callback, self.ranges = started, callback, ranges
+        self.wall_started = time.time() - (time.perf_counter() - started)
+        self.ranges_done: set[str] = set()
+        self.last_listed_at = 0.0
+        self.listing_finished_at: float | None = None  # wall clock, in the listing tasks
+        self.first_part_at: float | None = None  # wall clock, in the writer
         self.listed: dict[str, dict] = {}  # partition -> header
         self.committed: dict[str, dict] = {}  # partition -> part record
         self.done = self.errors = 0
@@ -295,8 +312,15 @@ class Ledger:
             info = json.loads(note["info"])
             if note["status"] == "listed":
                 self.listed[note["partition"]] = info
+            elif note["status"] == "range_done":
+                self.ranges_done.add(info["range"])
+                self.last_listed_at = max(self.last_listed_at, info["listed_at"])
+                if len(self.ranges_done) == self.ranges and self.listing_finished_at is None:
+                    self.listing_finished_at = self.last_listed_at
             elif note["status"] == "committed":
                 self.committed[note["partition"]] = info
+                if "committed_at" in info and self.first_part_at is None:
+                    self.first_part_at = info["committed_at"]
                 if "kept" in self.listed.get(note["partition"], {}):
                     self.done += info["rows"]  # reused whole: no progress rows came
                     self.errors += sum(info["by_error"].values())
@@ -318,6 +342,7 @@ class Ledger:
                      for h in self.listed.values())
         listed = max(listed, self.done)  # rows can arrive before their partition's header
         return {"listed": listed, "done": self.done, "total": listed, "errors": self.errors,
+                "listing": "done" if self.listing_finished_at else "running",
                 "partitions_listed": len(self.listed),
                 "partitions_committed": len(self.committed),
                 "objects_per_second": round(self.done / seconds, 1)}
@@ -339,6 +364,15 @@ class Ledger:
                      "%d/%d partitions written", state["done"], state["listed"],
                      state["objects_per_second"], state["errors"],
                      state["partitions_committed"], state["partitions_listed"])
+
+    def timeline(self) -> dict:
+        """Seconds from the start: when listing finished, when the first part was
+        written (None when every part was reused)."""
+        def since(wall: float | None) -> float | None:
+            return None if wall is None else round(wall - self.wall_started, 2)
+
+        return {"listing_finished_s": since(self.listing_finished_at),
+                "first_part_s": since(self.first_part_at)}
 
     def close(self) -> None:
         self.last_log = 0.0
@@ -385,6 +419,7 @@ def _manifest(config: ScanConfig, ledger: Ledger, run: dict, via: str, started_a
         "by_verdict": dict(sorted(verdicts.items())),
         "by_error": dict(sorted(errors.items())),
         "objects_per_second": round(scanned / seconds, 1) if seconds else None,
+        "timeline": ledger.timeline(),
         "partition_size": config.partition_size,
         "parts": [{k: p[k] for k in ("file", "partition", "rows", "after", "last", "range")}
                   for p in parts],

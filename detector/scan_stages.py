@@ -32,7 +32,8 @@ from detector.threads import use_reserved_cpus
 log = logging.getLogger(__name__)
 
 WORK_SCHEMA = pa.schema([
-    ("kind", pa.string()),  # "object" or "header" (one per partition, after its objects)
+    # "object"; "header", one per partition after its objects; "range_done", one per spec
+    ("kind", pa.string()),
     ("partition", pa.string()),
     *report.REPORT_SCHEMA,
     ("reused", pa.bool_()),  # a row of the previous report, carried over as it was
@@ -67,9 +68,13 @@ def list_partitions(batch: pa.Table, include: tuple[str, ...], partition_size: i
             spans, objects = [Span(after, last)], iter_range(rng, include, after, last)
         else:
             objects = iter_range(rng, include)
+        count = 0
         for part in cut(objects, rng.id, partition_size, spans):
+            count += 1
             yield from _partition_rows(part, rng, committed.get(part.id), out, model,
                                        threshold)
+        yield _table([{"kind": "range_done", "partition": "", "header": json.dumps(
+            {"range": rng.id, "partitions": count, "listed_at": time.time()})}])
 
 
 def _partition_rows(part: Partition, rng: ListingRange, committed: dict | None, out: str,
@@ -256,6 +261,8 @@ class PartWriter:
             header = json.loads(row["header"])
             self.open[row["partition"]]["header"] = header
             notes.append(_note("listed", row["partition"], header))
+        for row in table.filter(pc.equal(kinds, "range_done")).to_pylist():
+            notes.append(_note("range_done", "", json.loads(row["header"])))
         objects = table.filter(pc.equal(kinds, "object"))
         fresh = errors = 0
         for name in pc.unique(objects.column("partition")).to_pylist():
@@ -291,7 +298,7 @@ class PartWriter:
             "by_error": _counts(table.column("error")), **self.run,
         }
         report.write_part(self.out, header["file"], table, meta)
-        return _note("committed", name, meta)
+        return _note("committed", name, {**meta, "committed_at": time.time()})
 
 
 def _complete(state: dict) -> bool:

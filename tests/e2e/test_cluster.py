@@ -204,16 +204,17 @@ def client_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory) -> Iterator[dict]:
+@contextlib.contextmanager
+def ray_head(log_dir: Path, num_cpus: int = 4) -> Iterator[dict]:
     """`ray start --head --block` on free ports in its own process group, stopped by
     signalling that group only (`ray stop` would kill every Ray on the machine).
     DETECTOR_API_KEY is in the head's environment as the Secret puts it in the pods'."""
-    temp_dir = Path(f"/tmp/rc-{os.getpid()}")  # short: Ray's socket paths have a limit
+    temp_dir = Path(f"/tmp/rc-{os.getpid()}-{num_cpus}")  # short: socket paths have a limit
     ports = {name: free_port() for name in ("gcs", "dashboard", "client", "agent", "grpc",
                                             "runtime_env", "metrics")}
     command = [
-        str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=4", "--num-gpus=0",
+        str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
         f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}",
         f"--dashboard-agent-listen-port={ports['agent']}",
@@ -222,7 +223,7 @@ def head(tmp_path_factory) -> Iterator[dict]:
         f"--metrics-export-port={ports['metrics']}", f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
-    log = tmp_path_factory.mktemp("head") / "ray-start.log"
+    log = log_dir / "ray-start.log"
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=client_env() | {"DETECTOR_API_KEY": API_KEY},
                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -230,10 +231,17 @@ def head(tmp_path_factory) -> Iterator[dict]:
     try:
         wait_for(lambda: ray_cli("job", "list", f"--address={address}").returncode == 0,
                  timeout=120, what="the dashboard", alive=process, log=log)
-        yield {"address": address, "process": process, "log": log}
+        yield {"address": address, "gcs": f"127.0.0.1:{ports['gcs']}", "process": process,
+               "log": log}
     finally:
         stop_group(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory) -> Iterator[dict]:
+    with ray_head(tmp_path_factory.mktemp("head")) as started:
+        yield started
 
 
 def stop_group(process: subprocess.Popen) -> None:
@@ -367,7 +375,7 @@ def test_scan_rayjob_entrypoint_runs_under_ray_job_submit(head, model_uri, tmp_p
     source = tmp_path / "bucket"
     write_sample(str(source), SampleSpec(per_class=6, size=48, seed=3))
     objects = [p for p in source.rglob("*") if p.is_file()]  # all images, all selected
-    report = tmp_path / "report.parquet"
+    report = tmp_path / "report"
     argv = with_values(entrypoints()["detector-scan"], {
         "--model": model_uri, "--out": str(report),
         "--actors": "1", "--cpus-per-actor": "1", "--batch-size": "8",
@@ -378,3 +386,25 @@ def test_scan_rayjob_entrypoint_runs_under_ray_job_submit(head, model_uri, tmp_p
     table = pq.read_table(report)
     assert table.num_rows == len(set(table.column("uri").to_pylist())) == len(objects) > 0
     assert table.column("score_ai").null_count == 0
+    assert (report / "_manifest.json").exists()
+
+
+@pytest.mark.e2e
+def test_scan_with_default_flags_completes_on_a_two_cpu_cluster(model_uri, tmp_path):
+    """`ray start --head --num-cpus 2`, no autoscaler: the scoring actor must leave room
+    for decoding (it once reserved both CPUs and the scan waited forever)."""
+    import pyarrow.dataset as pads
+
+    from detector.sample import SampleSpec, write_sample
+
+    source = tmp_path / "bucket"
+    write_sample(str(source), SampleSpec(per_class=20, size=48, seed=4))
+    with ray_head(tmp_path, num_cpus=2) as small:
+        result = subprocess.run(
+            [str(BIN / "detector"), "scan", str(source), "--model", model_uri,
+             "--out", str(tmp_path / "report"), "--via", "data"],
+            env=client_env() | {"RAY_ADDRESS": small["gcs"]}, capture_output=True, text=True,
+            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "scoring actors reserve 1.5 CPUs" in result.stderr
+    assert pads.dataset(str(tmp_path / "report")).count_rows() == 40

@@ -1,41 +1,56 @@
-"""Bucket scans against a real S3 endpoint (moto's server on 127.0.0.1)."""
+"""Bucket scans against a real S3 endpoint (moto's server on 127.0.0.1) on a real local Ray:
+exactly one row per object through every failure we can cause here."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from detector import storage
+from detector import report, storage
 from detector.config import ScanConfig
 from detector.sample import SampleSpec, write_sample
-from detector.scan import REPORT_SCHEMA, scan
+from detector.scan import scan
 
 pytestmark = pytest.mark.e2e
 
 SIZE = 32
 MAX_BYTES = 200_000
+PART = 150  # objects per partition: several parts per listing range
+
+
+def make_model(path: str, seed: int) -> str:
+    import keras
+
+    from detector.artifact import ModelCard, save_artifact
+    from detector.models import build_model
+
+    keras.utils.set_random_seed(seed)
+    save_artifact(build_model("vit_tiny", image_size=SIZE),
+                  ModelCard(name="vit_tiny", architecture="vit", image_size=SIZE,
+                            preprocess_version=1, threshold=0.5, uncertain_margin=0.0), path)
+    return path
 
 
 @pytest.fixture(scope="module")
 def model_uri(tmp_path_factory):
-    from detector.artifact import ModelCard, save_artifact
-    from detector.models import build_model
+    return make_model(str(tmp_path_factory.mktemp("scan-model") / "vit_tiny"), seed=1)
 
-    uri = str(tmp_path_factory.mktemp("scan-model") / "vit_tiny")
-    save_artifact(build_model("vit_tiny", image_size=SIZE),
-                  ModelCard(name="vit_tiny", architecture="vit", image_size=SIZE,
-                            preprocess_version=1, threshold=0.5, uncertain_margin=0.0), uri)
-    return uri
+
+@pytest.fixture(scope="module")
+def other_model_uri(tmp_path_factory):
+    return make_model(str(tmp_path_factory.mktemp("scan-model-b") / "vit_tiny"), seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +69,8 @@ def scan_bucket(s3_server, local_ray):
     s3.put_object(Bucket="scan", Key="photos/odd/huge scan ß.png", Body=big.getvalue())
     s3.put_object(Bucket="scan", Key="photos/odd/readme.txt", Body=b"not selected")
     s3.put_object(Bucket="scan", Key="photos/odd/empty.JPG", Body=b"")
+    s3.put_object(Bucket="scan", Key="photos/top level.png",
+                  Body=storage.read_bytes(selected("s3://scan/photos/real")[0]))
     return "s3://scan/photos"
 
 
@@ -62,34 +79,52 @@ def selected(prefix: str) -> list[str]:
         "include"].default)]
 
 
-def read_report(uri: str) -> pa.Table:
-    fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs)
+def config(source: str, model: str, out: str, **overrides) -> ScanConfig:
+    settings = {"via": "data", "max_bytes": MAX_BYTES, "partition_size": PART, **overrides}
+    return ScanConfig(source=source, model=model, out=out, **settings)
 
 
-def test_report_has_exactly_one_row_per_selected_object(scan_bucket, model_uri):
+def dataset(out: str) -> pads.Dataset:
+    fs, path = storage.resolve(out)
+    return pads.dataset(path, filesystem=fs, format="parquet")
+
+
+def test_report_is_a_committed_dataset_with_one_row_per_selected_object(scan_bucket,
+                                                                        model_uri):
     from detector.predictor import Predictor
 
-    out = "s3://scan/reports/full.parquet"
-    summary = scan(ScanConfig(source=scan_bucket, model=model_uri, out=out, via="data",
-                              max_bytes=MAX_BYTES), progress=False)
+    out = "s3://scan/reports/full"
+    summary = scan(config(scan_bucket, model_uri, out), progress=False)
     expected = selected(scan_bucket)
     assert len(expected) > 1000
-    report = read_report(out)
-    assert report.schema.equals(REPORT_SCHEMA)
-    uris = report.column("uri").to_pylist()
+    table = dataset(out).to_table()  # what pyarrow.dataset / pandas readers see
+    assert table.schema.equals(report.REPORT_SCHEMA, check_metadata=False)
+    uris = table.column("uri").to_pylist()
     assert sorted(uris) == sorted(expected) and len(set(uris)) == len(uris)
     assert not any(u.endswith("readme.txt") for u in uris)
-    assert summary["objects"] == len(expected)
 
-    rows = {r["uri"]: r for r in report.to_pylist()}
+    manifest = report.read_manifest(out)
+    assert summary["objects"] == manifest["objects"] == len(expected)
+    assert manifest["scanned"] == len(expected) and manifest["reused"] == 0
+    assert manifest["model"].startswith("vit_tiny@") and manifest["threshold"] == 0.5
+    assert sum(p["rows"] for p in manifest["parts"]) == len(expected)
+    assert len(manifest["parts"]) >= len(expected) // PART
+    assert sum(manifest["by_verdict"].values()) + sum(manifest["by_error"].values()) \
+        == len(expected)
+    fs, path = storage.resolve(out)
+    import pyarrow.parquet as pq
+    for part in manifest["parts"]:
+        meta = pq.ParquetFile(f"{path}/{part['file']}", filesystem=fs).metadata
+        assert meta.num_row_groups == 1 and meta.num_rows == part["rows"] <= PART
+
+    rows = {r["uri"]: r for r in table.to_pylist()}
     assert rows["s3://scan/photos/odd/huge scan ß.png"]["error"] == "too-large"
     assert rows["s3://scan/photos/odd/empty.JPG"]["error"] == "empty"
     errors = {r["error"] for r in rows.values() if r["error"]}
     assert errors <= {"too-large", "empty", "truncated", "not-an-image", "corrupt"}
     for row in rows.values():
         assert (row["score_ai"] is None) == (row["error"] is not None) == (row["verdict"] is None)
-        assert row["model"].startswith("vit_tiny@") and row["scanned_at"] is not None
+        assert row["model"] == manifest["model"] and row["scanned_at"] is not None
     assert any("ü" in u for u in uris)
 
     sample_uris = [u for u in uris if rows[u]["error"] is None][:25]
@@ -98,70 +133,133 @@ def test_report_has_exactly_one_row_per_selected_object(scan_bucket, model_uri):
     np.testing.assert_allclose([rows[u]["score_ai"] for u in sample_uris],
                                [p.score_ai for p in predicted], atol=1e-6)
 
-    frame = report.to_pandas()
-    assert str(frame["scanned_at"].dtype).startswith("datetime64") and "UTC" in str(
-        frame["scanned_at"].dtype)
-    assert frame["score_ai"].dtype == np.float64 and frame["width"].dtype.name in ("Int32",
-                                                                                  "float64")
+    frame = table.to_pandas()
+    assert str(frame["scanned_at"].dtype) == "datetime64[us, UTC]"
+    assert frame["score_ai"].dtype == np.float64 and frame["size_bytes"].dtype == np.int64
 
 
-def test_resume_scores_only_new_and_changed_objects(scan_bucket, model_uri, s3_server):
+def test_resume_rescans_new_and_changed_objects_and_everything_for_another_model(
+        scan_bucket, model_uri, other_model_uri):
     import boto3
 
-    out = "s3://scan/reports/resume.parquet"
-    config = ScanConfig(source=scan_bucket, model=model_uri, out=out, via="data",
-                        max_bytes=MAX_BYTES)
-    first = scan(config, progress=False)
+    out = "s3://scan/reports/resume"
+    first = scan(config(scan_bucket, model_uri, out), progress=False)
     s3 = boto3.client("s3")
-    added = max(1, first["objects"] // 10)
-    blob = storage.read_bytes(selected(scan_bucket)[0])
+    good = next(r["uri"] for r in dataset(out).to_table().to_pylist() if r["error"] is None)
+    blob = storage.read_bytes(good)
+    added = 7
     for i in range(added):
-        s3.put_object(Bucket="scan", Key=f"photos/new/added-{i:04d}.jpg", Body=blob)
-    second = scan(ScanConfig(**{**config.__dict__, "resume": True}), progress=False)
-    assert second["scanned"] == added  # only the new objects reached the model
-    assert second["objects"] == first["objects"] + added
-    report = read_report(out)
-    assert report.num_rows == second["objects"]
-    assert len(set(report.column("uri").to_pylist())) == report.num_rows
+        s3.put_object(Bucket="scan", Key=f"photos/real/batch-03/added-{i:04d}.jpg", Body=blob)
+    changed = selected(f"{scan_bucket}/fake")[5]
+    old_etag = next(r["etag"] for r in dataset(out).to_table().to_pylist() if r["uri"] == changed)
+    s3.put_object(Bucket="scan", Key=changed[len("s3://scan/"):], Body=blob)
+
+    second = scan(config(scan_bucket, model_uri, out, resume=True), progress=False)
+    assert second["scanned"] == added + 1  # only new and overwritten objects hit the model
+    assert second["objects"] == first["objects"] + added == second["scanned"] + second["reused"]
+    table = dataset(out).to_table()
+    assert table.num_rows == second["objects"] == len(set(table.column("uri").to_pylist()))
+    row = next(r for r in table.to_pylist() if r["uri"] == changed)
+    assert row["etag"] != old_etag and row["error"] is None
+
+    third = scan(config(scan_bucket, other_model_uri, out, resume=True), progress=False)
+    assert third["scanned"] == third["objects"] == second["objects"] and third["reused"] == 0
+    models = set(dataset(out).to_table().column("model").to_pylist())
+    assert models == {third["model"]} != {second["model"]}
+    assert dataset(out).count_rows() == third["objects"]  # stale parts are gone
 
 
-def scoring_actors() -> dict[int, str]:
+def mapworkers(stage: str) -> dict[int, str]:
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return {int(line.split()[0]): line for line in ps.splitlines()
-            if "ray::MapWorker" in line and "ScoreWithPredictor" in line}
+            if "ray::MapWorker" in line and stage in line}
 
 
-def test_killed_scoring_actor_loses_no_rows(scan_bucket, model_uri):
-    out = "s3://scan/reports/killed.parquet"
+def scan_in_thread(cfg: ScanConfig) -> tuple[threading.Thread, dict]:
     result: dict = {}
 
     def run() -> None:
-        result["summary"] = scan(ScanConfig(source=scan_bucket, model=model_uri, out=out,
-                                            via="data", batch_size=8, actors=2,
-                                            cpus_per_actor=1, max_bytes=MAX_BYTES),
-                                 progress=False)
+        try:
+            result["summary"] = scan(cfg, progress=False)
+        except Exception as exc:
+            result["error"] = exc
 
     worker = threading.Thread(target=run)
     worker.start()
-    deadline = time.monotonic() + 120
-    while not scoring_actors() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)  # let it score some batches first
-    actors = scoring_actors()
-    assert actors, "no scoring actor found"
-    # Decoding runs in its own tasks, not fused into the (possibly GPU) scoring actors.
-    assert not any("decode_objects" in line for line in actors.values()), actors
+    return worker, result
+
+
+def wait_for(check, timeout: float = 180, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("stage", ["ScoreWithPredictor", "PartWriter"])
+def test_a_killed_scoring_or_writing_actor_loses_no_rows(scan_bucket, model_uri, stage):
+    out = f"s3://scan/reports/killed-{stage.lower()}"
+    worker, result = scan_in_thread(config(scan_bucket, model_uri, out, batch_size=8,
+                                           actors=2, cpus_per_actor=1))
+    wait_for(lambda: mapworkers(stage), what=f"a {stage} actor")
+    time.sleep(4)  # let it work a while first
+    actors = mapworkers(stage)
+    if stage == "ScoreWithPredictor":
+        # Decoding runs in its own tasks, not fused into the (possibly GPU) scoring actors.
+        assert not any("decode_objects" in line for line in actors.values()), actors
     os.kill(next(iter(actors)), signal.SIGKILL)
     worker.join(timeout=600)
-    assert "summary" in result
-    report = read_report(out)
-    uris = report.column("uri").to_pylist()
+    assert "summary" in result, result
+    uris = dataset(out).to_table().column("uri").to_pylist()
+    assert sorted(uris) == sorted(selected(scan_bucket))
+    assert result["summary"]["objects"] == len(uris)
+
+
+def committed_rows(out: str) -> tuple[int, int]:
+    names = report.part_files(out)
+    return len(names), sum(m["rows"] for m in report.part_metadata(out, names).values())
+
+
+def test_a_killed_driver_resumes_without_scoring_committed_partitions_again(
+        scan_bucket, model_uri, s3_server, tmp_path):
+    out = "s3://scan/reports/driver-killed"
+    log = tmp_path / "driver.log"
+    with open(log, "w") as sink:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "detector", "scan", scan_bucket, "--model", model_uri,
+             "--out", out, "--via", "data", "--max-bytes", str(MAX_BYTES),
+             "--partition-size", "100", "--batch-size", "8"],
+            stdout=sink, stderr=subprocess.STDOUT, env=os.environ | {"RAY_ADDRESS": ""})
+    try:
+        wait_for(lambda: committed_rows(out)[0] >= 2 or driver.poll() is not None,
+                 timeout=300, what="two committed parts")
+        assert driver.poll() is None, log.read_text()[-3000:]
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    # Its private Ray dies with it; wait until no part appears any more, then count.
+    before = (-1, -1)
+    while (now := committed_rows(out)) != before:
+        before = now
+        time.sleep(5)
+    _, rows = now
+    total = len(selected(scan_bucket))
+    assert 0 < rows < total
+    assert not storage.exists(f"{out}/_manifest.json")  # never committed: not a report
+
+    summary = scan(config(scan_bucket, model_uri, out, resume=True, partition_size=100),
+                   progress=False)
+    assert summary["reused"] == rows and summary["scanned"] == total - rows
+    uris = dataset(out).to_table().column("uri").to_pylist()
     assert sorted(uris) == sorted(selected(scan_bucket))
 
 
 @pytest.fixture(scope="module")
 def serve_app(local_ray, model_uri):
-    """The detector Serve app on 127.0.0.1, allowed to scan the test bucket."""
+    """The detector Serve app on 127.0.0.1, serving `model_uri`, allowed to scan the test
+    bucket."""
     import requests
     from conftest import free_port
     from ray import serve
@@ -170,9 +268,9 @@ def serve_app(local_ray, model_uri):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServeConfig(model_uri=model_uri, min_replicas=1, max_replicas=1,
-                         scan_allow=("s3://scan/photos", "s3://scan/reports"))
-    serve.run(build_app_from_config(config), name=APP_NAME, route_prefix="/")
+    cfg = ServeConfig(model_uri=model_uri, min_replicas=1, max_replicas=1, num_cpus=1,
+                      scan_allow=("s3://scan/photos", "s3://scan/reports"))
+    serve.run(build_app_from_config(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while requests.get(f"{url}/healthz", timeout=5).status_code != 200:
@@ -185,11 +283,11 @@ def serve_app(local_ray, model_uri):
 def test_scan_via_serve_matches_data_and_the_http_endpoint(scan_bucket, model_uri, serve_app):
     import requests
 
-    via_serve = "s3://scan/reports/via-serve.parquet"
-    summary = scan(ScanConfig(source=scan_bucket, model=model_uri, out=via_serve,
-                              max_bytes=MAX_BYTES), progress=False)
-    assert summary["via"] == "serve"  # auto: the detector app is running
-    rows = {r["uri"]: r for r in read_report(via_serve).to_pylist()}
+    out = "s3://scan/reports/via-serve"
+    summary = scan(dataclasses.replace(config(scan_bucket, model_uri, out), via="auto"),
+                   progress=False)
+    assert summary["via"] == "serve"  # auto: the app serves this very model
+    rows = {r["uri"]: r for r in dataset(out).to_table().to_pylist()}
     assert sorted(rows) == sorted(selected(scan_bucket))
     scored = [u for u, r in rows.items() if r["error"] is None][:10]
     for uri in scored:
@@ -199,23 +297,83 @@ def test_scan_via_serve_matches_data_and_the_http_endpoint(scan_bucket, model_ur
         assert answer.json()["score_ai"] == pytest.approx(rows[uri]["score_ai"], abs=1e-5)
 
 
+def test_scan_never_labels_rows_with_a_model_it_did_not_use(scan_bucket, other_model_uri,
+                                                            serve_app):
+    """The app serves model A; a scan asked for model B scores with B or refuses."""
+    from detector.artifact import load_card
+
+    source = f"{scan_bucket}/real/batch-02"
+    with pytest.raises(ValueError, match=r"serves model .* not "):
+        scan(dataclasses.replace(config(source, other_model_uri, "s3://scan/reports/pin-x"),
+                                 via="serve"), progress=False)
+    out = "s3://scan/reports/pinned"
+    summary = scan(dataclasses.replace(config(source, other_model_uri, out), via="auto"),
+                   progress=False)
+    card = load_card(other_model_uri)
+    assert summary["via"] == "data" and summary["model"] == f"vit_tiny@{card.id}"
+    assert set(dataset(out).to_table().column("model").to_pylist()) == {summary["model"]}
+
+
+def serve_replicas() -> list[int]:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in ps.splitlines()
+            if "ServeReplica" in line and "Model" in line]
+
+
+def test_scan_via_serve_survives_a_killed_model_replica(scan_bucket, model_uri, serve_app):
+    out = "s3://scan/reports/replica-killed"
+    progress: list[dict] = []
+    cfg = dataclasses.replace(config(scan_bucket, model_uri, out), via="serve", batch_size=8)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = scan(cfg, progress=False, on_progress=progress.append)
+        except Exception as exc:
+            result["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    wait_for(lambda: progress and progress[-1]["done"] >= 100, what="100 scored rows")
+    replicas = serve_replicas()
+    assert replicas
+    os.kill(replicas[0], signal.SIGKILL)
+    worker.join(timeout=600)
+    assert "summary" in result, result
+    uris = dataset(out).to_table().column("uri").to_pylist()
+    assert sorted(uris) == sorted(selected(scan_bucket))
+    assert result["summary"]["via"] == "serve"
+
+
+def test_scan_reads_keys_from_a_manifest(scan_bucket, model_uri, s3_server):
+    keys = selected(f"{scan_bucket}/fake/batch-01")[:40]
+    missing = "s3://scan/photos/fake/batch-01/gone.png"
+    csv = "uri,size,etag\n" + "".join(f'"{k}",,\n' for k in [*keys, missing])
+    storage.write_bytes("s3://scan/inventory/keys.csv", csv.encode())
+    out = "s3://scan/reports/from-manifest"
+    summary = scan(config("", model_uri, out, manifest="s3://scan/inventory/keys.csv",
+                          partition_size=16), progress=False)
+    rows = {r["uri"]: r for r in dataset(out).to_table().to_pylist()}
+    assert sorted(rows) == sorted([*keys, missing]) and summary["objects"] == len(keys) + 1
+    assert rows[missing]["error"] == "vanished"
+    assert all(rows[k]["size_bytes"] > 0 for k in keys)
+
+
 def test_scans_start_over_http_within_the_allow_list(scan_bucket, serve_app):
     import requests
 
     refused = requests.post(f"{serve_app}/v1/scans", json={
-        "source": "s3://other-bucket/private", "output": "s3://scan/reports/x.parquet"},
-        timeout=30)
+        "source": "s3://other-bucket/private", "output": "s3://scan/reports/x"}, timeout=30)
     assert refused.status_code == 403 and refused.json()["error"] == "forbidden"
     sneaky = requests.post(f"{serve_app}/v1/scans", json={
-        "source": "s3://scan/photos/../../etc", "output": "s3://scan/reports/x.parquet"},
-        timeout=30)
+        "source": "s3://scan/photos/../../etc", "output": "s3://scan/reports/x"}, timeout=30)
     assert sneaky.status_code == 403
     assert requests.post(f"{serve_app}/v1/scans", json={"source": 1}, timeout=30).status_code \
         == 422
     assert requests.get(f"{serve_app}/v1/scans/nope", timeout=30).status_code == 404
 
     started = requests.post(f"{serve_app}/v1/scans", json={
-        "source": f"{scan_bucket}/real/batch-01", "output": "s3://scan/reports/http.parquet"},
+        "source": f"{scan_bucket}/real/batch-01", "output": "s3://scan/reports/http"},
         timeout=30)
     assert started.status_code == 202, started.text
     status_url = f"{serve_app}{started.json()['status_url']}"
@@ -226,4 +384,20 @@ def test_scans_start_over_http_within_the_allow_list(scan_bucket, serve_app):
     assert state["status"] == "succeeded", state
     assert state["summary"]["objects"] == len(selected(f"{scan_bucket}/real/batch-01")) > 0
     assert state["summary"]["by_verdict"] and state["summary"]["via"] == "serve"
-    assert read_report("s3://scan/reports/http.parquet").num_rows == state["summary"]["objects"]
+    assert state["progress"]["done"] == state["progress"]["listed"] == state["summary"]["objects"]
+    assert state["progress"]["partitions_committed"] == state["summary"]["parts"]
+    assert dataset("s3://scan/reports/http").count_rows() == state["summary"]["objects"]
+    assert json.loads(storage.read_bytes("s3://scan/reports/http/_manifest.json"))["via"] \
+        == "serve"
+
+
+def test_clear_errors_for_an_empty_prefix_and_a_missing_bucket(scan_bucket, model_uri):
+    with pytest.raises(ValueError, match="no objects under s3://scan/nothing"):
+        scan(config("s3://scan/nothing", model_uri, "s3://scan/reports/none"), progress=False)
+    with pytest.raises(FileNotFoundError, match="no such bucket: no-such-bucket"):
+        scan(config("s3://no-such-bucket/x", model_uri, "s3://scan/reports/none"),
+             progress=False)
+    with pytest.raises(ValueError, match="match --include"):
+        scan(config(f"{scan_bucket}/odd", model_uri, "s3://scan/reports/none",
+                    include=("*.tiff",)), progress=False)
+

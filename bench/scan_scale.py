@@ -1,0 +1,226 @@
+"""Scans at bucket scale: driver memory and throughput as a bucket grows 10x, and listing
+overlapped with scanning on an S3 endpoint. In one run:
+
+- plain: one process lists, reads, decodes and scores a sample of the bucket in batches
+  (the work without Ray: the per-object rate a scan has to beat);
+- scan --via data of a local bucket of N tiny PNGs and of one 10x larger: the driver's
+  peak RSS (the driver process alone: what must fit on a KubeRay head), end-to-end and
+  steady objects/s;
+- on moto's S3 server, a flat prefix of M objects (one listing range, so one serial
+  lister): when the first part was committed against when listing finished, and a plain
+  boto3 listing of the same prefix.
+
+    .venv/bin/python bench/scan_scale.py [--small 20000] [--large 200000] [--s3 30000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import tempfile
+import threading
+import time
+
+import numpy as np
+from _measure import report, run_child, save_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SIZE = 32
+MODEL = "vit_tiny"
+
+
+def make_model(tmp: str) -> str:
+    from detector.artifact import ModelCard, save_artifact
+    from detector.models import build_model
+
+    uri = os.path.join(tmp, "model")
+    save_artifact(build_model(MODEL, image_size=SIZE),
+                  ModelCard(name=MODEL, architecture="vit", image_size=SIZE,
+                            preprocess_version=1), uri)
+    return uri
+
+
+def blobs(count: int = 64) -> list[bytes]:
+    """Distinct tiny sample images (PNG, both classes)."""
+    from detector.sample import encode, make_image
+
+    out = []
+    for i in range(count):
+        rng = np.random.default_rng([7, i])
+        out.append(encode(make_image(i % 2, rng, (SIZE, SIZE)), "PNG", rng))
+    return out
+
+
+def make_local_bucket(root: str, objects: int, per_folder: int = 1000) -> str:
+    images = blobs()
+    for i in range(objects):
+        folder = os.path.join(root, f"d{i // per_folder:05d}")
+        if i % per_folder == 0:
+            os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"img-{i:07d}.png"), "wb") as handle:
+            handle.write(images[i % len(images)])
+    return root
+
+
+def make_s3_prefix(bucket: str, prefix: str, objects: int) -> str:
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    images = blobs()
+
+    def put(i: int) -> None:
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/img-{i:07d}.png", Body=images[i % 64])
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(objects)))
+    return f"s3://{bucket}/{prefix}"
+
+
+def plain_loop(model_uri: str, root: str, count: int) -> float:
+    """List, read, decode and score `count` objects in one process, 32 at a time."""
+    from detector import preprocess, storage
+    from detector.predictor import Predictor
+
+    predictor = Predictor.from_uri(model_uri)
+    predictor.score(np.zeros((1, SIZE, SIZE, 3), np.uint8))  # trace once
+    started = time.perf_counter()
+    batch = []
+    for n, obj in enumerate(storage.list_objects(root)):
+        if n == count:
+            break
+        batch.append(preprocess.load_image(storage.read_bytes(obj.uri), SIZE)[0])
+        if len(batch) == 32:
+            predictor.score(np.stack(batch))
+            batch = []
+    if batch:
+        predictor.score(np.stack(batch))
+    return count / (time.perf_counter() - started)
+
+
+def scan_child(source: str, model_uri: str, out: str, partition_size: str) -> None:
+    import psutil
+    import ray
+
+    from detector import report as reports
+    from detector.config import ScanConfig
+    from detector.scan import scan
+
+    me, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], me.memory_info().rss)
+            time.sleep(0.1)
+
+    threading.Thread(target=sample, daemon=True).start()
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+             logging_level="ERROR")
+    marks: list[tuple[float, int]] = []
+    started = time.perf_counter()
+    summary = scan(ScanConfig(source=source, model=model_uri, out=out, via="data",
+                              partition_size=int(partition_size)), progress=False,
+                   on_progress=lambda p: marks.append((time.perf_counter(), p["done"])))
+    seconds = time.perf_counter() - started
+    done.set()
+    first_t, first_done = next(m for m in marks if m[1] >= 0.1 * summary["objects"])
+    last_t, last_done = marks[-1]
+    manifest = reports.read_manifest(out)
+    report({"objects": summary["objects"], "seconds": seconds, "parts": summary["parts"],
+            "steady_objects_per_s": (last_done - first_done) / max(last_t - first_t, 1e-9),
+            "driver_peak_rss_mb": round(peak[0] / 2**20), "timeline": manifest["timeline"]})
+
+
+def run_scan(source: str, model_uri: str, out: str, partition_size: int) -> dict:
+    result, tree_pss_mb = run_child(__file__, source, model_uri, out, str(partition_size))
+    result["objects_per_s"] = result["objects"] / result["seconds"]
+    result["all_processes_peak_pss_mb"] = tree_pss_mb
+    return result
+
+
+def plain_listing(uri: str) -> float:
+    from detector import storage
+
+    started = time.perf_counter()
+    count = sum(1 for _ in storage.list_objects(uri))
+    assert count
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=20_000)
+    parser.add_argument("--large", type=int, default=200_000)
+    parser.add_argument("--s3", type=int, default=30_000, help="objects on the S3 server")
+    parser.add_argument("--partition-size", type=int, default=65536)
+    parser.add_argument("--json", default=os.path.join(HERE, "results", "scan_scale.json"))
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        scan_child(*args.child)
+        return
+
+    results: dict = {"model": MODEL, "image_size": SIZE, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_uri = make_model(tmp)
+        for key, count in (("small", args.small), ("large", args.large)):
+            bucket = make_local_bucket(os.path.join(tmp, key), count)
+            if key == "small":
+                results["plain_objects_per_s"] = plain_loop(model_uri, bucket, 3000)
+            results[key] = run_scan(bucket, model_uri, os.path.join(tmp, f"{key}-report"),
+                                    args.partition_size)
+            results[key]["bucket_objects"] = count
+        if args.s3:
+            results["s3"] = s3_run(tmp, model_uri, args.s3)
+    small, large = results["small"], results["large"]
+    results["driver_rss_growth"] = large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"]
+    print(json.dumps(results, indent=2))
+    plain = results["plain_objects_per_s"]
+    print(f"plain loop: {plain:.0f} objects/s")
+    print(f"{'bucket':8s} {'objects':>8s} {'parts':>6s} {'objects/s':>9s} {'steady':>7s} "
+          f"{'x plain':>7s} {'driver MB':>9s}")
+    for key in ("small", "large"):
+        r = results[key]
+        print(f"{key:8s} {r['objects']:8d} {r['parts']:6d} {r['objects_per_s']:9.0f} "
+              f"{r['steady_objects_per_s']:7.0f} {r['steady_objects_per_s'] / plain:7.2f} "
+              f"{r['driver_peak_rss_mb']:9d}")
+    print(f"driver peak RSS with a {args.large // args.small}x bucket: "
+          f"{results['driver_rss_growth']:.2f}x")
+    if args.s3:
+        s3 = results["s3"]
+        print(f"S3 ({s3['objects']} objects, one flat prefix): first part committed at "
+              f"{s3['first_part_s']:.1f} s, listing finished at {s3['listing_finished_s']:.1f} s "
+              f"(a plain listing takes {s3['plain_listing_s']:.1f} s)")
+    save_json(args.json, results)
+
+
+def s3_run(tmp: str, model_uri: str, objects: int) -> dict:
+    """A flat prefix on moto's S3 server: partitions of 2,000 objects commit while the
+    one lister is still paging. The child scan inherits the endpoint from AWS_*."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        source = make_s3_prefix("bench", "flat", objects)
+        listing_s = plain_listing(source)
+        result = run_scan(source, model_uri, "s3://bench/report", 2000)
+    finally:
+        server.stop()
+    return {"objects": result["objects"], "plain_listing_s": listing_s,
+            "listing_finished_s": result["timeline"]["listing_finished_s"],
+            "first_part_s": result["timeline"]["first_part_s"],
+            "objects_per_s": result["objects_per_s"]}
+
+
+if __name__ == "__main__":
+    main()
