@@ -236,7 +236,7 @@ def _iterate_watched(dataset, stall_timeout: float, ledger: Ledger):
     last_move = time.monotonic()
     while True:
         try:
-            item = batches.get(timeout=30)
+            item = batches.get(timeout=min(30.0, max(stall_timeout / 2, 1.0)))
         except queue.Empty:
             idle = time.monotonic() - last_move
             waiting = missing_resources()

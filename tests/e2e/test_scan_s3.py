@@ -401,3 +401,16 @@ def test_clear_errors_for_an_empty_prefix_and_a_missing_bucket(scan_bucket, mode
         scan(config(f"{scan_bucket}/odd", model_uri, "s3://scan/reports/none",
                     include=("*.tiff",)), progress=False)
 
+
+
+def test_a_scan_that_cannot_be_scheduled_fails_with_the_missing_resources(scan_bucket,
+                                                                          model_uri):
+    """A private local Ray cannot add nodes: an actor larger than any node must end the
+    scan with a message naming what waits, not hang."""
+    result = subprocess.run(
+        [sys.executable, "-m", "detector", "scan", f"{scan_bucket}/real/batch-01",
+         "--model", model_uri, "--out", "s3://scan/reports/stalled", "--via", "data",
+         "--cpus-per-actor", "64", "--stall-timeout", "15"],
+        capture_output=True, text=True, timeout=300, env=os.environ | {"RAY_ADDRESS": ""})
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "nothing could be scheduled" in result.stderr and "'CPU': 64.0" in result.stderr
