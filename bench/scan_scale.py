@@ -10,7 +10,7 @@ overlapped with scanning on an S3 endpoint. In one run:
   lister): when the first part was committed against when listing finished, and a plain
   boto3 listing of the same prefix.
 
-    .venv/bin/python bench/scan_scale.py [--small 20000] [--large 200000] [--s3 30000]
+    .venv/bin/python bench/scan_scale.py [--small 20000] [--large 200000] [--s3 80000]
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=20_000)
     parser.add_argument("--large", type=int, default=200_000)
-    parser.add_argument("--s3", type=int, default=30_000, help="objects on the S3 server")
+    parser.add_argument("--s3", type=int, default=80_000, help="objects on the S3 server")
     parser.add_argument("--partition-size", type=int, default=65536)
     parser.add_argument("--json", default=os.path.join(HERE, "results", "scan_scale.json"))
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -197,12 +197,14 @@ def main() -> None:
 
 
 def s3_run(tmp: str, model_uri: str, objects: int) -> dict:
-    """A flat prefix on moto's S3 server: partitions of 2,000 objects commit while the
+    """A flat prefix on moto's S3 server: partitions of 1,000 objects commit while the
     one lister is still paging. The child scan inherits the endpoint from AWS_*."""
+    import logging
     import socket
 
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -213,7 +215,7 @@ def s3_run(tmp: str, model_uri: str, objects: int) -> dict:
     try:
         source = make_s3_prefix("bench", "flat", objects)
         listing_s = plain_listing(source)
-        result = run_scan(source, model_uri, "s3://bench/report", 2000)
+        result = run_scan(source, model_uri, "s3://bench/report", 1000)
     finally:
         server.stop()
     return {"objects": result["objects"], "plain_listing_s": listing_s,

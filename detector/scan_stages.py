@@ -42,7 +42,9 @@ WORK_SCHEMA = pa.schema([
 ])
 NOTE_SCHEMA = pa.schema([("status", pa.string()), ("partition", pa.string()),
                          ("info", pa.string())])
-ROWS_PER_BLOCK = 64  # listing output is re-blocked to this many rows for decoding
+# Listing output is re-blocked to this many rows for decoding. Ray Data keeps some state
+# per block in the driver: 64-row blocks made its memory grow 1.43x for a 10x bucket.
+ROWS_PER_BLOCK = 256
 READ_THREADS = 8  # object-store reads are latency-bound; overlap them within a task
 SERVE_RETRY_S = 600.0  # how long a scan waits for Serve to replace a lost replica
 
