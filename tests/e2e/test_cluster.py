@@ -407,4 +407,20 @@ def test_scan_with_default_flags_completes_on_a_two_cpu_cluster(model_uri, tmp_p
             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "scoring actors reserve 1.5 CPUs" in result.stderr
-    assert pads.dataset(str(tmp_path / "report")).count_rows() == 40
+    # The committed report reads back the documented ways, with the documented types.
+    import duckdb
+    import pandas as pd
+
+    out = tmp_path / "report"
+    assert pads.dataset(str(out)).count_rows() == 40
+    frame = pd.read_parquet(out)
+    assert len(frame) == frame["uri"].nunique() == 40
+    assert str(frame["scanned_at"].dtype) == "datetime64[us, UTC]"
+    assert frame["score_ai"].dtype == "float64" and frame["size_bytes"].dtype == "int64"
+    rows, uris, verdicts = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT uri), count(verdict) "
+        f"FROM read_parquet('{out}/*.parquet')").fetchone()
+    assert rows == uris == verdicts == 40
+    described = duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{out}/*.parquet')")
+    types = {name: kind for name, kind, *_ in described.fetchall()}
+    assert types["score_ai"] == "DOUBLE" and types["scanned_at"] == "TIMESTAMP WITH TIME ZONE"
