@@ -151,10 +151,11 @@ def plain_listing(uri: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", type=int, default=20_000)
+    parser.add_argument("--small", type=int, default=20_000, help="0: only the S3 run")
     parser.add_argument("--large", type=int, default=200_000)
     parser.add_argument("--s3", type=int, default=80_000, help="objects on the S3 server")
     parser.add_argument("--partition-size", type=int, default=65536)
+    parser.add_argument("--s3-partition-size", type=int, default=1000)
     parser.add_argument("--json", default=os.path.join(HERE, "results", "scan_scale.json"))
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +166,7 @@ def main() -> None:
     results: dict = {"model": MODEL, "image_size": SIZE, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         model_uri = make_model(tmp)
-        for key, count in (("small", args.small), ("large", args.large)):
+        for key, count in (("small", args.small), ("large", args.large))[:2 if args.small else 0]:
             bucket = make_local_bucket(os.path.join(tmp, key), count)
             if key == "small":
                 results["plain_objects_per_s"] = plain_loop(model_uri, bucket, 3000)
@@ -173,7 +174,19 @@ def main() -> None:
                                     args.partition_size)
             results[key]["bucket_objects"] = count
         if args.s3:
-            results["s3"] = s3_run(tmp, model_uri, args.s3)
+            results["s3"] = s3_run(tmp, model_uri, args.s3, args.s3_partition_size)
+    if args.small:
+        print_local(results, args)
+    if args.s3:
+        s3 = results["s3"]
+        print(f"S3 ({s3['objects']} objects, one flat prefix, parts of {s3['partition_size']}): "
+              f"first part committed at {s3['first_part_s']:.1f} s, listing finished at "
+              f"{s3['listing_finished_s']:.1f} s (a plain listing takes "
+              f"{s3['plain_listing_s']:.1f} s)")
+    save_json(args.json, results)
+
+
+def print_local(results: dict, args: argparse.Namespace) -> None:
     small, large = results["small"], results["large"]
     results["driver_rss_growth"] = large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"]
     print(json.dumps(results, indent=2))
@@ -188,17 +201,11 @@ def main() -> None:
               f"{r['driver_peak_rss_mb']:9d}")
     print(f"driver peak RSS with a {args.large // args.small}x bucket: "
           f"{results['driver_rss_growth']:.2f}x")
-    if args.s3:
-        s3 = results["s3"]
-        print(f"S3 ({s3['objects']} objects, one flat prefix): first part committed at "
-              f"{s3['first_part_s']:.1f} s, listing finished at {s3['listing_finished_s']:.1f} s "
-              f"(a plain listing takes {s3['plain_listing_s']:.1f} s)")
-    save_json(args.json, results)
 
 
-def s3_run(tmp: str, model_uri: str, objects: int) -> dict:
-    """A flat prefix on moto's S3 server: partitions of 1,000 objects commit while the
-    one lister is still paging. The child scan inherits the endpoint from AWS_*."""
+def s3_run(tmp: str, model_uri: str, objects: int, partition_size: int) -> dict:
+    """A flat prefix on moto's S3 server: small partitions commit while the one lister
+    is still paging. The child scan inherits the endpoint from AWS_*."""
     import logging
     import socket
 
@@ -215,13 +222,13 @@ def s3_run(tmp: str, model_uri: str, objects: int) -> dict:
     try:
         source = make_s3_prefix("bench", "flat", objects)
         listing_s = plain_listing(source)
-        result = run_scan(source, model_uri, "s3://bench/report", 1000)
+        result = run_scan(source, model_uri, "s3://bench/report", partition_size)
     finally:
         server.stop()
     return {"objects": result["objects"], "plain_listing_s": listing_s,
             "listing_finished_s": result["timeline"]["listing_finished_s"],
             "first_part_s": result["timeline"]["first_part_s"],
-            "objects_per_s": result["objects_per_s"]}
+            "objects_per_s": result["objects_per_s"], "partition_size": partition_size}
 
 
 if __name__ == "__main__":

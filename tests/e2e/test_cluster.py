@@ -417,9 +417,9 @@ def test_scan_with_default_flags_completes_on_a_two_cpu_cluster(model_uri, tmp_p
     assert len(frame) == frame["uri"].nunique() == 40
     assert str(frame["scanned_at"].dtype) == "datetime64[us, UTC]"
     assert frame["score_ai"].dtype == "float64" and frame["size_bytes"].dtype == "int64"
-    rows, uris, verdicts = duckdb.sql(
+    [(rows, uris, verdicts)] = duckdb.sql(
         f"SELECT count(*), count(DISTINCT uri), count(verdict) "
-        f"FROM read_parquet('{out}/*.parquet')").fetchone()
+        f"FROM read_parquet('{out}/*.parquet')").fetchall()
     assert rows == uris == verdicts == 40
     described = duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{out}/*.parquet')")
     types = {name: kind for name, kind, *_ in described.fetchall()}
