@@ -45,6 +45,7 @@ PROGRESS_EVERY_S = 10.0
 DEFAULT_CPUS_PER_ACTOR = 2.0
 DECODE_CPUS = 0.5  # per decode task: reads wait on storage part of the time
 LISTING_TASKS = 4  # listing tasks at once; each is I/O-bound and cheap
+BLOCK_BYTES = 8 * 1024 * 1024  # ~30k listed keys, or ~50 decoded images at 224 px
 REPORT_SCHEMA = report.REPORT_SCHEMA  # re-exported: the report's columns
 
 
@@ -138,7 +139,25 @@ def _run_pass(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
               ledger: Ledger) -> None:
     import ray
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the bar
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours is the bar
+    # Ray Data gathers a task's outputs into blocks of up to this many bytes before it
+    # hands any on: at the default 128 MiB a listing task would pass on nothing until its
+    # range (half a million keys) was listed. Datasets copy the context when created, so
+    # the smaller size applies to this scan's pipeline only.
+    saved, context.target_max_block_size = context.target_max_block_size, BLOCK_BYTES
+    try:
+        notes = _pipeline(config, card, via, specs, out, run)
+    finally:
+        context.target_max_block_size = saved
+    for batch in _iterate_watched(notes, config.stall_timeout, ledger):
+        ledger.update(batch.cast(NOTE_SCHEMA).to_pylist())
+
+
+def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, run: dict):
+    """The scan's Ray Data pipeline for `specs`, ending in the writer's notes."""
+    import ray
+
     items = [{"spec": json.dumps(s)} for s in specs]
     listed = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         list_partitions, batch_size=1, batch_format="pyarrow",
@@ -172,12 +191,10 @@ def _run_pass(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.actors),
             num_cpus=cpus, num_gpus=config.gpus_per_actor,
         )
-    notes = scored.map_batches(
+    return scored.map_batches(
         PartWriter, fn_constructor_args=(out, run), batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
     )
-    for batch in _iterate_watched(notes, config.stall_timeout, ledger):
-        ledger.update(batch.cast(NOTE_SCHEMA).to_pylist())
 
 
 def _reblocked(dataset, rows: int):
