@@ -45,7 +45,7 @@ PROGRESS_EVERY_S = 10.0
 DEFAULT_CPUS_PER_ACTOR = 2.0
 DECODE_CPUS = 0.5  # per decode task: reads wait on storage part of the time
 LISTING_TASKS = 4  # listing tasks at once; each is I/O-bound and cheap
-BLOCK_BYTES = 8 * 1024 * 1024  # ~30k listed keys, or ~50 decoded images at 224 px
+BLOCK_BYTES = 2 * 1024 * 1024  # ~12k listed keys, or ~13 decoded images at 224 px
 REPORT_SCHEMA = report.REPORT_SCHEMA  # re-exported: the report's columns
 
 
