@@ -92,13 +92,18 @@ def fetch(uri: str) -> tuple[bytes | None, str | None, str | None]:
         return None, "read-failed", str(exc)
 
 
+def fetch_many(uris: list[str]) -> list[tuple[bytes | None, str | None, str | None]]:
+    """`fetch` for each URI, `_READ_THREADS` reads in flight (they wait on storage)."""
+    with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
+        return list(pool.map(fetch, uris))
+
+
 def decode_batch(
     batch: dict[str, np.ndarray], image_size: int, fractions: tuple[float, ...], seed: int
 ) -> pa.Table:
     """Ray Data stage: read, hash and decode a batch of objects into model-ready rows."""
     uris = [str(u) for u in batch["uri"]]
-    with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-        fetched = list(pool.map(fetch, uris))
+    fetched = fetch_many(uris)
     out: dict[str, list] = {name: [] for name in ROW_FIELDS}
     for uri, label, (blob, error, detail) in zip(uris, batch["label"], fetched, strict=True):
         row = dict.fromkeys(ROW_FIELDS)

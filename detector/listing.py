@@ -125,7 +125,7 @@ def _folders(prefix: str, max_pages: int = 2) -> tuple[list[str], bool, bool, in
         dirs = sorted(e.path + "/" for e in entries if e.is_dir(follow_symlinks=False))
         return dirs, any(e.is_file() for e in entries), True, 0
     bucket, key_prefix = _split(prefix)
-    pages = _s3().get_paginator("list_objects_v2").paginate(
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix=key_prefix, Delimiter="/")
     children, has_objects, calls = [], False, 0
     for page in _check_bucket(pages, bucket):
@@ -194,7 +194,7 @@ def _iter_s3(rng: ListingRange, after: str | None) -> Iterator[Listed]:
     # key order: a delimiter page lists both, each sorted, and a folder's keys sort
     # exactly where the folder does.
     excluded = set(rng.exclude)
-    pages = _s3().get_paginator("list_objects_v2").paginate(
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix=key_prefix, Delimiter="/")
     for page in _check_bucket(pages, bucket):
         entries = [(item["Key"], item) for item in page.get("Contents", [])]
@@ -211,8 +211,8 @@ def _iter_s3_flat(bucket: str, key_prefix: str, after: str | None) -> Iterator[L
     kwargs = {"Bucket": bucket, "Prefix": key_prefix}
     if after and after.startswith(f"s3://{bucket}/{key_prefix}"):
         kwargs["StartAfter"] = after[len(f"s3://{bucket}/"):]
-    for page in _check_bucket(_s3().get_paginator("list_objects_v2").paginate(**kwargs),
-                              bucket):
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(**kwargs)
+    for page in _check_bucket(pages, bucket):
         for item in page.get("Contents", []):
             if not item["Key"].endswith("/"):  # folder marker objects
                 yield _listed_s3(bucket, item)
@@ -236,10 +236,8 @@ def _iter_local(directory: str, excluded: set[str]) -> Iterator[Listed]:
                 yield from _iter_local(entry.path, set())
         elif entry.is_file():
             stat = entry.stat()
-            # Local files have no ETag: size + mtime changes whenever a file is replaced,
-            # which is what report resumption needs.
-            etag = hashlib.sha1(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-            yield Listed(entry.path, stat.st_size, etag, entry.path)
+            yield Listed(entry.path, stat.st_size,
+                         storage.local_etag(stat.st_size, stat.st_mtime_ns), entry.path)
 
 
 def _iter_manifest(rng: ListingRange) -> Iterator[Listed]:
@@ -283,10 +281,6 @@ def _manifest_rows(rng: ListingRange) -> Iterator[dict]:
 def _split(prefix: str) -> tuple[str, str]:
     bucket, _, key_prefix = prefix[len("s3://"):].partition("/")
     return bucket, key_prefix
-
-
-def _s3():
-    return storage.s3_client()
 
 
 def _check_bucket(pages, bucket: str):

@@ -136,11 +136,3 @@ def read_manifest(out: str) -> dict:
         raise FileNotFoundError(f"no committed report at {out} ({MANIFEST} missing)")
     return manifest
 
-
-def read_report(out: str, columns: list[str] | None = None) -> pa.Table:
-    """The whole committed report as one table (for tests and small reports: a large one
-    is better read with pyarrow.dataset or duckdb)."""
-    manifest = read_manifest(out)
-    tables = [read_part(out, part["file"]) for part in manifest["parts"]]
-    table = pa.concat_tables(tables) if tables else REPORT_SCHEMA.empty_table()
-    return table.select(columns) if columns else table

@@ -198,9 +198,9 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
 
 
 def _reblocked(dataset, rows: int):
-    """`dataset` in blocks of `rows` rows, streaming. Ray Data gathers a task's outputs up
-    to its block size (128 MiB), so a listing task would hand one whole range to a single
-    decode task; small blocks spread decoding over all decode tasks from the first page.
+    """`dataset` in blocks of `rows` rows, streaming. A listing task hands on blocks of
+    `BLOCK_BYTES` (~12k keys), each of which would be one decode task's whole input;
+    `rows`-row blocks spread decoding over all decode tasks.
     The re-blocking only moves rows, yet Ray Data gives its tasks the default 1 CPU and no
     argument to change it: on a small cluster they would wait for a CPU the scoring actor
     holds. Zero it on the logical operator (a private field; checked by the 2-CPU test)."""

@@ -13,7 +13,6 @@ them raises for one bad object; an object's trouble becomes its row's error code
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import datetime as dt
 import json
 import logging
@@ -45,7 +44,6 @@ NOTE_SCHEMA = pa.schema([("status", pa.string()), ("partition", pa.string()),
 # Listing output is re-blocked to this many rows for decoding. Ray Data keeps some state
 # per block in the driver: 64-row blocks made its memory grow 1.43x for a 10x bucket.
 ROWS_PER_BLOCK = 256
-READ_THREADS = 8  # object-store reads are latency-bound; overlap them within a task
 SERVE_RETRY_S = 600.0  # how long a scan waits for Serve to replace a lost replica
 
 
@@ -137,8 +135,7 @@ def decode_objects(table: pa.Table, image_size: int, max_bytes: int) -> pa.Table
                        error_detail=f"{row['size_bytes']} bytes exceeds {max_bytes}")
         else:
             fetchable.append(row)
-    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
-        fetched = list(pool.map(data.fetch, [r["uri"] for r in fetchable]))
+    fetched = data.fetch_many([r["uri"] for r in fetchable])
     for row, (blob, error, detail) in zip(fetchable, fetched, strict=True):
         if blob is None:
             row.update(error=error, error_detail=detail)

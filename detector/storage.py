@@ -145,10 +145,14 @@ def _list_local(uri: str) -> Iterator[ObjectInfo]:
     selector = pafs.FileSelector(root.rstrip("/"), recursive=True, allow_not_found=True)
     for info in fs.get_file_info(selector):
         if info.type == pafs.FileType.File:
-            # Local files have no ETag: size + mtime changes whenever a file is replaced,
-            # which is what report resumption needs.
-            stamp = hashlib.sha1(f"{info.size}:{info.mtime_ns}".encode()).hexdigest()[:16]
-            yield ObjectInfo(uri=info.path, size=info.size, etag=stamp)
+            yield ObjectInfo(uri=info.path, size=info.size,
+                             etag=local_etag(info.size, info.mtime_ns))
+
+
+def local_etag(size: int, mtime_ns: int) -> str:
+    """Local files have no ETag: size + mtime changes whenever a file is replaced, which
+    is what report resumption needs."""
+    return hashlib.sha1(f"{size}:{mtime_ns}".encode()).hexdigest()[:16]
 
 
 def s3_client():
