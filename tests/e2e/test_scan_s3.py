@@ -199,11 +199,13 @@ def wait_for(check, timeout: float = 180, what: str = "") -> None:
 @pytest.mark.parametrize("stage", ["ScoreWithPredictor", "PartWriter"])
 def test_a_killed_scoring_or_writing_actor_loses_no_rows(scan_bucket, model_uri, stage):
     out = f"s3://scan/reports/killed-{stage.lower()}"
+    earlier = set(mapworkers(stage))  # an earlier scan's actors may still be shutting down
     worker, result = scan_in_thread(config(scan_bucket, model_uri, out, batch_size=8,
                                            actors=2, cpus_per_actor=1))
-    wait_for(lambda: mapworkers(stage), what=f"a {stage} actor")
+    wait_for(lambda: set(mapworkers(stage)) - earlier, what=f"a {stage} actor of this scan")
     time.sleep(4)  # let it work a while first
-    actors = mapworkers(stage)
+    actors = {pid: line for pid, line in mapworkers(stage).items() if pid not in earlier}
+    assert actors, f"this scan's {stage} actor is gone before it could be killed"
     if stage == "ScoreWithPredictor":
         # Decoding runs in its own tasks, not fused into the (possibly GPU) scoring actors.
         assert not any("decode_objects" in line for line in actors.values()), actors
