@@ -53,3 +53,27 @@ def run_child(script: str, *args: str) -> tuple[dict, int]:
         raise SystemExit(f"{script} {' '.join(args)} failed ({child.returncode})")
     line = next(line for line in output.splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT "):]), round(peak / 2**20)
+
+
+class OwnPeakRss:
+    """Peak RSS of this process alone (a driver: what must fit on a KubeRay head),
+    sampled every 0.1 s while the `with` block runs; `.mb` after it."""
+
+    def __enter__(self) -> OwnPeakRss:
+        self._me, self._peak, self._done = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self._peak = max(self._peak, self._me.memory_info().rss)
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def mb(self) -> int:
+        return round(self._peak / 2**20)

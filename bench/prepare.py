@@ -1,13 +1,14 @@
 """Preparation throughput and memory: the Ray Data pipeline vs a plain loop.
 
-Prints images/s of `detector.data.prepare` and of a single-process loop doing the same
+Prints images/s of `detector.prepare.run` and of a single-process loop doing the same
 work (list, read, hash, decode with the same preprocess, write Parquet) over the same
 objects, as ratios, at two input sizes 10x apart; the marginal rate between the two sizes
 (what every further image costs, once Ray's worker start-up is paid); and the peak memory
 of the pipeline (driver + Ray workers) at both sizes: streaming means it must not grow
-with the input.
+with the input. `--scale N` adds prepare runs of N/10 and N tiny images and compares the
+driver's own peak RSS (what must fit on a KubeRay head).
 
-    .venv/bin/python bench/prepare.py [--small 300] [--image-size 224] [--json OUT]
+    .venv/bin/python bench/prepare.py [--small 300] [--image-size 224] [--scale 200000]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import tempfile
 import time
 
-from _measure import report, run_child, save_json
+from _measure import OwnPeakRss, report, run_child, save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,16 +53,19 @@ def pipeline_child(source: str, out: str, image_size: int) -> None:
     """Runs in its own process so memory readings belong to this run alone."""
     import ray
 
-    from detector import data
+    from detector import prepare
     from detector.config import PrepareConfig
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-             logging_level="ERROR")
-    config = PrepareConfig(real=(f"{source}/real",), fake=(f"{source}/fake",), out=out,
-                           image_size=image_size)
-    started = time.perf_counter()
-    manifest = data.prepare(config, progress=False)
-    report({"seconds": time.perf_counter() - started, "objects": manifest["objects"]})
+    with OwnPeakRss() as peak:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 logging_level="ERROR")
+        config = PrepareConfig(real=(f"{source}/real",), fake=(f"{source}/fake",), out=out,
+                               image_size=image_size)
+        started = time.perf_counter()
+        manifest = prepare.run(config, progress=False)
+        seconds = time.perf_counter() - started
+    report({"seconds": seconds, "objects": manifest["objects"], "driver_peak_rss_mb": peak.mb,
+            "duplicates": manifest["duplicates"]})
 
 
 def run_pipeline(source: str, out: str, image_size: int) -> dict:
@@ -69,10 +73,24 @@ def run_pipeline(source: str, out: str, image_size: int) -> dict:
     return {**result, "peak_pss_mb": peak_mb}
 
 
+def scale_run(tmp: str, objects: int) -> dict:
+    """Prepare of `objects` tiny PNGs (half per class; 64 distinct images repeated, so the
+    duplicate count is exercised too) at 32 px: the driver's memory as the input grows."""
+    from scan_scale import make_local_bucket
+
+    source = os.path.join(tmp, f"tiny-{objects}")
+    for folder in ("real", "fake"):
+        make_local_bucket(os.path.join(source, folder), objects // 2)
+    result = run_pipeline(source, os.path.join(tmp, f"tiny-shards-{objects}"), 32)
+    return {**result, "images_per_s": result["objects"] / result["seconds"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=300, help="images per class, small run")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--scale", type=int, default=0,
+                        help="also prepare N/10 and N tiny images and compare driver memory")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "prepare.json"))
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,6 +132,16 @@ def main() -> None:
           f"{results['marginal_plain_images_per_s']:.1f} img/s: "
           f"{results['marginal_speedup']:.2f}x")
     print(f"peak memory, 10x the input: {results['memory_growth_10x_input']:.2f}x")
+    if args.scale:
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny = {n: scale_run(tmp, n) for n in (args.scale // 10, args.scale)}
+        results["scale"] = tiny
+        for n, r in tiny.items():
+            print(f"{n:8d} tiny images: {r['images_per_s']:7.1f} img/s, driver peak RSS "
+                  f"{r['driver_peak_rss_mb']} MB, {r['duplicates']} duplicates")
+        small_rss, large_rss = (r["driver_peak_rss_mb"] for r in tiny.values())
+        results["driver_rss_growth_10x"] = large_rss / small_rss
+        print(f"driver peak RSS, 10x the images: {results['driver_rss_growth_10x']:.2f}x")
     save_json(args.json, results)
 
 

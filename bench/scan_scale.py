@@ -20,11 +20,10 @@ import concurrent.futures
 import json
 import os
 import tempfile
-import threading
 import time
 
 import numpy as np
-from _measure import report, run_child, save_json
+from _measure import OwnPeakRss, report, run_child, save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE = 32
@@ -101,36 +100,27 @@ def plain_loop(model_uri: str, root: str, count: int) -> float:
 
 
 def scan_child(source: str, model_uri: str, out: str, partition_size: str) -> None:
-    import psutil
     import ray
 
     from detector import report as reports
     from detector.config import ScanConfig
     from detector.scan import scan
 
-    me, peak, done = psutil.Process(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss)
-            time.sleep(0.1)
-
-    threading.Thread(target=sample, daemon=True).start()
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-             logging_level="ERROR")
-    marks: list[tuple[float, int]] = []
-    started = time.perf_counter()
-    summary = scan(ScanConfig(source=source, model=model_uri, out=out, via="data",
-                              partition_size=int(partition_size)), progress=False,
-                   on_progress=lambda p: marks.append((time.perf_counter(), p["done"])))
-    seconds = time.perf_counter() - started
-    done.set()
+    with OwnPeakRss() as peak:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 logging_level="ERROR")
+        marks: list[tuple[float, int]] = []
+        started = time.perf_counter()
+        summary = scan(ScanConfig(source=source, model=model_uri, out=out, via="data",
+                                  partition_size=int(partition_size)), progress=False,
+                       on_progress=lambda p: marks.append((time.perf_counter(), p["done"])))
+        seconds = time.perf_counter() - started
     first_t, first_done = next(m for m in marks if m[1] >= 0.1 * summary["objects"])
     last_t, last_done = marks[-1]
     manifest = reports.read_manifest(out)
     report({"objects": summary["objects"], "seconds": seconds, "parts": summary["parts"],
             "steady_objects_per_s": (last_done - first_done) / max(last_t - first_t, 1e-9),
-            "driver_peak_rss_mb": round(peak[0] / 2**20), "timeline": manifest["timeline"]})
+            "driver_peak_rss_mb": peak.mb, "timeline": manifest["timeline"]})
 
 
 def run_scan(source: str, model_uri: str, out: str, partition_size: int) -> dict:

@@ -84,7 +84,7 @@ def main() -> None:
 
     import ray
 
-    from detector import data
+    from detector import prepare
     from detector.config import PrepareConfig
     from detector.sample import SampleSpec, write_sample
 
@@ -93,8 +93,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_sample(f"{tmp}/bucket", SampleSpec(per_class=args.per_class, size=args.image_size))
         shards = f"{tmp}/shards"
-        data.prepare(PrepareConfig(real=(f"{tmp}/bucket/real",), fake=(f"{tmp}/bucket/fake",),
-                                   out=shards, image_size=args.image_size), progress=False)
+        prepare.run(PrepareConfig(real=(f"{tmp}/bucket/real",), fake=(f"{tmp}/bucket/fake",),
+                                  out=shards, image_size=args.image_size), progress=False)
         results = {"model": args.model, "image_size": args.image_size}
         for workers in (1, 2):
             results[f"train_images_per_s_{workers}_workers"] = training_rate(

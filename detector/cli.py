@@ -128,11 +128,11 @@ def _local_cluster_running() -> bool:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from detector import data
+    from detector import prepare
 
     config = cfg.from_args(cfg.PrepareConfig, args)
     init_ray()
-    manifest = data.prepare(config)
+    manifest = prepare.run(config)
     print_prepare_summary(manifest, config.out)
     return 0
 

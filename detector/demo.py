@@ -17,7 +17,7 @@ IMAGE_SIZE = 64
 
 
 def run(workdir: str) -> int:
-    from detector import cli, data
+    from detector import cli, prepare
     from detector.config import PrepareConfig, TrainConfig
     from detector.sample import SampleSpec, write_sample
     from detector.train import train_models
@@ -33,7 +33,7 @@ def run(workdir: str) -> int:
 
     _step("2/6 prepare: Ray Data streams the bucket into Parquet shards")
     cli.init_ray()
-    manifest = data.prepare(PrepareConfig(
+    manifest = prepare.run(PrepareConfig(
         real=(storage.join(bucket, "real"),), fake=(storage.join(bucket, "fake"),),
         out=shards, image_size=IMAGE_SIZE,
     ), progress=False)

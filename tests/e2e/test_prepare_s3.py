@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from detector import data, storage
+from detector import data, prepare, storage
 from detector.config import PrepareConfig
 from detector.sample import SampleSpec, write_sample
 
@@ -28,9 +28,9 @@ def sampled(s3_server, local_ray):
 
 
 def prepare_into(out: str, source: str, **overrides) -> dict:
-    config = PrepareConfig(real=(f"{source}/real",), fake=(f"{source}/fake",), out=out,
-                           image_size=48, **overrides)
-    return data.prepare(config, progress=False)
+    settings = {"real": (f"{source}/real",), "fake": (f"{source}/fake",), **overrides}
+    config = PrepareConfig(out=out, image_size=48, **settings)
+    return prepare.run(config, progress=False)
 
 
 def membership(shards: str) -> dict[str, set[str]]:
@@ -111,3 +111,48 @@ def test_biased_sample_makes_the_audit_warn(local_ray, tmp_path, capsys):
     assert any("format" in w for w in manifest["audit"]["warnings"])
     print_prepare_summary(manifest, str(tmp_path / "shards"))
     assert "WARNING" in capsys.readouterr().err
+
+
+def test_nested_folders_duplicates_and_per_class_rule(local_ray, tmp_path):
+    """Listing ranges over nested folders lose and repeat nothing; duplicates are counted
+    across folders; --per-class keeps exactly the lowest-ranked objects of each class."""
+    import shutil
+
+    source = tmp_path / "src"
+    write_sample(str(source), SampleSpec(per_class=60, size=48, seed=11))
+    copies = source / "fake" / "nested" / "copies"
+    copies.mkdir(parents=True)
+    originals = sorted((source / "fake").rglob("*.png"))[:3]
+    for original in originals:
+        shutil.copy(original, copies / original.name)
+
+    manifest = prepare_into(str(tmp_path / "all"), str(source))
+    assert manifest["objects"] == manifest["written"] == 123
+    assert manifest["duplicates"] == 3
+    uris = set(data.read_split_local(str(tmp_path / "all"), "train", ["source_uri"])
+               ["source_uri"].to_pylist())
+    for split in ("val", "test"):
+        uris |= set(data.read_split_local(str(tmp_path / "all"), split, ["source_uri"])
+                    ["source_uri"].to_pylist())
+    assert len(uris) == 123  # every object exactly once
+
+    sampled = prepare_into(str(tmp_path / "some"), str(source), per_class=25, seed=9)
+    assert sampled["counts"]["train"]["fake"] + sampled["counts"]["val"]["fake"] + \
+        sampled["counts"]["test"]["fake"] == 25
+    chosen = set()
+    for split in data.SPLITS:
+        chosen |= set(data.read_split_local(str(tmp_path / "some"), split, ["source_uri"])
+                      ["source_uri"].to_pylist())
+    expected = set()
+    for folder in ("real", "fake"):
+        listed = [o.uri for o in storage.list_objects(str(source / folder))]
+        expected |= set(sorted(listed, key=lambda u: prepare.sample_rank(9, u))[:25])
+    assert chosen == expected
+
+
+def test_empty_source_is_a_clear_error(local_ray, tmp_path):
+    write_sample(str(tmp_path / "src"), SampleSpec(per_class=5, size=48))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no objects under"):
+        prepare_into(str(tmp_path / "out"), str(tmp_path / "src"),
+                     fake=(str(tmp_path / "empty"),))
