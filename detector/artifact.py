@@ -36,6 +36,8 @@ class ModelCard:
     metrics: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    # kind ("onnx", "int8") -> parity record of that export against Keras; see export.py
+    exports: dict[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     created_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -54,14 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="prepared shards URI")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--out", required=True, help="directory URI for the report files")
+    add_runtime_flags(evaluate)
     evaluate.set_defaults(run=run_evaluate)
+
+    export = commands.add_parser("export", help="add ONNX / OpenVINO int8 exports to a model")
+    export.add_argument("--model", required=True, help="model artifact URI")
+    export.add_argument("--int8", action="store_true",
+                        help="also an OpenVINO int8 model, quantized by NNCF")
+    export.add_argument("--data", default=None,
+                        help="prepared shards for calibration (val) and parity (test); "
+                        "default: the model's training data")
+    export.add_argument("--max-auc-drop", type=float, default=0.005,
+                        help="refuse an int8 model whose test ROC AUC drops more than this")
+    export.set_defaults(run=run_export)
 
     predict = commands.add_parser("predict", help="score image files locally (no cluster)")
     predict.add_argument("--model", required=True, help="model artifact URI")
     predict.add_argument("images", nargs="+", help="image paths or URIs")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
-    predict.add_argument("--precision", default="float32", choices=cfg.PRECISIONS,
-                         help="bfloat16: ~1.6x faster on CPUs with AMX/AVX512-BF16")
+    add_runtime_flags(predict)
     predict.set_defaults(run=run_predict)
 
     models = commands.add_parser("models", help="list registered architectures")
@@ -78,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--min-replicas", type=int, default=1)
     srv.add_argument("--max-replicas", type=int, default=2)
-    srv.add_argument("--precision", default="float32", choices=cfg.PRECISIONS,
-                         help="bfloat16: ~1.6x faster on CPUs with AMX/AVX512-BF16")
+    add_runtime_flags(srv)
     srv.add_argument("--scan-allow", nargs="*", default=[],
                      help="URI prefixes POST /v1/scans may read and write (default: none)")
     srv.set_defaults(run=run_serve)
@@ -190,12 +200,37 @@ def print_scan_summary(summary: dict) -> None:
                               or "none"))
 
 
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    """--backend and --precision, as every command that scores images takes them."""
+    parser.add_argument("--backend", default="auto", choices=cfg.BACKENDS,
+                        help=cfg.BACKEND_HELP)
+    parser.add_argument("--precision", default="float32", choices=cfg.PRECISIONS,
+                        help=cfg.PRECISION_HELP)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from detector.export import ExportRefused, add_exports
+
+    try:
+        exports = add_exports(args.model, int8=args.int8, shards_uri=args.data,
+                              max_auc_drop=args.max_auc_drop)
+    except ExportRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for kind, record in exports.items():
+        print(f"{kind}: {record['file']} on {record['runtime']}: max |score diff| "
+              f"{record['max_abs_diff']:.2g}, verdicts agree {record['verdict_agreement']:.1%}, "
+              f"ROC AUC change {record['auc_change']:+.4f} ({record['images']} test images)")
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from detector.serve import ServeConfig, run
 
     init_ray()
     run(ServeConfig(model_uri=args.model, min_replicas=args.min_replicas,
-                    max_replicas=args.max_replicas, precision=args.precision,
+                    max_replicas=args.max_replicas, backend=args.backend,
+                    precision=args.precision,
                     scan_allow=tuple(args.scan_allow)),
         host=args.host, port=args.port)
     return 0
@@ -204,7 +239,8 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from detector.evaluate import evaluate_artifact
 
-    headline = evaluate_artifact(args.model, args.data, args.split, args.out)
+    headline = evaluate_artifact(args.model, args.data, args.split, args.out,
+                                 backend=args.backend, precision=args.precision)
     print(json.dumps(headline, indent=2))
     return 0
 
@@ -213,7 +249,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from detector import storage
     from detector.predictor import Prediction, Predictor
 
-    predictor = Predictor.from_uri(args.model, precision=args.precision)
+    predictor = Predictor.from_uri(args.model, backend=args.backend, precision=args.precision)
     blobs, read_errors = [], {}
     for i, uri in enumerate(args.images):
         try:

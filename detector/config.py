@@ -13,7 +13,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-PRECISIONS = ("float32", "bfloat16")  # model inference; see detector.predictor
+BACKENDS = ("auto", "keras", "openvino", "onnxruntime")  # see detector.runtimes
+PRECISIONS = ("float32", "bfloat16", "int8")
+BACKEND_HELP = ("auto (OpenVINO on CPU when the artifact has model.onnx, ONNX Runtime's CUDA "
+                "provider or Keras on a GPU, else Keras), keras, openvino or onnxruntime")
+PRECISION_HELP = ("float32; bfloat16 (CPUs with AMX/AVX512-BF16: OpenVINO ~5x, Keras ~1.6x "
+                  "faster; scores move by about a hundredth); int8 (OpenVINO, needs "
+                  "`detector export --int8`)")
 IMAGE_PATTERNS = ("*.jpg", "*.jpeg", "*.png", "*.webp", "*.gif", "*.bmp", "*.tif", "*.tiff")
 
 
@@ -81,9 +87,10 @@ class ScanConfig:
                     "--model), data (own actor pool) or auto (serve when the running "
                     "Serve app serves --model)", choices=("auto", "serve", "data"))
     batch_size: int = _opt(32, "images per forward pass")
-    precision: str = _opt("float32", "inference precision for --via data: float32, or "
-                          "bfloat16 (about 1.6x faster on CPUs with AMX/AVX512-BF16; "
-                          "scores move by a few hundredths)", choices=PRECISIONS)
+    backend: str = _opt("auto", "inference runtime for --via data: " + BACKEND_HELP,
+                        choices=BACKENDS)
+    precision: str = _opt("float32", "inference precision for --via data: " + PRECISION_HELP,
+                          choices=PRECISIONS)
     resume: bool = _opt(False, "keep the parts of an earlier or interrupted scan into OUT and "
                         "reuse rows whose (uri, etag, model id, threshold) all match")
     threshold: float | None = _opt(None, "decision threshold (default: the model's own)")

@@ -92,6 +92,25 @@ def read_split(shards_uri: str, split: str, columns: list[str] | None = None,
     return ray.data.read_parquet(paths, filesystem=fs, columns=columns or ["image", "label"])
 
 
+def sample_split(shards_uri: str, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `limit` images of a split (pixels uint8 (N, S, S, 3), labels (N,)),
+    reading parts one at a time until there are enough."""
+    manifest = read_manifest(shards_uri)
+    pixels, labels, have = [], [], 0
+    for uri in part_uris(shards_uri, split, manifest):
+        fs, path = storage.resolve(uri)
+        table = pq.read_table(path, filesystem=fs, columns=["image", "label"])
+        table = table.slice(0, limit - have)
+        pixels.append(decode_pixels(table["image"].to_pylist(), manifest["image_size"]))
+        labels.append(table["label"].to_numpy())
+        have += table.num_rows
+        if have >= limit:
+            break
+    if not have:
+        raise ValueError(f"split {split!r} of {shards_uri} is empty")
+    return np.concatenate(pixels), np.concatenate(labels)
+
+
 def decode_pixels(images, image_size: int) -> np.ndarray:
     """Column of raw pixel bytes -> uint8 array (N, S, S, 3), without copying per row."""
     joined = b"".join(bytes(b) for b in images)

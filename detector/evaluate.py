@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from detector import augment, data, storage
-from detector.artifact import ModelCard
 from detector.predictor import Predictor
 
 TARGET_FPR = 0.01
@@ -201,11 +200,12 @@ def _summary(metrics: dict) -> dict:
 
 
 def evaluate_model(
-    model, card: ModelCard, shards_uri: str, split: str = "test",
+    predictor: Predictor, shards_uri: str, split: str = "test",
     history: list[dict] | None = None, threshold: float | None = None,
 ) -> EvaluationReport:
-    """Choose the threshold on `val` (unless given), then report on `split`."""
-    predictor = Predictor(model, card)
+    """Choose the threshold on `val` (unless given; it is set on the predictor's card),
+    then report on `split`."""
+    card = predictor.card
     if threshold is None:
         val = score_split(predictor, shards_uri, "val")
         threshold = choose_threshold(val.labels, val.scores)
@@ -214,12 +214,12 @@ def evaluate_model(
     return build_report(scored, threshold, split, history)
 
 
-def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str) -> dict:
-    """`detector evaluate`: re-evaluate a saved artifact with its own threshold."""
-    from detector.artifact import load_artifact
-
-    model, card = load_artifact(model_uri)
-    report = evaluate_model(model, card, shards_uri, split, threshold=card.threshold)
+def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str,
+                      backend: str = "auto", precision: str = "float32") -> dict:
+    """`detector evaluate`: re-evaluate a saved artifact with its own threshold, on the
+    runtime `backend`/`precision` resolve to."""
+    predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision)
+    report = evaluate_model(predictor, shards_uri, split, threshold=predictor.card.threshold)
     history_uri = storage.join(model_uri, "history.json")
     if storage.exists(history_uri):
         report.history = json.loads(storage.read_bytes(history_uri))
@@ -231,7 +231,7 @@ def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str)
             storage.upload_dir(tmp, out_dir)
     else:
         report.write(storage.local_path(out_dir))
-    return report.headline()
+    return {**report.headline(), "runtime": predictor.runtime}
 
 
 def _robustness_markdown(robustness: dict) -> str:

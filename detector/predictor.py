@@ -7,14 +7,13 @@ Decoding stays in `detector.preprocess`, so callers can decode in parallel elsew
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from detector import preprocess
-from detector.artifact import ModelCard, load_artifact
-from detector.config import PRECISIONS
+from detector import preprocess, runtimes
+from detector.artifact import ModelCard, load_card
 
 log = logging.getLogger(__name__)
 
@@ -33,33 +32,32 @@ class Prediction:
 
 
 class Predictor:
-    """Scores batches of decoded images with a loaded model."""
+    """Scores batches of decoded images with a loaded model on one runtime."""
 
-    def __init__(self, model, card: ModelCard, batch_size: int = 32,
-                 precision: str = "float32"):
-        import tensorflow as tf
-
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if precision == "bfloat16":
-            model = with_dtype_policy(model, "mixed_bfloat16")
-        self.model = model
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], card: ModelCard,
+                 batch_size: int = 32, runtime: str = "keras/float32"):
+        self._forward = forward
         self.card = card
         self.batch_size = batch_size
-        self.precision = precision
-        size = card.image_size
-        # A fixed signature compiles the graph once; a Python call per batch would pay
-        # Keras' eager overhead every time (~4x slower on this CPU).
-        self._forward = tf.function(
-            lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
-            reduce_retracing=True,
-        )
+        self.runtime = runtime  # "backend/precision", as resolved
 
     @classmethod
-    def from_uri(cls, uri: str, batch_size: int = 32, precision: str = "float32") -> Predictor:
-        model, card = load_artifact(uri)
-        return cls(model, card, batch_size=batch_size, precision=precision)
+    def from_uri(cls, uri: str, batch_size: int = 32, backend: str = "auto",
+                 precision: str = "float32", threads: int | None = None) -> Predictor:
+        """Load the artifact at `uri` on the runtime `backend`/`precision` resolve to
+        (see `detector.runtimes`); `threads`: the CPUs reserved for it (None: all)."""
+        card = load_card(uri)
+        choice = runtimes.resolve(card, backend, precision, uri)
+        forward = runtimes.load(uri, choice, card, threads)
+        log.info("model %s@%s runs on %s", card.name, card.id, choice)
+        return cls(forward, card, batch_size=batch_size, runtime=str(choice))
+
+    @classmethod
+    def from_model(cls, model, card: ModelCard, batch_size: int = 32,
+                   precision: str = "float32") -> Predictor:
+        """A Predictor on an in-memory Keras model (training's own evaluation)."""
+        return cls(keras_forward(model, card.image_size, precision), card,
+                   batch_size=batch_size, runtime=f"keras/{precision}")
 
     @property
     def image_size(self) -> int:
@@ -70,7 +68,8 @@ class Predictor:
         if len(pixels) == 0:
             return np.zeros((0,), dtype=np.float32)
         chunks = [
-            self._forward(np.asarray(pixels[i : i + self.batch_size], dtype=np.float32))
+            self._forward(np.ascontiguousarray(pixels[i : i + self.batch_size],
+                                               dtype=np.float32))
             for i in range(0, len(pixels), self.batch_size)
         ]
         return np.concatenate([np.asarray(c).reshape(-1) for c in chunks]).astype(np.float32)
@@ -96,16 +95,33 @@ class Predictor:
         return results  # type: ignore[return-value]
 
 
+def keras_forward(model, image_size: int, precision: str = "float32"
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+    """The Keras model as a compiled forward function, in float32 or mixed bfloat16."""
+    import tensorflow as tf
+
+    if precision not in ("float32", "bfloat16"):
+        raise runtimes.RuntimeUnavailable(f"keras runs float32 or bfloat16, not {precision}")
+    if precision == "bfloat16":
+        model = with_dtype_policy(model, "mixed_bfloat16")
+    # A fixed signature compiles the graph once; a Python call per batch would pay
+    # Keras' eager overhead every time (~4x slower on this CPU).
+    compiled = tf.function(
+        lambda x: model(x, training=False),
+        input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)],
+        reduce_retracing=True,
+    )
+    return lambda pixels: np.asarray(compiled(pixels)).reshape(-1)
+
+
 def with_dtype_policy(model, policy: str):
     """A copy of `model` whose layers compute in `policy` (e.g. mixed_bfloat16), with the
     same float32 weights. The output layers stay float32 so scores keep full precision.
 
     bfloat16 roughly doubles CPU inference on processors with AMX or AVX512-BF16 (and
-    helps on Ampere+ GPUs); elsewhere it is emulated and slower, hence the warning.
+    helps on Ampere+ GPUs); elsewhere it is emulated and slower, which `runtimes.resolve`
+    refuses.
     """
-    if not _has_bf16_hardware():
-        log.warning("precision bfloat16 requested, but this machine has neither a GPU nor a "
-                    "CPU with AMX/AVX512-BF16: inference will be slower, not faster")
     config = model.get_config()
     outputs = config.get("output_layers") or []
     if outputs and isinstance(outputs[0], str):  # a single output is stored unwrapped
@@ -126,16 +142,3 @@ def with_dtype_policy(model, policy: str):
     clone = model.__class__.from_config({**config, "layers": layers})
     clone.set_weights(model.get_weights())
     return clone
-
-
-def _has_bf16_hardware() -> bool:
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        return True
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags

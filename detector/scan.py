@@ -183,8 +183,8 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
         cpus = scoring_cpus(config)
         scored = decoded.map_batches(
             ScoreWithPredictor,
-            fn_constructor_args=(config.model, run["threshold"], config.precision, cpus,
-                                 config.gpus_per_actor),
+            fn_constructor_args=(config.model, run["threshold"], config.backend,
+                                 config.precision, cpus, config.gpus_per_actor),
             batch_size=config.batch_size, batch_format="pyarrow",
             # Grows with the cluster: Ray Data adds actors while they are busy and the
             # cluster (or its autoscaler) has room, up to --actors when given.

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detector import preprocess, scan_service
 from detector.artifact import ModelCard
-from detector.config import PRECISIONS
+from detector.config import BACKENDS, PRECISIONS
 
 # Serve routes the "ray.serve" logger into each replica's log file with the request id.
 log = logging.getLogger("ray.serve")
@@ -59,7 +59,8 @@ class ServeConfig:
     max_replicas: int = 2
     target_ongoing_requests: float = 16.0  # per Model replica: about half a full batch
     max_batch_size: int = 32
-    precision: str = "float32"  # or bfloat16: see detector.predictor.with_dtype_policy
+    backend: str = "auto"  # see detector.runtimes
+    precision: str = "float32"
     batch_wait_timeout_s: float = 0.01
     max_ongoing_requests: int | None = None  # per Model replica; see model_max_ongoing
     max_queued_requests: int = 256  # per caller; beyond it the ingress answers 503
@@ -97,6 +98,8 @@ def config_from_args(args: dict[str, Any]) -> ServeConfig:
         raise ValueError("model_uri is required (e.g. model_uri=s3://bucket/models/vit)")
     if config.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+    if config.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
     return config
 
 
@@ -197,11 +200,13 @@ class Model:
     def __init__(self, config: ServeConfig):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
         from detector.predictor import Predictor
-        from detector.threads import use_reserved_cpus
+        from detector.threads import threads_for, use_reserved_cpus
 
         use_reserved_cpus(config.num_cpus, config.num_gpus)  # not every core of the host
-        self.predictor = Predictor.from_uri(config.model_uri, batch_size=config.max_batch_size,
-                                            precision=config.precision)
+        self.predictor = Predictor.from_uri(
+            config.model_uri, batch_size=config.max_batch_size, backend=config.backend,
+            precision=config.precision,
+            threads=None if config.num_gpus else threads_for(config.num_cpus))
         # The decorator's arguments are fixed at import; the configured values apply here.
         self.score.set_max_batch_size(config.max_batch_size)
         self.score.set_batch_wait_timeout_s(config.batch_wait_timeout_s)

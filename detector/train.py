@@ -180,7 +180,9 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str) 
     """Best checkpoint -> evaluated model artifact at OUT/<name>/. Returns its metrics."""
     from detector import evaluate
     from detector.artifact import ModelCard, save_artifact
+    from detector.export import export_from_shards
     from detector.models import build_model
+    from detector.predictor import Predictor
     from detector.preprocess import PREPROCESS_VERSION
 
     manifest = data.read_manifest(cfg.data)
@@ -196,10 +198,17 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str) 
         data_fingerprint=manifest["fingerprint"],
         config=to_dict(cfg) | {"best_epoch": state.best_epoch, "epochs_run": state.epoch},
     )
-    report = evaluate.evaluate_model(model, card, cfg.data, history=state.history)
+    report = evaluate.evaluate_model(Predictor.from_model(model, card), cfg.data,
+                                     history=state.history)
     card.threshold = report.threshold
     card.metrics = report.headline()
-    save_artifact(model, card, storage.join(cfg.out, name), extra_files=report.write)
+
+    def files(directory: str) -> None:
+        report.write(directory)
+        # The card is written after this: its parity record names a file already there.
+        card.exports = export_from_shards(model, card, directory, cfg.data)
+
+    save_artifact(model, card, storage.join(cfg.out, name), extra_files=files)
     return {"model": name, "artifact": storage.join(cfg.out, name), **card.metrics,
             "best_epoch": state.best_epoch, "epochs": state.epoch}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,13 +139,13 @@ def test_artifact_predicts_what_evaluation_scored(shards):
 
     artifact = shards / "models" / "vit_tiny"
     evaluated = pq.read_table(artifact / "predictions.parquet").slice(0, 12).to_pylist()
-    predictor = Predictor.from_uri(str(artifact))
+    predictor = Predictor.from_uri(str(artifact), backend="keras")  # as evaluation ran
     blobs = [Path(row["source_uri"]).read_bytes() for row in evaluated]
     scores = [p.score_ai for p in predictor.predict_bytes(blobs)]
     np.testing.assert_allclose(scores, [row["score_ai"] for row in evaluated], atol=1e-5)
 
     out = subprocess.run(
-        [BIN / "detector", "predict", "--model", str(artifact),
+        [BIN / "detector", "predict", "--model", str(artifact), "--backend", "keras",
          *[row["source_uri"] for row in evaluated[:3]]],
         capture_output=True, text=True, check=True, env=ray_env(),
     ).stdout.strip().splitlines()
@@ -152,11 +153,36 @@ def test_artifact_predicts_what_evaluation_scored(shards):
         [row["score_ai"] for row in evaluated[:3]], abs=1e-5)
 
 
+def test_training_publishes_an_onnx_export_that_matches_keras(shards, tmp_path):
+    """Training ends with model.onnx and its parity record; `detector export --int8` adds
+    an int8 model; predict runs on each with the same verdicts on these images."""
+    from detector.artifact import load_card
+
+    artifact = shards / "models" / "resnet50v2_tiny"
+    record = load_card(str(artifact)).exports["onnx"]
+    assert (artifact / "model.onnx").stat().st_size > 0
+    assert record["max_abs_diff"] < 1e-4 and record["verdict_agreement"] == 1.0
+    copy = tmp_path / "model"
+    shutil.copytree(artifact, copy)
+    out = subprocess.run([BIN / "detector", "export", "--model", str(copy), "--int8"],
+                         capture_output=True, text=True, env=ray_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "int8: model_int8.xml on openvino/int8" in out.stdout
+    images = sorted(str(p) for p in (shards / "bucket" / "fake").rglob("*.png"))[:4]
+    verdicts = {}
+    for flags in (["--backend", "keras"], [], ["--precision", "int8"]):
+        lines = subprocess.run([BIN / "detector", "predict", "--model", str(copy), *flags,
+                                *images], capture_output=True, text=True, check=True,
+                               env=ray_env()).stdout.strip().splitlines()
+        verdicts[" ".join(flags)] = [line.split("\t")[2] for line in lines]
+    assert len(set(map(tuple, verdicts.values()))) == 1, verdicts
+
+
 def test_evaluate_reproduces_the_training_evaluation(shards, tmp_path):
     artifact = shards / "models" / "resnet50v2_tiny"
     subprocess.run(
         [BIN / "detector", "evaluate", "--model", str(artifact), "--data",
-         str(shards / "shards"), "--out", str(tmp_path / "eval")],
+         str(shards / "shards"), "--out", str(tmp_path / "eval"), "--backend", "keras"],
         capture_output=True, text=True, check=True, env=ray_env(),
     )
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())

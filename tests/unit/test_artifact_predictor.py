@@ -102,16 +102,19 @@ def test_predict_cli_prints_a_line_per_file(trained_tiny, tmp_path, capsys):
 
 def test_bfloat16_predictor_computes_in_bfloat16_and_keeps_scores_and_verdicts(
         trained_tiny, sample_arrays):
-    from detector.predictor import Predictor
+    from detector.artifact import load_artifact
+    from detector.predictor import Predictor, with_dtype_policy
 
     uri, _ = trained_tiny
     _, _, test_x, _ = sample_arrays
-    exact = Predictor.from_uri(uri)
-    fast = Predictor.from_uri(uri, precision="bfloat16")
-    policies = {layer.dtype_policy.name for layer in fast.model.layers}
+    exact = Predictor.from_uri(uri, backend="keras")
+    fast = Predictor.from_uri(uri, backend="keras", precision="bfloat16")
+    assert fast.runtime == "keras/bfloat16"
+    clone = with_dtype_policy(load_artifact(uri)[0], "mixed_bfloat16")
+    policies = {layer.dtype_policy.name for layer in clone.layers}
     assert "mixed_bfloat16" in policies
-    assert fast.model.layers[-1].dtype_policy.name == "float32"  # scores stay float32
-    assert all(w.dtype == "float32" for w in fast.model.weights)  # same stored weights
+    assert clone.layers[-1].dtype_policy.name == "float32"  # scores stay float32
+    assert all(w.dtype == "float32" for w in clone.weights)  # same stored weights
     a, b = exact.score(test_x[:40]), fast.score(test_x[:40])
     assert b.dtype == np.float32 and not np.array_equal(a, b)  # it really is another path
     # bfloat16 keeps 8 mantissa bits: mid-range scores move by a few hundredths
@@ -129,7 +132,8 @@ def test_vit_runs_in_bfloat16_too():
     model = build_model("vit_tiny", image_size=32)
     card = ModelCard(name="vit_tiny", architecture="vit", image_size=32, preprocess_version=1)
     x = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
-    exact, fast = Predictor(model, card), Predictor(model, card, precision="bfloat16")
+    exact = Predictor.from_model(model, card)
+    fast = Predictor.from_model(model, card, precision="bfloat16")
     np.testing.assert_allclose(exact.score(x), fast.score(x), atol=0.06)
 
 

@@ -1,0 +1,177 @@
+"""Inference runtimes behind the one Predictor: Keras (TensorFlow), OpenVINO, ONNX Runtime.
+
+A runtime maps float32 pixels (N, S, S, 3) in 0..255 to P(AI-generated) (N,). Which one
+runs is chosen once, from the artifact's exports and the hardware (`resolve`); a backend
+or precision that cannot run here is an error that says why, never a silent fallback to
+something slower.
+
+    backend        float32   bfloat16              int8
+    keras          yes       AMX/AVX512-BF16 or GPU  -
+    openvino       yes       AMX/AVX512-BF16       NNCF export (model_int8.xml)
+    onnxruntime    yes       -                     -
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from detector import storage
+from detector.artifact import ModelCard
+from detector.config import BACKENDS, PRECISIONS
+from detector.export import INT8_FILE, ONNX_FILE, files_of
+
+log = logging.getLogger(__name__)
+
+
+class RuntimeUnavailable(ValueError):
+    """The backend or precision asked for cannot run with this artifact or hardware."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str
+    precision: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}/{self.precision}"
+
+
+def resolve(card: ModelCard, backend: str = "auto", precision: str = "float32",
+            uri: str = "MODEL_URI") -> Choice:
+    """The runtime to use. `auto`: OpenVINO on CPU when the artifact has the export the
+    precision needs, ONNX Runtime's CUDA provider on a GPU, otherwise Keras."""
+    if backend not in BACKENDS:
+        raise RuntimeUnavailable(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise RuntimeUnavailable(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    kind = "int8" if precision == "int8" else "onnx"
+    has_export = kind in card.exports
+    if backend == "auto":
+        if precision == "int8":
+            backend = "openvino"  # its only runtime: a missing export is the error to give
+        elif gpu_present():
+            backend = "onnxruntime" if has_export and _ort_cuda() and precision == "float32" \
+                else "keras"
+        elif has_export:
+            backend = "openvino"
+        else:
+            backend = "keras"
+    choice = Choice(backend, precision)
+    if precision == "int8" and backend != "openvino":
+        raise RuntimeUnavailable(f"int8 runs on OpenVINO only, not {backend}")
+    if precision == "bfloat16" and backend == "onnxruntime":
+        raise RuntimeUnavailable("ONNX Runtime runs float32 here: use --backend openvino "
+                                 "(or keras) for bfloat16")
+    if precision == "bfloat16" and not bf16_hardware(gpu_ok=backend == "keras"):
+        raise RuntimeUnavailable("bfloat16 needs a CPU with AMX or AVX512-BF16 (or a GPU for "
+                                 "keras); this machine has neither, so it would be emulated "
+                                 "and slower than float32")
+    if backend != "keras" and not has_export:
+        command = f"detector export --model {uri}" + \
+            (" --int8" if kind == "int8" else "")
+        raise RuntimeUnavailable(f"{choice} needs the artifact's {files_of(kind)[0]}, and "
+                                 f"model {card.name}@{card.id} has none: run `{command}`")
+    return choice
+
+
+def load(uri: str, choice: Choice, card: ModelCard, threads: int | None = None
+         ) -> Callable[[np.ndarray], np.ndarray]:
+    """The forward function of `choice` for the artifact at `uri`."""
+    if choice.backend == "keras":
+        from detector.artifact import load_artifact
+        from detector.predictor import keras_forward
+
+        model, _ = load_artifact(uri)
+        return keras_forward(model, card.image_size, choice.precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        kind = "int8" if choice.precision == "int8" else "onnx"
+        for name in files_of(kind):
+            storage.download_file(storage.join(uri, name), os.path.join(tmp, name))
+        path = os.path.join(tmp, INT8_FILE if kind == "int8" else ONNX_FILE)
+        if choice.backend == "openvino":
+            return openvino_forward(path, choice.precision, threads)
+        return onnxruntime_forward(path, threads)
+
+
+def openvino_forward(path: str, precision: str, threads: int | None
+                     ) -> Callable[[np.ndarray], np.ndarray]:
+    import openvino as ov
+
+    config = {
+        # OpenVINO's CPU plugin defaults to bf16 on AMX machines; float32 must mean it.
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32",
+        "PERFORMANCE_HINT": "LATENCY",  # one stream: a batch at a time, all threads on it
+    }
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(path, "CPU", config)  # read now: the file may go
+    request = compiled.create_infer_request()
+
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(request.infer([pixels])[0]).reshape(-1)
+
+    return forward
+
+
+def onnxruntime_forward(path: str, threads: int | None
+                        ) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu_present() and \
+        _ort_cuda() else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(path, options, providers=providers)
+    name = session.get_inputs()[0].name
+
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run(None, {name: pixels})[0]).reshape(-1)
+
+    return forward
+
+
+def gpu_present() -> bool:
+    """An NVIDIA device visible to this process (without importing TensorFlow)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def _ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def bf16_hardware(gpu_ok: bool = True) -> bool:
+    """AMX or AVX512-BF16 on this CPU (or, for TensorFlow, a GPU)."""
+    if gpu_ok and gpu_present():
+        return True
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cpu_features() -> dict[str, bool]:
+    """What the benchmarks print, so their numbers can be read on other machines."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = set(handle.read().split())
+    except OSError:
+        flags = set()
+    return {"amx_bf16": "amx_bf16" in flags, "amx_int8": "amx_int8" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "avx512_vnni": "avx512_vnni" in flags,
+            "avx_vnni": "avx_vnni" in flags}

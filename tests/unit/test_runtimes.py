@@ -1,0 +1,119 @@
+"""Exports and runtimes: ONNX / OpenVINO / ONNX Runtime scores against Keras' own, on a
+briefly trained model and on the sample test images; and the clear refusals."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def exported(trained_tiny, sample_arrays, tmp_path_factory):
+    """The trained artifact copied, with ONNX and int8 exports added: (uri, records)."""
+    from detector.artifact import CARD_FILE, load_artifact
+    from detector.export import export_into
+
+    train_x, _, test_x, test_y = sample_arrays
+    uri = str(tmp_path_factory.mktemp("exported") / "model")
+    shutil.copytree(trained_tiny[0], uri)
+    model, card = load_artifact(uri)
+    card.exports = export_into(model, card, uri, test_x, test_y, calibration=train_x[::2])
+    with open(f"{uri}/{CARD_FILE}", "w") as handle:
+        handle.write(card.to_json())
+    return uri, card.exports
+
+
+def test_float32_exports_match_keras(exported, sample_arrays):
+    from detector.predictor import Predictor
+
+    uri, records = exported
+    _, _, test_x, _ = sample_arrays
+    keras_scores = Predictor.from_uri(uri, backend="keras").score(test_x)
+    for backend in ("openvino", "onnxruntime"):
+        predictor = Predictor.from_uri(uri, backend=backend)
+        assert predictor.runtime == f"{backend}/float32"
+        np.testing.assert_allclose(predictor.score(test_x), keras_scores, atol=1e-4)
+    assert records["onnx"]["max_abs_diff"] < 1e-4
+    assert records["onnx"]["verdict_agreement"] == 1.0
+
+
+def test_int8_and_bfloat16_stay_close_and_agree(exported, sample_arrays):
+    from detector.artifact import load_card
+    from detector.predictor import Predictor
+    from detector.runtimes import bf16_hardware
+
+    uri, records = exported
+    _, _, test_x, _ = sample_arrays
+    card = load_card(uri)
+    reference = Predictor.from_uri(uri, backend="keras").score(test_x)
+    precisions = ["int8"] + (["bfloat16"] if bf16_hardware(gpu_ok=False) else [])
+    for precision in precisions:
+        scores = Predictor.from_uri(uri, backend="openvino", precision=precision).score(test_x)
+        assert not np.array_equal(scores, reference)  # really another path
+        difference = np.abs(scores - reference)
+        # bfloat16 stays within 0.02; int8 of this 48 px tiny model moves a few
+        # low scores by up to ~0.05 (its layers are small, so rounding weighs more).
+        assert difference.max() <= (0.02 if precision == "bfloat16" else 0.1), precision
+        assert difference.mean() <= 0.01, precision
+        agree = np.mean([card.verdict(float(a)) == card.verdict(float(b))
+                         for a, b in zip(scores, reference, strict=True)])
+        assert agree >= 0.99, precision
+    assert records["int8"]["max_abs_diff"] <= 0.1
+    assert abs(records["int8"]["auc_change"]) <= 0.005
+    assert records["int8"]["calibration_images"] == 160
+
+
+def test_auto_prefers_openvino_when_exported(exported, trained_tiny):
+    from detector.predictor import Predictor
+
+    assert Predictor.from_uri(exported[0]).runtime == "openvino/float32"
+    assert Predictor.from_uri(trained_tiny[0]).runtime == "keras/float32"  # no export
+    assert Predictor.from_uri(exported[0], precision="int8").runtime == "openvino/int8"
+
+
+def test_unavailable_runtimes_are_refused_with_the_reason(exported, trained_tiny):
+    from detector.predictor import Predictor
+    from detector.runtimes import RuntimeUnavailable
+
+    plain = trained_tiny[0]
+    with pytest.raises(RuntimeUnavailable, match=r"detector export --model .* --int8"):
+        Predictor.from_uri(plain, precision="int8")
+    with pytest.raises(RuntimeUnavailable, match=r"model\.onnx"):
+        Predictor.from_uri(plain, backend="onnxruntime")
+    with pytest.raises(RuntimeUnavailable, match="OpenVINO only"):
+        Predictor.from_uri(exported[0], backend="keras", precision="int8")
+    with pytest.raises(RuntimeUnavailable, match="float32"):
+        Predictor.from_uri(exported[0], backend="onnxruntime", precision="bfloat16")
+    with pytest.raises(ValueError, match="backend"):
+        Predictor.from_uri(exported[0], backend="tensorrt")
+
+
+def test_int8_that_loses_accuracy_is_refused_before_publishing(trained_tiny, sample_arrays,
+                                                              tmp_path):
+    from detector.artifact import load_artifact
+    from detector.export import ExportRefused, export_into
+
+    train_x, _, test_x, test_y = sample_arrays
+    model, card = load_artifact(trained_tiny[0])
+    with pytest.raises(ExportRefused, match=r"test ROC AUC .* a drop of"):
+        # A negative allowance: even an int8 model as good as float32 is refused.
+        export_into(model, card, str(tmp_path), test_x, test_y, calibration=train_x[:32],
+                    max_auc_drop=-1.0)
+
+
+def test_vit_exports_too(sample_arrays, tmp_path):
+    """ViT's exact GELU lowers to Erfc, which tf2onnx lacks: exported through our rule."""
+    from detector.artifact import ModelCard
+    from detector.export import export_into
+    from detector.models import build_model
+
+    _, _, test_x, test_y = sample_arrays
+    model = build_model("vit_tiny", image_size=test_x.shape[1])
+    card = ModelCard(name="vit_tiny", architecture="vit", image_size=test_x.shape[1],
+                     preprocess_version=1)
+    records = export_into(model, card, str(tmp_path), test_x[:32], test_y[:32])
+    assert records["onnx"]["max_abs_diff"] < 1e-4
