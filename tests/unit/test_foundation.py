@@ -82,7 +82,7 @@ def test_publish_dir_replaces_a_local_directory_whole(tmp_path):
 
 
 def test_split_is_a_function_of_content_and_seed():
-    from detector.data import split_of
+    from detector.prepare import split_of
 
     hashes = [f"{i:064x}" for i in range(3000)]
     splits = [split_of(h, (0.7, 0.15, 0.15), 42) for h in hashes]
