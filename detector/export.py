@@ -12,13 +12,10 @@ An int8 model whose AUC drops by more than `max_auc_drop` is refused, never publ
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model_int8.xml"  # + model_int8.bin beside it
@@ -115,31 +112,29 @@ def check_int8(record: Parity, max_auc_drop: float) -> None:
             f"{record.verdict_agreement:.1%}); raise --max-auc-drop to accept it")
 
 
-def batched(forward, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-    return np.concatenate([forward(np.ascontiguousarray(pixels[i : i + batch], np.float32))
-                           for i in range(0, len(pixels), batch)])
-
-
 def export_into(model, card, directory: str, test_pixels: np.ndarray,
                 test_labels: np.ndarray | None, calibration: np.ndarray | None = None,
                 max_auc_drop: float = MAX_AUC_DROP) -> dict:
     """Write the exports of a Keras `model` into a local `directory` (int8 too when
     `calibration` pixels are given) and return their parity records, measured on the
     test images. Raises ExportRefused for an int8 model that loses too much."""
-    from detector.predictor import keras_forward
+    from detector.predictor import Predictor, keras_forward
     from detector.runtimes import openvino_forward
 
-    reference = batched(keras_forward(model, card.image_size), test_pixels)
+    def scores(forward) -> np.ndarray:
+        return Predictor(forward, card).score(test_pixels)
+
+    reference = scores(keras_forward(model, card.image_size))
     onnx_path = os.path.join(directory, ONNX_FILE)
     write_onnx(model, card.image_size, onnx_path)
     records = {"onnx": {"file": ONNX_FILE, "runtime": "openvino/float32", **parity(
-        reference, batched(openvino_forward(onnx_path, "float32", None), test_pixels),
-        test_labels, card.verdict).to_dict()}}
+        reference, scores(openvino_forward(onnx_path, "float32", None)), test_labels,
+        card.verdict).to_dict()}}
     if calibration is not None:
         int8_path = os.path.join(directory, INT8_FILE)
         write_int8(onnx_path, calibration, int8_path)
-        record = parity(reference, batched(openvino_forward(int8_path, "int8", None),
-                                           test_pixels), test_labels, card.verdict)
+        record = parity(reference, scores(openvino_forward(int8_path, "int8", None)),
+                        test_labels, card.verdict)
         check_int8(record, max_auc_drop)
         records["int8"] = {"file": INT8_FILE, "runtime": "openvino/int8",
                            "calibration_images": len(calibration), **record.to_dict()}
@@ -180,9 +175,10 @@ def add_exports(uri: str, int8: bool = False, shards_uri: str | None = None,
     return card.exports
 
 
+def kind_for(precision: str) -> str:
+    """The export a precision runs from: the int8 model, or the float32 ONNX."""
+    return "int8" if precision == "int8" else "onnx"
+
+
 def files_of(kind: str) -> tuple[str, ...]:
     return (ONNX_FILE,) if kind == "onnx" else INT8_FILES
-
-
-def exported(directory: str, kind: str) -> bool:
-    return all(os.path.exists(os.path.join(directory, f)) for f in files_of(kind))

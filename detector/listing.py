@@ -28,6 +28,7 @@ from detector import storage
 
 PLAN_LIST_CALLS = 32  # delimiter listings the driver may spend on planning
 PLAN_MAX_RANGES = 16  # listing parallelism to spare; more would only cut smaller parts
+LISTING_TASKS = 4  # ranges listed at once by a scan or prepare; each is I/O-bound and cheap
 MANIFEST_SUFFIXES = (".csv", ".csv.gz", ".parquet")
 
 

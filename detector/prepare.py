@@ -32,7 +32,6 @@ from detector import audit, listing, preprocess, storage
 from detector.config import PrepareConfig
 from detector.data import MANIFEST, SHARD_SCHEMA, SPLITS, fetch_many
 
-LISTING_TASKS = 4  # listing tasks at once; each is I/O-bound and cheap
 DECODE_BATCH = 32
 ROWS_PER_BLOCK = 64  # a decode task's input: two batches
 BLOCK_BYTES = 1 << 20  # listing tasks hand on ~6k keys at a time, as scans do
@@ -113,19 +112,20 @@ def sampled_items(listed, per_class: int, seed: int) -> list[dict]:
     heaps: dict[int, list] = {0: [], 1: []}
     for batch in listed.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
-            entry = (_neg(sample_rank(seed, row["uri"])), row["uri"], row["size_bytes"])
-            heap = heaps[row["label"]]
-            if len(heap) < per_class:
-                heapq.heappush(heap, entry)
-            elif entry > heap[0]:
-                heapq.heapreplace(heap, entry)
+            keep_lowest(heaps[row["label"]], per_class, sample_rank(seed, row["uri"]),
+                        row["uri"], row["size_bytes"])
     return [{"uri": uri, "label": label, "size_bytes": size}
             for label, heap in heaps.items() for _, uri, size in heap]
 
 
-def _neg(rank: bytes) -> bytes:
-    """Inverts the byte order, making heapq's min-heap a max-heap on rank."""
-    return bytes(255 - b for b in rank)
+def keep_lowest(heap: list, limit: int, rank: bytes, key: str, payload) -> None:
+    """Offer (rank, key, payload) to `heap`, which keeps the `limit` entries of lowest
+    (rank, key): a max-heap through heapq's min-heap, on the rank's inverted bytes."""
+    entry = (bytes(255 - b for b in rank), key)
+    if len(heap) < limit:
+        heapq.heappush(heap, (*entry, payload))
+    elif entry > heap[0][:2]:
+        heapq.heapreplace(heap, (*entry, payload))
 
 
 # ------------------------------------------------------------------------------ decode, write
@@ -193,7 +193,7 @@ class Tally:
         self.parts: dict[str, set[str]] = {s: set() for s in SPLITS}
         self.skipped: list[dict] = []
         self._fingerprint = 0
-        self._audit: list[tuple[bytes, dict]] = []  # max-heap on rank, via _neg
+        self._audit: list[tuple[bytes, str, dict]] = []  # see keep_lowest
 
     @property
     def written(self) -> int:
@@ -216,13 +216,9 @@ class Tally:
 
     def _sample_for_audit(self, row: dict) -> None:
         """Keep the AUDIT_ROWS rows of lowest content rank: the same sample every run."""
-        entry = (_neg(hashlib.sha1(row["sha256"].encode()).digest()), row["source_uri"])
-        item = (*entry, {k: row[k] for k in ("label", "source_format", "width", "height",
-                                              "size_bytes")})
-        if len(self._audit) < AUDIT_ROWS:
-            heapq.heappush(self._audit, item)
-        elif entry > self._audit[0][:2]:
-            heapq.heapreplace(self._audit, item)
+        keep_lowest(self._audit, AUDIT_ROWS, hashlib.sha1(row["sha256"].encode()).digest(),
+                    row["source_uri"], {k: row[k] for k in ("label", "source_format", "width",
+                                                            "height", "size_bytes")})
 
     @property
     def fingerprint(self) -> str:
@@ -262,7 +258,7 @@ def _run(config: PrepareConfig, specs: list[dict], started: float) -> dict:
                                  override_num_blocks=len(specs)).map_batches(
         list_specs, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"per_class": config.per_class, "seed": config.seed},
-        compute=ray.data.TaskPoolStrategy(size=min(LISTING_TASKS, len(specs))), num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=min(listing.LISTING_TASKS, len(specs))), num_cpus=0,
     )
     if config.per_class is not None:
         items = sampled_items(listed, config.per_class, config.seed)

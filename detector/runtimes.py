@@ -14,7 +14,6 @@ something slower.
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -25,9 +24,7 @@ import numpy as np
 from detector import storage
 from detector.artifact import ModelCard
 from detector.config import BACKENDS, PRECISIONS
-from detector.export import INT8_FILE, ONNX_FILE, files_of
-
-log = logging.getLogger(__name__)
+from detector.export import INT8_FILE, ONNX_FILE, files_of, kind_for
 
 
 class RuntimeUnavailable(ValueError):
@@ -51,7 +48,7 @@ def resolve(card: ModelCard, backend: str = "auto", precision: str = "float32",
         raise RuntimeUnavailable(f"backend must be one of {BACKENDS}, got {backend!r}")
     if precision not in PRECISIONS:
         raise RuntimeUnavailable(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    kind = "int8" if precision == "int8" else "onnx"
+    kind = kind_for(precision)
     has_export = kind in card.exports
     if backend == "auto":
         if precision == "int8":
@@ -91,7 +88,7 @@ def load(uri: str, choice: Choice, card: ModelCard, threads: int | None = None
         model, _ = load_artifact(uri)
         return keras_forward(model, card.image_size, choice.precision)
     with tempfile.TemporaryDirectory() as tmp:
-        kind = "int8" if choice.precision == "int8" else "onnx"
+        kind = kind_for(choice.precision)
         for name in files_of(kind):
             storage.download_file(storage.join(uri, name), os.path.join(tmp, name))
         path = os.path.join(tmp, INT8_FILE if kind == "int8" else ONNX_FILE)
@@ -157,16 +154,13 @@ def bf16_hardware(gpu_ok: bool = True) -> bool:
     """AMX or AVX512-BF16 on this CPU (or, for TensorFlow, a GPU)."""
     if gpu_ok and gpu_present():
         return True
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    features = cpu_features()
+    return features["amx_bf16"] or features["avx512_bf16"]
 
 
 def cpu_features() -> dict[str, bool]:
-    """What the benchmarks print, so their numbers can be read on other machines."""
+    """The CPU's inference features (also for benchmarks to print, so their numbers can
+    be read on other machines)."""
     try:
         with open("/proc/cpuinfo") as handle:
             flags = set(handle.read().split())

@@ -44,7 +44,6 @@ MAX_PASSES = 3
 PROGRESS_EVERY_S = 10.0
 DEFAULT_CPUS_PER_ACTOR = 2.0
 DECODE_CPUS = 0.5  # per decode task: reads wait on storage part of the time
-LISTING_TASKS = 4  # listing tasks at once; each is I/O-bound and cheap
 BLOCK_BYTES = 2 * 1024 * 1024  # ~12k listed keys, or ~13 decoded images at 224 px
 REPORT_SCHEMA = report.REPORT_SCHEMA  # re-exported: the report's columns
 
@@ -163,7 +162,7 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
         list_partitions, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"include": tuple(config.include), "partition_size": config.partition_size,
                    "out": out, **run},
-        compute=ray.data.TaskPoolStrategy(size=min(LISTING_TASKS, len(items))), num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=min(listing.LISTING_TASKS, len(items))), num_cpus=0,
     )
     decoded = _reblocked(listed, ROWS_PER_BLOCK).map_batches(
         decode_objects, batch_size=ROWS_PER_BLOCK, batch_format="pyarrow",

@@ -200,13 +200,13 @@ class Model:
     def __init__(self, config: ServeConfig):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
         from detector.predictor import Predictor
-        from detector.threads import threads_for, use_reserved_cpus
+        from detector.threads import use_reserved_cpus
 
-        use_reserved_cpus(config.num_cpus, config.num_gpus)  # not every core of the host
+        # Not every core of the host.
+        threads = use_reserved_cpus(config.num_cpus, config.num_gpus)
         self.predictor = Predictor.from_uri(
             config.model_uri, batch_size=config.max_batch_size, backend=config.backend,
-            precision=config.precision,
-            threads=None if config.num_gpus else threads_for(config.num_cpus))
+            precision=config.precision, threads=threads)
         # The decorator's arguments are fixed at import; the configured values apply here.
         self.score.set_max_batch_size(config.max_batch_size)
         self.score.set_batch_wait_timeout_s(config.batch_wait_timeout_s)

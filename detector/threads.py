@@ -15,11 +15,15 @@ def threads_for(cpus: float) -> int:
     return max(1, math.ceil(cpus))
 
 
-def use_reserved_cpus(cpus: float, gpus: float = 0.0) -> None:
+def use_reserved_cpus(cpus: float, gpus: float = 0.0) -> int | None:
     """Size TensorFlow's pools to a CPU reservation; on a GPU the CPU pools barely matter
-    and are left alone. Call before the first model is built or loaded."""
-    if not gpus:
-        limit_threads(threads_for(cpus))
+    and are left alone. Call before the first model is built or loaded. Returns the
+    threads the other runtimes should use too (None on a GPU: their default)."""
+    if gpus:
+        return None
+    threads = threads_for(cpus)
+    limit_threads(threads)
+    return threads
 
 
 def limit_threads(threads: int) -> None:
