@@ -24,21 +24,11 @@ import time
 
 import numpy as np
 from _measure import OwnPeakRss, report, run_child, save_json
+from _model import untrained_artifact
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE = 32
 MODEL = "vit_tiny"
-
-
-def make_model(tmp: str) -> str:
-    from detector.artifact import ModelCard, save_artifact
-    from detector.models import build_model
-
-    uri = os.path.join(tmp, "model")
-    save_artifact(build_model(MODEL, image_size=SIZE),
-                  ModelCard(name=MODEL, architecture="vit", image_size=SIZE,
-                            preprocess_version=1), uri)
-    return uri
 
 
 def blobs(count: int = 64) -> list[bytes]:
@@ -155,7 +145,7 @@ def main() -> None:
 
     results: dict = {"model": MODEL, "image_size": SIZE, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
-        model_uri = make_model(tmp)
+        model_uri = untrained_artifact(tmp, MODEL, SIZE)
         for key, count in (("small", args.small), ("large", args.large))[:2 if args.small else 0]:
             bucket = make_local_bucket(os.path.join(tmp, key), count)
             if key == "small":

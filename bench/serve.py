@@ -1,8 +1,11 @@
 """HTTP load against the Serve endpoint, with dynamic batching on vs off, in one run.
 
-    .venv/bin/python bench/serve.py [--model resnet50v2 --image-size 224] [--json OUT]
+    .venv/bin/python bench/serve.py [--model resnet50v2 --image-size 224]
+                                    [--backend auto --precision int8] [--json OUT]
 
-1. Builds the model (weights none: speed does not depend on them) into a temp artifact.
+1. Builds the model (weights none: speed does not depend on them) into a temp artifact,
+   with its ONNX and int8 exports; the replicas run --backend/--precision (default: the
+   fast path, OpenVINO int8).
 2. Raw throughput: `Predictor.score` on pre-decoded batches of 32 in a Ray task before Serve
    starts (a Ray worker, like the replicas: same process priority), i.e. the best the
    hardware does without HTTP, decoding or queueing.
@@ -29,12 +32,14 @@ from pathlib import Path
 
 import numpy as np
 from _measure import save_json
+from _model import untrained_artifact
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere, without installing the package
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from detector.config import BACKENDS, PRECISIONS  # noqa: E402  (after the path is set)
 
 DEFAULT_JSON = ROOT / "bench" / "results" / "serve.json"
 CONCURRENCY = (1, 8, 32)
@@ -56,27 +61,14 @@ def photos(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def save_model(name: str, image_size: int, where: str) -> str:
-    from detector.artifact import ModelCard, save_artifact
-    from detector.models import build_model, get_spec
-    from detector.preprocess import PREPROCESS_VERSION
-
-    spec = get_spec(name)
-    kwargs = {"weights": "none"} if spec.pretrained else {}
-    model = build_model(name, image_size=image_size, **kwargs)
-    card = ModelCard(name=name, architecture=spec.family, image_size=image_size,
-                     preprocess_version=PREPROCESS_VERSION)
-    return save_artifact(model, card, os.path.join(where, name))
-
-
 def raw_throughput(uri: str, blobs: list[bytes], batches: int, repeats: int,
-                   precision: str = "float32") -> dict:
+                   backend: str, precision: str) -> dict:
     """Images/s of Predictor.score on pre-decoded batches of 32 (median and best)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from detector.predictor import Predictor
     from detector.preprocess import load_image
 
-    predictor = Predictor.from_uri(uri, batch_size=32, precision=precision)
+    predictor = Predictor.from_uri(uri, batch_size=32, backend=backend, precision=precision)
     decoded = np.stack([load_image(b, predictor.image_size)[0] for b in blobs])
     batch = np.resize(decoded, (32, *decoded.shape[1:]))
     predictor.score(batch)  # trace and warm up
@@ -128,7 +120,7 @@ def load(url: str, blobs: list[bytes], concurrency: int, total: int) -> dict:
 
 
 def bench_mode(uri: str, port: int, max_batch_size: int, blobs: list[bytes],
-               requests_per_client: int, precision: str = "float32") -> dict:
+               requests_per_client: int, backend: str, precision: str) -> dict:
     from ray import serve
 
     from detector.serve import ServeConfig, build_app_from_config
@@ -136,7 +128,7 @@ def bench_mode(uri: str, port: int, max_batch_size: int, blobs: list[bytes],
     # Same replica queue for both modes, so the only difference is the batching.
     config = ServeConfig(model_uri=uri, min_replicas=1, max_replicas=1,
                          max_batch_size=max_batch_size, max_ongoing_requests=64,
-                         precision=precision)
+                         backend=backend, precision=precision)
     serve.run(build_app_from_config(config), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/detect"
     load(url, blobs, concurrency=4, total=16)  # warm up the path end to end
@@ -165,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-per-client", type=int, default=6,
                         help="requests per level = max(24, this x concurrency)")
     parser.add_argument("--raw-batches", type=int, default=4, help="batches of 32 per repeat")
-    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--precision", default="int8", choices=PRECISIONS)
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
 
@@ -174,19 +167,19 @@ def main(argv: list[str] | None = None) -> int:
 
     blobs = photos(16)
     with tempfile.TemporaryDirectory() as tmp:
-        uri = save_model(args.model, args.image_size, tmp)
+        uri = untrained_artifact(tmp, args.model, args.image_size, exports=True)
         # Our own local Ray on loopback: never join a `ray start` cluster elsewhere.
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1),
                  include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         load_before = os.getloadavg()
         raw = ray.get(ray.remote(num_cpus=1)(raw_throughput).remote(
-            uri, blobs, args.raw_batches, 3, args.precision))
+            uri, blobs, args.raw_batches, 3, args.backend, args.precision))
         print(f"raw Predictor.score, batches of 32: {raw['median_ips']:.1f} img/s (median)")
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             modes = {name: bench_mode(uri, port, size, blobs, args.requests_per_client,
-                                      args.precision)
+                                      args.backend, args.precision)
                      for name, size in MODES.items()}
         finally:
             serve.shutdown()
@@ -200,7 +193,7 @@ def report(args: argparse.Namespace, raw: dict, modes: dict, loadavg: dict) -> N
     ratio = served["batched"] / raw["median_ips"]
     result = {
         "benchmark": "serve", "model": args.model, "image_size": args.image_size,
-        "precision": args.precision,
+        "backend": args.backend, "precision": args.precision,
         "cpus": os.cpu_count(), "platform": platform.platform(),
         "loadavg_1_5_15": loadavg,  # other processes on the machine skew every number
         "raw_predictor": raw, "modes": modes,

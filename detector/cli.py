@@ -173,7 +173,17 @@ def run_train(args: argparse.Namespace) -> int:
     init_ray()
     result = train_models(config)
     print("\n" + result["comparison"])
+    print_exports(result["models"])
     return 0
+
+
+def print_exports(models: list[dict]) -> None:
+    """One line per model: the exports published with it, and any refused."""
+    for model in models:
+        line = f"{model['model']}: exports {', '.join(model['exports']) or 'none'}"
+        if model["export_refused"]:
+            line += f"; {model['export_refused']}"
+        print(line)
 
 
 def run_scan(args: argparse.Namespace) -> int:

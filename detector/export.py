@@ -26,7 +26,12 @@ PARITY_IMAGES = 512  # test-split images each parity record is measured on
 
 
 class ExportRefused(RuntimeError):
-    """An export whose parity with Keras is worse than allowed."""
+    """An export whose parity with Keras is worse than allowed. `kept`: the parity
+    records of the exports that passed, whose files are written (publishable as they are)."""
+
+    def __init__(self, message: str, kept: dict | None = None):
+        super().__init__(message)
+        self.kept = kept or {}
 
 
 def write_onnx(model, image_size: int, path: str) -> None:
@@ -135,7 +140,12 @@ def export_into(model, card, directory: str, test_pixels: np.ndarray,
         write_int8(onnx_path, calibration, int8_path)
         record = parity(reference, scores(openvino_forward(int8_path, "int8", None)),
                         test_labels, card.verdict)
-        check_int8(record, max_auc_drop)
+        try:
+            check_int8(record, max_auc_drop)
+        except ExportRefused as refused:
+            for name in INT8_FILES:  # never left beside a card that does not name it
+                os.remove(os.path.join(directory, name))
+            raise ExportRefused(str(refused), kept=records) from None
         records["int8"] = {"file": INT8_FILE, "runtime": "openvino/int8",
                            "calibration_images": len(calibration), **record.to_dict()}
     return records

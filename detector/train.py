@@ -180,7 +180,7 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str) 
     """Best checkpoint -> evaluated model artifact at OUT/<name>/. Returns its metrics."""
     from detector import evaluate
     from detector.artifact import ModelCard, save_artifact
-    from detector.export import export_from_shards
+    from detector.export import ExportRefused, export_from_shards
     from detector.models import build_model
     from detector.predictor import Predictor
     from detector.preprocess import PREPROCESS_VERSION
@@ -203,14 +203,21 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str) 
     card.threshold = report.threshold
     card.metrics = report.headline()
 
+    refusals = []
+
     def files(directory: str) -> None:
         report.write(directory)
         # The card is written after this: its parity record names a file already there.
-        card.exports = export_from_shards(model, card, directory, cfg.data)
+        try:
+            card.exports = export_from_shards(model, card, directory, cfg.data, cfg.int8)
+        except ExportRefused as refused:  # the model itself is good: publish it without
+            card.exports = refused.kept
+            refusals.append(str(refused))
 
     save_artifact(model, card, storage.join(cfg.out, name), extra_files=files)
     return {"model": name, "artifact": storage.join(cfg.out, name), **card.metrics,
-            "best_epoch": state.best_epoch, "epochs": state.epoch}
+            "best_epoch": state.best_epoch, "epochs": state.epoch,
+            "exports": sorted(card.exports), "export_refused": refusals[0] if refusals else None}
 
 
 def _family(name: str) -> str:

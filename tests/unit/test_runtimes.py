@@ -3,6 +3,7 @@ briefly trained model and on the sample test images; and the clear refusals."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -99,10 +100,14 @@ def test_int8_that_loses_accuracy_is_refused_before_publishing(trained_tiny, sam
 
     train_x, _, test_x, test_y = sample_arrays
     model, card = load_artifact(trained_tiny[0])
-    with pytest.raises(ExportRefused, match=r"test ROC AUC .* a drop of"):
+    with pytest.raises(ExportRefused, match=r"test ROC AUC .* a drop of") as refused:
         # A negative allowance: even an int8 model as good as float32 is refused.
         export_into(model, card, str(tmp_path), test_x, test_y, calibration=train_x[:32],
                     max_auc_drop=-1.0)
+    # What passed stays publishable (training publishes the model with it); the refused
+    # int8 files are gone, so no card can name them by mistake.
+    assert list(refused.value.kept) == ["onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx"]
 
 
 def test_vit_exports_too(sample_arrays, tmp_path):
