@@ -22,6 +22,7 @@ import time
 from _measure import save_json
 from _model import sample_pixels, untrained_artifact
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banners
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNTIMES = (("keras", "float32"), ("keras", "bfloat16"), ("onnxruntime", "float32"),
             ("onnxruntime", "bfloat16"), ("openvino", "float32"), ("openvino", "bfloat16"),

@@ -26,6 +26,7 @@ import numpy as np
 from _measure import report, run_child, save_json
 from _model import untrained_artifact
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banners
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -42,17 +42,19 @@ def run(workdir: str) -> int:
     _step("3/6 train: both architectures, data-parallel on 2 Ray Train workers")
     result = train_models(TrainConfig(
         data=shards, model=DEMO_MODELS, out=models, workers=2, epochs=25, batch_size=16,
-        lr=1e-3, weights="none", patience=8,
+        lr=1e-3, weights="none", patience=8, int8=True,
     ))
     print(result["comparison"])
+    cli.print_exports(result["models"])
 
     _step("4/6 predict: score a few files with the trained artifact (no cluster needed)")
     model_uri = storage.join(models, DEMO_MODELS[0])
+    runtime = _fast_runtime(result["models"][0])
     images = [o.uri for o in storage.list_objects(bucket)][::97][:6]
-    cli.main(["predict", "--model", model_uri, *images])
+    cli.main(["predict", "--model", model_uri, *runtime, *images])
 
     _step("5/6 serve: the HTTP endpoint on Ray Serve, a few real requests")
-    url = _serve(model_uri, bucket, workdir)
+    url = _serve(model_uri, bucket, workdir, runtime)
     for path in images[:4]:
         print(f"    POST /v1/detect {os.path.basename(path)} -> {_post(url, path)}")
 
@@ -67,12 +69,21 @@ def run(workdir: str) -> int:
     return 0
 
 
-def _serve(model_uri: str, bucket: str, workdir: str) -> str:
+def _fast_runtime(trained: dict) -> list[str]:
+    """The runtime flags predict, serve and the scan use: OpenVINO int8 when training
+    published it (an int8 model that lost accuracy is refused), else OpenVINO float32."""
+    precision = "int8" if "int8" in trained["exports"] else "float32"
+    return ["--backend", "openvino", "--precision", precision]
+
+
+def _serve(model_uri: str, bucket: str, workdir: str, runtime: list[str]) -> str:
     from detector.serve import ServeConfig, run
 
     port = _free_port()
-    run(ServeConfig(model_uri=model_uri, max_replicas=1, scan_allow=(bucket, workdir)),
-        port=port, blocking=False)
+    backend, precision = runtime[1], runtime[3]
+    print(f"    Model replicas run {backend}/{precision}; the scan below scores through them")
+    run(ServeConfig(model_uri=model_uri, max_replicas=1, scan_allow=(bucket, workdir),
+                    backend=backend, precision=precision), port=port, blocking=False)
     return f"http://127.0.0.1:{port}"
 
 

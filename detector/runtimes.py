@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,9 +111,14 @@ def openvino_forward(path: str, precision: str, threads: int | None
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = ov.Core().compile_model(path, "CPU", config)  # read now: the file may go
     request = compiled.create_infer_request()
+    # An infer request runs one inference at a time ("Infer Request is busy" otherwise),
+    # and a Serve replica calls from several threads; one at a time is also what the
+    # LATENCY hint wants: every thread on one batch.
+    lock = threading.Lock()
 
     def forward(pixels: np.ndarray) -> np.ndarray:
-        return np.asarray(request.infer([pixels])[0]).reshape(-1)
+        with lock:
+            return np.asarray(request.infer([pixels])[0]).reshape(-1)
 
     return forward
 

@@ -42,6 +42,25 @@ def test_float32_exports_match_keras(exported, sample_arrays):
     assert records["onnx"]["verdict_agreement"] == 1.0
 
 
+def test_runtimes_score_from_many_threads_at_once(exported, sample_arrays):
+    """A Serve replica scores from several threads: every runtime must give each caller
+    its own scores (OpenVINO's infer request alone would fail with "busy")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from detector.predictor import Predictor
+
+    uri, _ = exported
+    _, _, test_x, _ = sample_arrays
+    for backend, precision in (("openvino", "float32"), ("openvino", "int8"),
+                               ("onnxruntime", "float32")):
+        predictor = Predictor.from_uri(uri, batch_size=8, backend=backend, precision=precision)
+        alone = predictor.score(test_x)
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(predictor.score, [test_x] * 12))
+        for scores in together:
+            np.testing.assert_array_equal(scores, alone)
+
+
 def test_int8_and_bfloat16_stay_close_and_agree(exported, sample_arrays):
     from detector.artifact import load_card
     from detector.predictor import Predictor
