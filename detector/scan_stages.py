@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from detector import data, preprocess, report
 from detector.listing import ListingRange, iter_range
 from detector.partitions import Partition, Span, cut, partition_id
-from detector.threads import use_reserved_cpus
+from detector.threads import reserved_threads
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class ScoreWithPredictor:
                  precision: str = "float32", cpus: float = 1.0, gpus: float = 0.0):
         from detector.predictor import Predictor
 
-        threads = use_reserved_cpus(cpus, gpus)
+        threads = reserved_threads(cpus, gpus)
         self.predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision,
                                             threads=threads)
         self.threshold = threshold

@@ -200,10 +200,10 @@ class Model:
     def __init__(self, config: ServeConfig):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
         from detector.predictor import Predictor
-        from detector.threads import use_reserved_cpus
+        from detector.threads import reserved_threads
 
         # Not every core of the host.
-        threads = use_reserved_cpus(config.num_cpus, config.num_gpus)
+        threads = reserved_threads(config.num_cpus, config.num_gpus)
         self.predictor = Predictor.from_uri(
             config.model_uri, batch_size=config.max_batch_size, backend=config.backend,
             precision=config.precision, threads=threads)

@@ -1,13 +1,16 @@
-"""TensorFlow thread pools sized to what Ray reserved for the process.
+"""Inference and training threads sized to what Ray reserved for the process.
 
-TensorFlow starts a thread per core of the host (inside a container too), so several Ray
-workers, actors or replicas on one node would fight over the same cores. Each sets its
-pools to the CPUs it reserved instead.
+TensorFlow (and OpenVINO, ONNX Runtime) start a thread per core of the host, inside a
+container too, so several Ray workers, actors or replicas on one node would fight over
+the same cores. Each sizes its runtime to the CPUs it reserved instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+
+log = logging.getLogger(__name__)
 
 
 def threads_for(cpus: float) -> int:
@@ -15,20 +18,23 @@ def threads_for(cpus: float) -> int:
     return max(1, math.ceil(cpus))
 
 
-def use_reserved_cpus(cpus: float, gpus: float = 0.0) -> int | None:
-    """Size TensorFlow's pools to a CPU reservation; on a GPU the CPU pools barely matter
-    and are left alone. Call before the first model is built or loaded. Returns the
-    threads the other runtimes should use too (None on a GPU: their default)."""
-    if gpus:
-        return None
-    threads = threads_for(cpus)
-    limit_threads(threads)
-    return threads
+def reserved_threads(cpus: float, gpus: float = 0.0) -> int | None:
+    """The thread count for a runtime in a process that reserved `cpus` and `gpus`; None
+    on a GPU, where the CPU pools barely matter and keep their defaults."""
+    return None if gpus else threads_for(cpus)
 
 
 def limit_threads(threads: int) -> None:
-    """Cap TensorFlow's thread pools; call before the first model is built or loaded."""
+    """Cap TensorFlow's thread pools. They are fixed once TensorFlow has run anything: a
+    later call asking for other sizes leaves them as they are, with a warning."""
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    threading = tf.config.threading
+    if (threading.get_intra_op_parallelism_threads(),
+            threading.get_inter_op_parallelism_threads()) == (threads, threads):
+        return
+    try:
+        threading.set_intra_op_parallelism_threads(threads)
+        threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as exc:  # "... cannot be modified after initialization"
+        log.warning("TensorFlow's thread pools stay as they are: %s", exc)

@@ -35,10 +35,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from detector.augment import robust_augment
     from detector.models import build_model
-    from detector.threads import use_reserved_cpus
+    from detector.threads import limit_threads, reserved_threads
 
     cfg = TrainConfig(**loop_config["train_config"])
-    use_reserved_cpus(cfg.cpus_per_worker, cfg.gpus_per_worker)  # not every core of the host
+    threads = reserved_threads(cfg.cpus_per_worker, cfg.gpus_per_worker)
+    if threads:
+        limit_threads(threads)  # not every core of the host; before the first model
     name, image_size = loop_config["model"], loop_config["image_size"]
     context = ray.train.get_context()
     world, rank = context.get_world_size(), context.get_world_rank()

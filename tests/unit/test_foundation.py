@@ -118,7 +118,8 @@ def test_threads_follow_the_cpus_ray_reserved():
     from detector.threads import threads_for
 
     assert [threads_for(c) for c in (0.25, 1, 2, 2.5, 3)] == [1, 1, 2, 3, 3]
-    code = ("from detector.threads import use_reserved_cpus; use_reserved_cpus(2.5); "
+    code = ("from detector.threads import limit_threads, reserved_threads; "
+            "limit_threads(reserved_threads(2.5)); "
             "import tensorflow as tf; tf.constant(1.0) + 1; "
             "print(tf.config.threading.get_intra_op_parallelism_threads(), "
             "tf.config.threading.get_inter_op_parallelism_threads())")
