@@ -44,12 +44,20 @@ class ModelCard:
     )
 
     def verdict(self, score: float, threshold: float | None = None) -> str:
-        """Map P(AI-generated) to a verdict, with an "uncertain" band around the threshold
-        (the card's own unless one is given)."""
-        threshold = self.threshold if threshold is None else threshold
-        if abs(score - threshold) < self.uncertain_margin:
-            return "uncertain"
-        return "ai-generated" if score >= threshold else "real"
+        """The classifier's verdict for P(AI-generated), with an "uncertain" band around
+        the threshold (the card's own unless one is given); see detector.verdict."""
+        from detector.verdict import classify
+
+        return classify(score, self.threshold if threshold is None else threshold,
+                        self.uncertain_margin)
+
+    def decide(self, score: float, evidence=(), threshold: float | None = None
+               ) -> tuple[str, str]:
+        """(verdict, decided_by) by the one verdict rule: provenance, then this model."""
+        from detector.verdict import decide
+
+        return decide(score, self.threshold if threshold is None else threshold,
+                      self.uncertain_margin, evidence)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

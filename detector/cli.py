@@ -275,7 +275,12 @@ def run_predict(args: argparse.Namespace) -> int:
         elif prediction.error:
             print(f"{uri}\terror={prediction.error}\t{prediction.error_detail}")
         else:
-            print(f"{uri}\t{prediction.score_ai:.6f}\t{prediction.verdict}")
+            line = f"{uri}\t{prediction.score_ai:.6f}\t{prediction.verdict}\t" \
+                   f"{prediction.decided_by}"
+            if prediction.evidence:  # the strongest finding; --json lists them all
+                first = prediction.evidence[0]
+                line += f"\t{first['source']} {first['strength']}: {first['detail']}"
+            print(line)
     return 0
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from detector import preprocess, runtimes
+from detector import preprocess, provenance, runtimes
 from detector.artifact import ModelCard, load_card
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ class Prediction:
 
     score_ai: float | None
     verdict: str | None
+    decided_by: str | None = None  # provenance | classifier (detector.verdict)
+    evidence: list[dict] = field(default_factory=list)  # detector.provenance findings
     format: str | None = None
     width: int | None = None
     height: int | None = None
@@ -78,19 +80,22 @@ class Predictor:
         """Decode and score raw files; undecodable ones come back with an error code."""
         decoded: list[tuple[int, np.ndarray, preprocess.ImageInfo]] = []
         results: list[Prediction | None] = [None] * len(blobs)
+        evidence = [provenance.inspect(blob) for blob in blobs]
         for i, blob in enumerate(blobs):
             try:
                 pixels, info = preprocess.load_image(blob, self.image_size)
             except preprocess.ImageError as err:
-                results[i] = Prediction(None, None, error=err.code, error_detail=err.detail)
+                results[i] = Prediction(None, None, evidence=[e.to_dict() for e in evidence[i]],
+                                        error=err.code, error_detail=err.detail)
                 continue
             decoded.append((i, pixels, info))
         if decoded:
             scores = self.score(np.stack([pixels for _, pixels, _ in decoded]))
             for (i, _, info), score in zip(decoded, scores, strict=True):
+                verdict, decided_by = self.card.decide(float(score), evidence[i])
                 results[i] = Prediction(
-                    float(score), self.card.verdict(float(score)), info.format, info.width,
-                    info.height,
+                    float(score), verdict, decided_by, [e.to_dict() for e in evidence[i]],
+                    info.format, info.width, info.height,
                 )
         return results  # type: ignore[return-value]
 

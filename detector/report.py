@@ -31,8 +31,10 @@ MANIFEST = "_manifest.json"
 PLAN = "_plan.json"
 PART_PREFIX = "part-"
 META_KEY = b"detector"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: decided_by and evidence
 
+EVIDENCE_TYPE = pa.list_(pa.struct([("source", pa.string()), ("kind", pa.string()),
+                                    ("strength", pa.string()), ("detail", pa.string())]))
 REPORT_SCHEMA = pa.schema(
     [
         ("uri", pa.string()),
@@ -43,6 +45,8 @@ REPORT_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("score_ai", pa.float64()),
         ("verdict", pa.string()),
+        ("decided_by", pa.string()),  # provenance | classifier; see detector.verdict
+        ("evidence", EVIDENCE_TYPE),  # provenance findings, strongest first; see provenance
         ("model", pa.string()),
         ("threshold", pa.float64()),
         ("error", pa.string()),

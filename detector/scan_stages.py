@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detector import data, preprocess, report
+from detector import data, preprocess, provenance, report
 from detector.listing import ListingRange, iter_range
 from detector.partitions import Partition, Span, cut, partition_id
 from detector.threads import reserved_threads
@@ -106,8 +106,9 @@ def _reusable_rows(out: str, committed: dict | None, model: str,
                    threshold: float) -> dict[str, dict]:
     """uri -> row of the committed part, for rows a resumed scan may keep as they are."""
     if not committed or committed.get("model") != model or \
-            committed.get("threshold") != threshold:
-        return {}  # another model or threshold: every row is scored again
+            committed.get("threshold") != threshold or \
+            committed.get("format_version") != report.FORMAT_VERSION:
+        return {}  # another model, threshold or report format: every row is scored again
     rows = report.read_part(out, committed["file"]).to_pylist()
     return {r["uri"]: r for r in rows if r["error"] not in report.RETRYABLE_ERRORS}
 
@@ -142,6 +143,7 @@ def decode_objects(table: pa.Table, image_size: int, max_bytes: int) -> pa.Table
             continue
         if row["size_bytes"] is None:  # from a manifest without sizes
             row["size_bytes"] = len(blob)
+        row["evidence"] = [e.to_dict() for e in provenance.inspect(blob)]
         try:
             pixels, info = preprocess.load_image(blob, image_size, max_bytes=max_bytes)
         except preprocess.ImageError as err:
@@ -226,7 +228,8 @@ def finish_rows(table: pa.Table, card, threshold: float, score) -> pa.Table:
     if decoded:
         batch = data.decode_pixels([r["pixels"] for r in decoded], card.image_size)
         for row, value in zip(decoded, score(batch), strict=True):
-            row.update(score_ai=float(value), verdict=card.verdict(float(value), threshold),
+            verdict, decided_by = card.decide(float(value), _evidence(row), threshold)
+            row.update(score_ai=float(value), verdict=verdict, decided_by=decided_by,
                        pixels=None)
     now = dt.datetime.now(dt.UTC)
     label = f"{card.name}@{card.id}"
@@ -234,6 +237,10 @@ def finish_rows(table: pa.Table, card, threshold: float, score) -> pa.Table:
         if row["kind"] == "object" and not row["reused"]:
             row.update(model=label, threshold=threshold, scanned_at=now)
     return _table(rows)
+
+
+def _evidence(row: dict) -> list[provenance.Evidence]:
+    return [provenance.Evidence(**e) for e in row.get("evidence") or []]
 
 
 # ------------------------------------------------------------------------------ writing
@@ -295,7 +302,8 @@ class PartWriter:
             "after": header["after"], "last": header["last"], "rows": table.num_rows,
             "scanned": table.num_rows - reused, "reused": reused,
             "by_verdict": _counts(table.column("verdict")),
-            "by_error": _counts(table.column("error")), **self.run,
+            "by_error": _counts(table.column("error")),
+            "format_version": report.FORMAT_VERSION, **self.run,
         }
         report.write_part(self.out, header["file"], table, meta)
         return _note("committed", name, {**meta, "committed_at": time.time()})

@@ -36,7 +36,7 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from detector import preprocess, scan_service
+from detector import preprocess, provenance, scan_service
 from detector.artifact import ModelCard
 from detector.config import BACKENDS, PRECISIONS
 
@@ -401,11 +401,16 @@ class Ingress:
         start = outcome.lap("read", start)
         pixels, info = await asyncio.to_thread(self._decode, blob)
         start = outcome.lap("decode", start)
+        evidence = await asyncio.to_thread(provenance.inspect, blob)
+        start = outcome.lap("provenance", start)
         score, outcome.batch_size = await self._score(pixels)
         outcome.lap("model", start)
+        verdict, decided_by = self.model_card.decide(score, evidence)
         return {
             "score_ai": score,
-            "verdict": self.model_card.verdict(score),
+            "verdict": verdict,
+            "decided_by": decided_by,
+            "evidence": [e.to_dict() for e in evidence],
             "threshold": self.card["threshold"],
             "model": f"{self.card['name']}@{self.card['id']}",
             "format": info.format,

@@ -56,8 +56,9 @@ def other_model_uri(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scan_bucket(s3_server, local_ray):
     """> 1,000 objects (S3 lists 1,000 per page) in nested prefixes with odd keys, plus
-    corrupt, empty, non-image, oversized and excluded files."""
+    corrupt, empty, non-image, oversized and excluded files, and files with provenance."""
     import boto3
+    import provenance_fixtures as fx
 
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="scan")
@@ -69,6 +70,9 @@ def scan_bucket(s3_server, local_ray):
     s3.put_object(Bucket="scan", Key="photos/odd/huge scan ß.png", Body=big.getvalue())
     s3.put_object(Bucket="scan", Key="photos/odd/readme.txt", Body=b"not selected")
     s3.put_object(Bucket="scan", Key="photos/odd/empty.JPG", Body=b"")
+    s3.put_object(Bucket="scan", Key="photos/odd/signed ai.jpg", Body=fx.c2pa_signed(
+        fx.photo(), "image/jpeg", fx.AI, fx.test_chain()))
+    s3.put_object(Bucket="scan", Key="photos/odd/camera.jpg", Body=fx.camera_jpeg())
     s3.put_object(Bucket="scan", Key="photos/top level.png",
                   Body=storage.read_bytes(selected("s3://scan/photos/real")[0]))
     return "s3://scan/photos"
@@ -123,8 +127,16 @@ def test_report_is_a_committed_dataset_with_one_row_per_selected_object(scan_buc
     errors = {r["error"] for r in rows.values() if r["error"]}
     assert errors <= {"too-large", "empty", "truncated", "not-an-image", "corrupt"}
     for row in rows.values():
-        assert (row["score_ai"] is None) == (row["error"] is not None) == (row["verdict"] is None)
+        assert (row["score_ai"] is None) == (row["error"] is not None) == \
+            (row["verdict"] is None) == (row["decided_by"] is None)
         assert row["model"] == manifest["model"] and row["scanned_at"] is not None
+    signed, camera = rows["s3://scan/photos/odd/signed ai.jpg"], rows["s3://scan/photos/odd/camera.jpg"]
+    assert (signed["verdict"], signed["decided_by"]) == ("ai-generated", "provenance")
+    assert [(e["source"], e["kind"], e["strength"]) for e in signed["evidence"]] == \
+        [("c2pa", "ai-source-type", "strong")]
+    assert camera["decided_by"] == "classifier"
+    assert [e["strength"] for e in camera["evidence"]] == ["weak"]
+    assert sum(1 for r in rows.values() if r["evidence"]) == 2
     assert any("ü" in u for u in uris)
 
     sample_uris = [u for u in uris if rows[u]["error"] is None][:25]
@@ -297,6 +309,11 @@ def test_scan_via_serve_matches_data_and_the_http_endpoint(scan_bucket, model_ur
                                headers={"Content-Type": "application/octet-stream"}, timeout=30)
         assert answer.status_code == 200, answer.text
         assert answer.json()["score_ai"] == pytest.approx(rows[uri]["score_ai"], abs=1e-5)
+    signed = rows["s3://scan/photos/odd/signed ai.jpg"]
+    answer = requests.post(f"{serve_app}/v1/detect", data=storage.read_bytes(signed["uri"]),
+                           headers={"Content-Type": "image/jpeg"}, timeout=30).json()
+    assert (answer["verdict"], answer["decided_by"], answer["evidence"]) == \
+        (signed["verdict"], signed["decided_by"], signed["evidence"])
 
 
 def test_scan_never_labels_rows_with_a_model_it_did_not_use(scan_bucket, other_model_uri,

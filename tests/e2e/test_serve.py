@@ -195,14 +195,29 @@ def test_valid_image_scores_like_the_predictor(base, predictor, fmt):
     assert response.status_code == 200, response.text
     body = response.json()
     expected = predictor.predict_bytes([blob])[0]
-    assert set(body) == {"score_ai", "verdict", "threshold", "model", "format", "width", "height"}
+    assert set(body) == {"score_ai", "verdict", "decided_by", "evidence", "threshold", "model",
+                         "format", "width", "height"}
     assert body["score_ai"] == pytest.approx(expected.score_ai, abs=1e-5)
     assert body["verdict"] == predictor.card.verdict(body["score_ai"])
+    assert (body["decided_by"], body["evidence"]) == ("classifier", [])
     assert (body["format"], body["width"], body["height"]) == (
         expected.format, expected.width, expected.height)
     assert body["threshold"] == predictor.card.threshold
     assert body["model"] == f"vit_tiny@{predictor.card.id}"
     assert int(response.headers["X-Batch-Size"]) >= 1
+
+
+def test_provenance_decides_over_http_as_in_predict(base, predictor):
+    """A signed C2PA manifest declaring AI decides; camera EXIF is shown, never decides."""
+    import provenance_fixtures as fx
+
+    signed = fx.c2pa_signed(fx.photo(), "image/jpeg", fx.AI, fx.test_chain())
+    for blob, decided_by in ((signed, "provenance"), (fx.camera_jpeg(), "classifier")):
+        body = post(base, blob, "image/jpeg").json()
+        expected = predictor.predict_bytes([blob])[0]
+        assert (body["verdict"], body["decided_by"]) == (expected.verdict, decided_by)
+        assert body["evidence"] == expected.evidence
+    assert body["evidence"][0]["kind"] == "camera"  # the last one: weak, shown
 
 
 def test_multipart_upload(base, predictor):
@@ -398,6 +413,20 @@ def test_page_in_headless_chromium(base, predictor, tmp_path):
         assert kind == expected.verdict, browser.evaluate("result.innerText")
         assert f"{100 * expected.score_ai:.1f}%" in browser.evaluate("score.textContent")
         assert "probability" in browser.evaluate("explain.textContent")
+
+        # A file whose C2PA manifest declares AI: the page says what decided, and why.
+        import provenance_fixtures as fx
+
+        signed = tmp_path / "signed.jpg"
+        signed.write_bytes(fx.c2pa_signed(fx.photo(), "image/jpeg", fx.AI, fx.test_chain()))
+        browser.send("DOM.setFileInputFiles", files=[str(signed)], nodeId=node)
+        browser.wait_for("evidence.children.length > 0")
+        shot = browser.send("Page.captureScreenshot", format="png")["data"]
+        (ARTIFACTS / "serve-page-provenance.png").write_bytes(base64.b64decode(shot))
+        assert browser.evaluate("result.className") == "ai-generated"
+        assert "provenance" in browser.evaluate("score.textContent")
+        assert "c2pa (strong): trainedAlgorithmicMedia" in \
+            browser.evaluate("evidence.textContent")
     finally:
         browser.close()
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)

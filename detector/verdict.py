@@ -1,0 +1,39 @@
+"""The one verdict rule, used by predict, serve and scan alike.
+
+1. Strong AI provenance in the image's own bytes (a C2PA manifest or IPTC XMP declaring
+   an AI digital source type, generator parameters, a generator's name as the creating
+   software) decides: `ai-generated`, decided_by `provenance`.
+2. Otherwise the classifier decides (decided_by `classifier`): `uncertain` within
+   `margin` of the threshold, else `ai-generated` at or above it and `real` below.
+
+Weak evidence (camera EXIF, a manifest that fails validation) and a C2PA
+`digitalCapture` claim are shown beside the verdict and never change it: metadata that
+claims a camera is easy to write, while nobody adds an AI claim to pass as real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from detector.provenance import Evidence, decisive
+
+VERDICTS = ("real", "uncertain", "ai-generated")
+DECIDERS = ("provenance", "classifier")
+
+
+def classify(score: float, threshold: float, margin: float) -> str:
+    """The classifier's verdict for P(AI-generated) `score`."""
+    if abs(score - threshold) < margin:
+        return "uncertain"
+    return "ai-generated" if score >= threshold else "real"
+
+
+def decide(score: float | None, threshold: float, margin: float,
+           evidence: Sequence[Evidence] = ()) -> tuple[str | None, str | None]:
+    """(verdict, decided_by) for a classifier score and the image's provenance evidence;
+    (None, None) when neither can decide (no score: the image did not decode)."""
+    if decisive(list(evidence)) is not None:
+        return "ai-generated", "provenance"
+    if score is None:
+        return None, None
+    return classify(score, threshold, margin), "classifier"

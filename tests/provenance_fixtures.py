@@ -1,0 +1,161 @@
+"""Images carrying provenance, made by the tests themselves: C2PA manifests signed with
+c2pa-python's Builder and a test certificate chain, IPTC XMP, generator PNG chunks,
+camera EXIF, and malformed metadata."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+AI = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+CAPTURE = "http://cv.iptc.org/newscodes/digitalsourcetype/digitalCapture"
+
+
+def photo(fmt: str = "JPEG", size: tuple[int, int] = (96, 64), seed: int = 0, **save) -> bytes:
+    """A small textured image with whatever metadata `save` passes to Pillow."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Chain:
+    root_pem: bytes
+    leaf_pem: bytes
+    key_pem: bytes
+
+
+def test_chain() -> Chain:
+    """A root CA and an ES256 signing certificate with the extensions C2PA requires."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def usage(**chosen) -> x509.KeyUsage:
+        flags = dict.fromkeys(("digital_signature", "content_commitment", "key_encipherment",
+                               "data_encipherment", "key_agreement", "key_cert_sign",
+                               "crl_sign", "encipher_only", "decipher_only"), False)
+        return x509.KeyUsage(**(flags | chosen))
+
+    now = dt.datetime.now(dt.UTC)
+    root_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), \
+        ec.generate_private_key(ec.SECP256R1())
+    root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Detector Test Root"),
+                           x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Detector Tests")])
+    leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Detector Test Signer"),
+                           x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Detector Tests")])
+    root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
+            .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(usage(key_cert_sign=True, crl_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()),
+                           critical=False)
+            .sign(root_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(leaf_name).issuer_name(root_name)
+            .public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(usage(digital_signature=True), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]),
+                           critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                root_key.public_key()), critical=False)
+            .sign(root_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    return Chain(root.public_bytes(pem), leaf.public_bytes(pem),
+                 leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+
+
+def c2pa_signed(image: bytes, mime: str, source_type: str, chain: Chain,
+                generator: str = "Test Image Generator") -> bytes:
+    """`image` with a signed C2PA manifest whose c2pa.created action declares
+    `source_type` (no thumbnail, no timestamp authority: offline and small)."""
+    import c2pa
+
+    manifest = {"claim_generator_info": [{"name": generator, "version": "1.0"}],
+                "title": "fixture", "assertions": [{"label": "c2pa.actions", "data": {
+                    "actions": [{"action": "c2pa.created", "digitalSourceType": source_type}]}}]}
+    signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(
+        c2pa.C2paSigningAlg.ES256, chain.leaf_pem, chain.key_pem, None))
+    context = c2pa.Context(c2pa.Settings.from_dict({"builder": {"thumbnail": {"enabled": False}}}))
+    out = io.BytesIO()
+    # sign() returns the manifest bytes; the signed asset is what it writes to `out`.
+    c2pa.Builder(manifest, context).sign(signer, mime, io.BytesIO(image), out)
+    return out.getvalue()
+
+
+def xmp_packet(body: str) -> bytes:
+    return (
+        '<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description rdf:about="" '
+        'xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/" '
+        f'xmlns:xmp="http://ns.adobe.com/xap/1.0/">{body}</rdf:Description></rdf:RDF>'
+        '</x:xmpmeta><?xpacket end="w"?>'
+    ).encode()
+
+
+def iptc_xmp_jpeg(source_type: str = AI) -> bytes:
+    return photo(xmp=xmp_packet(
+        f"<Iptc4xmpExt:DigitalSourceType>{source_type}</Iptc4xmpExt:DigitalSourceType>"))
+
+
+def png_with_text(**chunks: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for key, value in chunks.items():
+        info.add_text(key, value)
+    return photo("PNG", pnginfo=info)
+
+
+def a1111_png() -> bytes:
+    return png_with_text(parameters="a lighthouse at dusk, oil painting\nNegative prompt: blurry\n"
+                         "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234, "
+                         "Size: 512x512, Model: sd_xl_base_1.0")
+
+
+def comfyui_png() -> bytes:
+    graph = {"3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 20}},
+             "4": {"class_type": "CheckpointLoaderSimple",
+                   "inputs": {"ckpt_name": "flux.safetensors"}}}
+    return png_with_text(prompt=json.dumps(graph), workflow=json.dumps({"nodes": []}))
+
+
+def camera_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Canon", "Canon EOS R5"
+    return photo(exif=exif)
+
+
+def xmp_entity_bomb_jpeg() -> bytes:
+    """XMP whose DTD defines nested entities (a "billion laughs"): defusedxml refuses it."""
+    lol = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+           + "".join(f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">'
+                     for i in range(1, 10))
+           + ']><x:xmpmeta xmlns:x="adobe:ns:meta/">&lol9;</x:xmpmeta>')
+    return photo(xmp=lol.encode())
+
+
+def ztxt_bomb_png() -> bytes:
+    """A PNG whose compressed text chunk inflates to 64 MB (from about 64 KB)."""
+    png = photo("PNG")
+    data = b"parameters\0\0" + zlib.compress(b"A" * (64 << 20), 9)
+    body = b"zTXt" + data
+    chunk = (len(data)).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+    head = png.index(b"IDAT") - 4  # before the first IDAT: read by Image.open itself
+    return png[:head] + chunk + png[head:]
