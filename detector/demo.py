@@ -47,9 +47,10 @@ def run(workdir: str) -> int:
     print(result["comparison"])
     cli.print_exports(result["models"])
 
-    _step("4/6 predict: score a few files with the trained artifact (no cluster needed)")
-    model_uri = storage.join(models, DEMO_MODELS[0])
     runtime = _fast_runtime(result["models"][0])
+    _step(f"4/6 predict {' '.join(runtime)}: score a few files with the trained artifact "
+          "(no cluster needed)")
+    model_uri = storage.join(models, DEMO_MODELS[0])
     images = [o.uri for o in storage.list_objects(bucket)][::97][:6]
     cli.main(["predict", "--model", model_uri, *runtime, *images])
 
@@ -104,7 +105,8 @@ def _post(url: str, path: str) -> str:
     body = answer.json()
     if answer.status_code != 200:
         return f"{answer.status_code} {body['error']}: {body['detail']}"
-    return f"200 score_ai={body['score_ai']:.4f} verdict={body['verdict']}"
+    return f"200 score_ai={body['score_ai']:.4f} verdict={body['verdict']} " \
+           f"decided_by={body['decided_by']}"
 
 
 def _scan_over_http(url: str, bucket: str, report: str) -> dict:
