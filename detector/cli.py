@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data", default=None,
                         help="prepared shards for calibration (val) and parity (test); "
                         "default: the model's training data")
-    export.add_argument("--max-auc-drop", type=float, default=0.005,
+    export.add_argument("--max-auc-drop", type=float, default=cfg.MAX_AUC_DROP,
                         help="refuse an int8 model whose test ROC AUC drops more than this")
     export.set_defaults(run=run_export)
 
@@ -256,9 +256,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from detector import storage
+    from detector import provenance, storage
     from detector.predictor import Prediction, Predictor
 
+    provenance.check_settings()
     predictor = Predictor.from_uri(args.model, backend=args.backend, precision=args.precision)
     blobs, read_errors = [], {}
     for i, uri in enumerate(args.images):

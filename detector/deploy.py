@@ -132,7 +132,9 @@ class ScanJob:
 
     via: str = "data"  # its own actor pool; the RayJob's cluster runs no Serve app
     backend: str = "openvino"  # said outright: a missing export fails the job, never slows it
-    precision: str = "int8"  # ~9x TensorFlow float32 on a CPU with VNNI/AMX (bench/predictor.py)
+    # int8 (~9x TensorFlow float32 on a CPU with VNNI/AMX, bench/predictor.py) where the
+    # train job publishes the int8 export, as it does by default.
+    precision: str = "int8" if TrainJob.int8 else "float32"
     batch_size: int = 64
     cpus_per_actor: float = 3.0
     gpus_per_actor: float = 0.0

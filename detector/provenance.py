@@ -19,8 +19,10 @@ exception.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -41,13 +43,18 @@ GENERATORS = re.compile(
     r"\b(midjourney|dall[-·\s]?e|stable[\s-]?diffusion|sdxl|comfyui|automatic1111|novelai|"
     r"invokeai|fooocus|adobe firefly|leonardo\.ai|ideogram|imagen \d|flux\.1)\b", re.I)
 DETAIL_CHARS = 200  # evidence details are summaries, never whole prompts or manifests
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Bumped when a rule above changes what is found: a resumed scan then re-reads every row.
+RULES_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Evidence:
     source: str  # c2pa | xmp | png-text | exif | metadata
     kind: str  # ai-source-type | capture-source-type | generator-metadata |
-    #            generator-software | camera | error
+    #            generator-software | camera | remote-manifest | error
     strength: str  # strong | weak | info
     detail: str
 
@@ -68,15 +75,31 @@ def inspect(blob: bytes) -> list[Evidence]:
             c2pa_possible = image.format != "JPEG" or any(
                 marker == "APP11" for marker, _ in getattr(image, "applist", []))
             found = list(_metadata(image))
-    except ValueError as exc:  # Pillow's caps: a text chunk that inflates past 1 MB
+    except ValueError as exc:
+        if not blob.startswith(PNG_SIGNATURE):
+            return []  # not an image Pillow reads: decoding reports it
+        # Pillow's caps on PNG text: a chunk inflating past 1 MB, or too many of them.
         mime, c2pa_possible = "image/png", True
         found = [Evidence("metadata", "error", INFO, _clip(str(exc)))]
     except Exception:  # (unreadable, or a pixel bomb: decoding says so)
         return []
     if c2pa_possible:
-        found += _c2pa(blob, mime)
+        try:
+            found += _c2pa(blob, mime)
+        except Exception as exc:  # a manifest shaped unlike any spec: never the caller's crash
+            log.warning("C2PA evidence failed: %s: %s", type(exc).__name__, exc)
+            found.append(Evidence("c2pa", "error", INFO,
+                                  _clip(f"unreadable manifest: {type(exc).__name__}")))
     order = {STRONG: 0, WEAK: 1, INFO: 2}
     return sorted(found, key=lambda e: order[e.strength])
+
+
+def rules_id() -> str:
+    """What a finding depends on besides the bytes: the rules and the trust anchors. A
+    resumed scan reuses a row's evidence only under the same id."""
+    anchors = os.environ.get(TRUST_ANCHORS_ENV, "")
+    suffix = f"+anchors:{hashlib.sha1(anchors.encode()).hexdigest()[:8]}" if anchors else ""
+    return f"{RULES_VERSION}{suffix}"
 
 
 def decisive(evidence: list[Evidence]) -> Evidence | None:
@@ -87,18 +110,34 @@ def decisive(evidence: list[Evidence]) -> Evidence | None:
 # ------------------------------------------------------------------------------ C2PA
 
 
+def check_settings() -> None:
+    """Read the C2PA settings now (trust anchors included): the processes that will read
+    provenance call this at start, so a bad DETECTOR_C2PA_TRUST_ANCHORS fails them there,
+    with its name, rather than every image later."""
+    _c2pa_context()
+
+
 @functools.cache
 def _c2pa_context():
-    """One reader context per process: the trust anchors are read once."""
+    """One reader context per process: the trust anchors are read once. Nothing is ever
+    fetched: c2pa-rs would otherwise GET a remote manifest URL that an upload names (a
+    request to wherever the uploader likes) and OCSP responders."""
     import c2pa
 
+    settings: dict = {"verify": {"remote_manifest_fetch": False, "ocsp_fetch": False}}
     anchors = os.environ.get(TRUST_ANCHORS_ENV)
-    if not anchors:
-        return None
-    from detector import storage
+    if anchors:
+        from detector import storage
 
-    pem = storage.read_bytes(anchors).decode()
-    return c2pa.Context(c2pa.Settings.from_dict({"trust": {"trust_anchors": pem}}))
+        try:
+            pem = storage.read_bytes(anchors).decode()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{TRUST_ANCHORS_ENV}={anchors}: cannot read a PEM bundle "
+                             f"({exc})") from None
+        if "-----BEGIN CERTIFICATE-----" not in pem:
+            raise ValueError(f"{TRUST_ANCHORS_ENV}={anchors} holds no PEM certificates")
+        settings["trust"] = {"trust_anchors": pem}
+    return c2pa.Context(c2pa.Settings.from_dict(settings))
 
 
 def _c2pa(blob: bytes, mime: str) -> list[Evidence]:
@@ -115,6 +154,10 @@ def _c2pa(blob: bytes, mime: str) -> list[Evidence]:
     except c2pa.C2paError.NotSupported:
         return []  # a format C2PA does not define (BMP, ...)
     except c2pa.C2paError as err:
+        # A manifest stored elsewhere is named, not fetched. c2pa-python 0.38 raises the
+        # plain C2paError for it, with the library's "Remote: ..." message.
+        if isinstance(err, c2pa.C2paError.RemoteManifest) or str(err).startswith("Remote"):
+            return [Evidence("c2pa", "remote-manifest", INFO, _clip(f"not fetched: {err}"))]
         return [Evidence("c2pa", "error", INFO, _clip(f"unreadable manifest: {err}"))]
     return list(_c2pa_evidence(manifest, state, results))
 
@@ -153,10 +196,17 @@ def _source_types(manifest: dict) -> list[str]:
 
 
 def _metadata(image) -> Iterator[Evidence]:
+    from PIL import Image
+
     yield from _xmp_evidence(_xmp(image))
     yield from _png_text(image.info)
     try:
-        exif = image.getexif()
+        if image.format == "TIFF":  # EXIF tags are the TIFF's own, read with its header
+            exif = image.getexif()
+        else:  # the raw block only: PNG's getexif() would decode every pixel to find one
+            exif = Image.Exif()
+            if image.info.get("exif"):
+                exif.load(image.info["exif"])
     except Exception as exc:  # (a malformed EXIF block)
         yield Evidence("exif", "error", INFO, _clip(f"unreadable EXIF: {exc}"))
         return
@@ -239,7 +289,7 @@ def _text(value) -> str:
 def _is_json_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the stack
         return False
 
 

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from detector import listing, report
+from detector import listing, provenance, report
 from detector.config import ScanConfig
 from detector.scan_stages import (
     NOTE_SCHEMA,
@@ -71,7 +71,8 @@ def scan(config: ScanConfig, progress: bool = True,
     if not config.resume and existing:
         report.delete_parts(out, existing)
     committed = _committed_spans(out, existing) if config.resume else {}
-    run = {"model": label, "threshold": threshold}
+    provenance.check_settings()  # a bad trust-anchor setting fails here, not per image
+    run = {"model": label, "threshold": threshold, "provenance": provenance.rules_id()}
     report.write_json(out, report.PLAN, {
         "source": config.source, "manifest": config.manifest, "include": list(config.include),
         "partition_size": config.partition_size, "started_at": started_at, **run,

@@ -51,13 +51,15 @@ SERVE_RETRY_S = 600.0  # how long a scan waits for Serve to replace a lost repli
 
 
 def list_partitions(batch: pa.Table, include: tuple[str, ...], partition_size: int,
-                    out: str, model: str, threshold: float) -> Iterator[pa.Table]:
+                    out: str, model: str, threshold: float, provenance: str
+                    ) -> Iterator[pa.Table]:
     """Ray Data stage: list each spec's range and emit its objects partition by partition.
 
     A spec is {"range", "committed": spans of parts a resumed scan may reuse, "bounds":
     (after, last) to list one lost partition again}. A partition whose committed part
-    still matches every object (same etag, model, threshold) is not emitted at all, only
-    its header, marked `kept`: its part stays as it is."""
+    still matches every object (same etag, model, threshold, provenance rules) is not
+    emitted at all, only its header, marked `kept`: its part stays as it is."""
+    run = {"model": model, "threshold": threshold, "provenance": provenance}
     for text in batch.column("spec").to_pylist():
         spec = json.loads(text)
         rng = ListingRange.from_dict(spec["range"])
@@ -71,15 +73,14 @@ def list_partitions(batch: pa.Table, include: tuple[str, ...], partition_size: i
         count = 0
         for part in cut(objects, rng.id, partition_size, spans):
             count += 1
-            yield from _partition_rows(part, rng, committed.get(part.id), out, model,
-                                       threshold)
+            yield from _partition_rows(part, rng, committed.get(part.id), out, run)
         yield _table([{"kind": "range_done", "partition": "", "header": json.dumps(
             {"range": rng.id, "partitions": count, "listed_at": time.time()})}])
 
 
 def _partition_rows(part: Partition, rng: ListingRange, committed: dict | None, out: str,
-                    model: str, threshold: float) -> Iterator[pa.Table]:
-    old = _reusable_rows(out, committed, model, threshold)
+                    run: dict) -> Iterator[pa.Table]:
+    old = _reusable_rows(out, committed, run)
     reused = {o.uri: old[o.uri] for o in part.objects
               if o.uri in old and o.etag is not None and old[o.uri]["etag"] == o.etag}
     header = {"range": rng.to_dict(), "after": part.after, "last": part.last,
@@ -102,13 +103,12 @@ def _partition_rows(part: Partition, rng: ListingRange, committed: dict | None, 
     yield _table(rows)
 
 
-def _reusable_rows(out: str, committed: dict | None, model: str,
-                   threshold: float) -> dict[str, dict]:
-    """uri -> row of the committed part, for rows a resumed scan may keep as they are."""
-    if not committed or committed.get("model") != model or \
-            committed.get("threshold") != threshold or \
+def _reusable_rows(out: str, committed: dict | None, run: dict) -> dict[str, dict]:
+    """uri -> row of the committed part, for rows a resumed scan may keep as they are:
+    written by the same model, threshold, provenance rules and report format."""
+    if not committed or any(committed.get(key) != value for key, value in run.items()) or \
             committed.get("format_version") != report.FORMAT_VERSION:
-        return {}  # another model, threshold or report format: every row is scored again
+        return {}  # something a row depends on changed: every row is scored again
     rows = report.read_part(out, committed["file"]).to_pylist()
     return {r["uri"]: r for r in rows if r["error"] not in report.RETRYABLE_ERRORS}
 
@@ -235,7 +235,9 @@ def finish_rows(table: pa.Table, card, threshold: float, score) -> pa.Table:
     label = f"{card.name}@{card.id}"
     for row in rows:
         if row["kind"] == "object" and not row["reused"]:
-            row.update(model=label, threshold=threshold, scanned_at=now)
+            # evidence: [] where none was read (refused or unread objects), never null.
+            row.update(model=label, threshold=threshold, scanned_at=now,
+                       evidence=row.get("evidence") or [])
     return _table(rows)
 
 

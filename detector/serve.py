@@ -341,6 +341,7 @@ class Ingress:
         self.config = config
         key = api_key or os.environ.get(config.api_key_env, "")
         self._key = key.encode() if key else None
+        provenance.check_settings()  # a bad trust-anchor setting fails the replica here
         # Decode at the model's own size: ask it once, at startup.
         self.card = await model.card.remote()
         self.model_card = ModelCard(**self.card)  # its verdict rule, the one rule

@@ -28,12 +28,10 @@ def classify(score: float, threshold: float, margin: float) -> str:
     return "ai-generated" if score >= threshold else "real"
 
 
-def decide(score: float | None, threshold: float, margin: float,
-           evidence: Sequence[Evidence] = ()) -> tuple[str | None, str | None]:
-    """(verdict, decided_by) for a classifier score and the image's provenance evidence;
-    (None, None) when neither can decide (no score: the image did not decode)."""
+def decide(score: float, threshold: float, margin: float,
+           evidence: Sequence[Evidence] = ()) -> tuple[str, str]:
+    """(verdict, decided_by) for a decoded image's classifier score and its provenance
+    evidence. An image that did not decode gets no verdict at all (its error instead)."""
     if decisive(list(evidence)) is not None:
         return "ai-generated", "provenance"
-    if score is None:
-        return None, None
     return classify(score, threshold, margin), "classifier"

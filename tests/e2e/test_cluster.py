@@ -279,15 +279,27 @@ def wait_for(check, timeout: float, what: str, alive: subprocess.Popen | None = 
 
 @pytest.fixture(scope="module")
 def model_uri(tmp_path_factory) -> str:
-    """An untrained vit_tiny artifact: the endpoint and scans need a model, not a good one."""
+    """An untrained vit_tiny artifact: the endpoint and scans need a model, not a good one.
+    With its ONNX and int8 exports, as the train job publishes them: the scan job runs
+    OpenVINO int8."""
+    import numpy as np
+
     from detector import preprocess
     from detector.artifact import ModelCard, save_artifact
+    from detector.export import export_into
     from detector.models import build_model
 
     uri = str(tmp_path_factory.mktemp("cluster") / "vit_tiny")
     card = ModelCard(name="vit_tiny", architecture="vit", image_size=SIZE,
                      preprocess_version=preprocess.PREPROCESS_VERSION)
-    return save_artifact(build_model("vit_tiny", image_size=SIZE), card, uri)
+    model = build_model("vit_tiny", image_size=SIZE)
+
+    def exports(directory: str) -> None:
+        pixels = np.random.default_rng(0).integers(0, 256, (16, SIZE, SIZE, 3), dtype=np.uint8)
+        card.exports.update(export_into(model, card, directory, pixels, None,
+                                        calibration=pixels))
+
+    return save_artifact(model, card, uri, extra_files=exports)
 
 
 def image_bytes() -> bytes:

@@ -126,3 +126,73 @@ def test_predictor_attaches_evidence_and_the_rule_decides(trained_tiny, chain):
     assert (ai.verdict, ai.decided_by) == ("ai-generated", "provenance")
     assert ai.evidence[0]["source"] == "c2pa" and ai.score_ai is not None
     assert broken.error and broken.verdict is None and broken.decided_by is None
+
+
+def test_remote_manifests_are_named_never_fetched():
+    """An upload naming a remote manifest URL must not make us GET it (c2pa-rs would by
+    default): the finding says so, and the listener sees no request."""
+    import http.server
+    import threading
+
+    from PIL import PngImagePlugin
+
+    hits = []
+
+    class Listener(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Listener)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/manifest.c2pa"
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", fx.xmp_packet("").decode().replace(
+            'rdf:about=""', f'rdf:about="" xmlns:dcterms="http://purl.org/dc/terms/" '
+            f'dcterms:provenance="{url}"'))
+        assert findings(fx.photo("PNG", pnginfo=info)) == [("c2pa", "remote-manifest", "info")]
+        assert hits == []
+    finally:
+        server.shutdown()
+
+
+def test_a_bad_trust_anchor_setting_fails_at_start(trust, tmp_path, monkeypatch):
+    from detector import provenance
+
+    trust(b"not a certificate")
+    with pytest.raises(ValueError, match=r"DETECTOR_C2PA_TRUST_ANCHORS=.*no PEM certificates"):
+        provenance.check_settings()
+    monkeypatch.setenv(provenance.TRUST_ANCHORS_ENV, str(tmp_path / "missing.pem"))
+    provenance._c2pa_context.cache_clear()
+    with pytest.raises(ValueError, match="cannot read a PEM bundle"):
+        provenance.check_settings()
+
+
+def test_metadata_is_read_without_decoding_pixels():
+    """A PNG header claiming 144 M pixels over a tiny body: reading its metadata must not
+    decode it (Pillow's PNG getexif() would)."""
+    import struct
+    import time
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 12_000, 12_000, 8, 2, 0, 0, 0)
+    png = fx.PNG_SIGNATURE + chunk(b"IHDR", header) + \
+        chunk(b"tEXt", b"parameters\0cat\nSteps: 20, Sampler: Euler") + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    started = time.perf_counter()
+    assert findings(png) == [("png-text", "generator-metadata", "strong")]
+    assert time.perf_counter() - started < 1.0
+
+
+def test_deeply_nested_json_loses_no_other_finding():
+    assert findings(fx.png_with_text(prompt="[" * 200_000, parameters=(
+        "cat\nSteps: 20, Sampler: Euler a"))) == [("png-text", "generator-metadata", "strong")]
