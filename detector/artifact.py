@@ -31,7 +31,9 @@ class ModelCard:
     image_size: int
     preprocess_version: int
     threshold: float = 0.5
-    uncertain_margin: float = 0.1
+    uncertain_margin: float = 0.1  # fitted on validation by training; see calibration.py
+    # Platt scaling of the raw score and its fit record (empty: none); see calibration.py
+    calibration: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=lambda: dict(LABELS))
     metrics: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from detector import augment, data, storage
+from detector import augment, calibration, data, storage
 from detector.predictor import Predictor
 
 TARGET_FPR = 0.01
@@ -206,12 +206,21 @@ def evaluate_model(
     """Choose the threshold on `val` (unless given; it is set on the predictor's card),
     then report on `split`."""
     card = predictor.card
-    if threshold is None:
+    if threshold is None:  # training: calibrate, then threshold and band, all on val
+        card.calibration = {}  # score raw
         val = score_split(predictor, shards_uri, "val")
-        threshold = choose_threshold(val.labels, val.scores)
+        fitted, card.calibration = calibration.fit(val.labels, val.scores)
+        probabilities = fitted.apply(val.scores)
+        threshold = calibration.clamp_threshold(choose_threshold(val.labels, probabilities))
+        card.uncertain_margin = calibration.uncertain_margin(val.labels, probabilities,
+                                                             threshold)
     card.threshold = threshold
-    scored = score_split(predictor, shards_uri, split, robustness=True)
-    return build_report(scored, threshold, split, history)
+    scored = score_split(predictor, shards_uri, split, robustness=True)  # calibrated
+    report = build_report(scored, threshold, split, history)
+    report.metrics["nll"] = calibration.quality(scored.labels, scored.scores)["nll"]
+    report.metrics["uncertain_margin"] = card.uncertain_margin
+    report.metrics["calibration"] = card.calibration
+    return report
 
 
 def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str,

@@ -14,6 +14,7 @@ import numpy as np
 
 from detector import preprocess, provenance, runtimes
 from detector.artifact import ModelCard, load_card
+from detector.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class Predictor:
         return self.card.image_size
 
     def score(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S, 3) -> float32 (N,) P(AI-generated), in chunks of batch_size."""
+        """uint8 (N, S, S, 3) -> float32 (N,) P(AI-generated), calibrated when the card
+        carries a calibration, in chunks of batch_size."""
         if len(pixels) == 0:
             return np.zeros((0,), dtype=np.float32)
         chunks = [
@@ -74,7 +76,10 @@ class Predictor:
                                                dtype=np.float32))
             for i in range(0, len(pixels), self.batch_size)
         ]
-        return np.concatenate([np.asarray(c).reshape(-1) for c in chunks]).astype(np.float32)
+        raw = np.concatenate([np.asarray(c).reshape(-1) for c in chunks]).astype(np.float32)
+        if self.card.calibration:  # the card's Platt scaling, fitted on validation
+            return Calibration(self.card.calibration["a"], self.card.calibration["b"]).apply(raw)
+        return raw
 
     def predict_bytes(self, blobs: Sequence[bytes]) -> list[Prediction]:
         """Decode and score raw files; undecodable ones come back with an error code."""

@@ -3,8 +3,10 @@
 1. Strong AI provenance in the image's own bytes (a C2PA manifest or IPTC XMP declaring
    an AI digital source type, generator parameters, a generator's name as the creating
    software) decides: `ai-generated`, decided_by `provenance`.
-2. Otherwise the classifier decides (decided_by `classifier`): `uncertain` within
-   `margin` of the threshold, else `ai-generated` at or above it and `real` below.
+2. Otherwise the classifier decides (decided_by `classifier`) on the calibrated
+   probability: `uncertain` within `margin` of the threshold (the band fitted on the
+   validation split, clamped so all three verdicts stay reachable: see
+   `detector.calibration`), else `ai-generated` at or above it and `real` below.
 
 Weak evidence (camera EXIF, a manifest that fails validation) and a C2PA
 `digitalCapture` claim are shown beside the verdict and never change it: metadata that
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from detector.calibration import clamp_band
 from detector.provenance import Evidence, decisive
 
 VERDICTS = ("real", "uncertain", "ai-generated")
@@ -22,8 +25,9 @@ DECIDERS = ("provenance", "classifier")
 
 
 def classify(score: float, threshold: float, margin: float) -> str:
-    """The classifier's verdict for P(AI-generated) `score`."""
-    if abs(score - threshold) < margin:
+    """The classifier's verdict for calibrated P(AI-generated) `score`. The band is
+    clamped, so a card with a high threshold still reaches `ai-generated`."""
+    if abs(score - threshold) < clamp_band(threshold, margin):
         return "uncertain"
     return "ai-generated" if score >= threshold else "real"
 

@@ -130,6 +130,12 @@ def test_train_job_survives_a_killed_worker_and_writes_both_artifacts(cluster, s
             assert (artifact / name).exists(), name
         card = json.loads((artifact / "detector.json").read_text())
         assert card["image_size"] == SIZE and 0 < card["threshold"] < 1
+        # Calibrated on the validation split: never a worse ECE there; the band around
+        # the threshold leaves both sides reachable.
+        calibrated = json.loads((artifact / "metrics.json").read_text())["calibration"]
+        assert calibrated == card["calibration"] and calibrated["fitted_on"] == "val"
+        assert calibrated["ece_after"] <= calibrated["ece_before"]
+        assert 0 < card["uncertain_margin"] <= min(card["threshold"], 1 - card["threshold"])
         robustness = json.loads((artifact / "robustness.json").read_text())
         assert set(robustness) == {"original", "jpeg95", "jpeg75", "jpeg50", "resize0.5"}
 
