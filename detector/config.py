@@ -96,7 +96,8 @@ class ScanConfig:
     precision: str = _opt("float32", "inference precision for --via data: " + PRECISION_HELP,
                           choices=PRECISIONS)
     resume: bool = _opt(False, "keep the parts of an earlier or interrupted scan into OUT and "
-                        "reuse rows whose (uri, etag, model id, threshold) all match")
+                        "reuse rows whose (uri, etag, model id, threshold) all match and "
+                        "that were written by this report format and provenance rules")
     threshold: float | None = _opt(None, "decision threshold (default: the model's own)")
     partition_size: int = _opt(65536, "objects per report part: the unit of commit, resume "
                                "and retry (and one Parquet row group)")

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 STRONG, WEAK, INFO = "strong", "weak", "info"
@@ -102,7 +102,7 @@ def rules_id() -> str:
     return f"{RULES_VERSION}{suffix}"
 
 
-def decisive(evidence: list[Evidence]) -> Evidence | None:
+def decisive(evidence: Iterable[Evidence]) -> Evidence | None:
     """The finding that decides a verdict on its own: strong evidence of AI generation."""
     return next((e for e in evidence if e.strength == STRONG and e.kind in AI_KINDS), None)
 

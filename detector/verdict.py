@@ -15,13 +15,10 @@ claims a camera is easy to write, while nobody adds an AI claim to pass as real.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 from detector.calibration import clamp_band
 from detector.provenance import Evidence, decisive
-
-VERDICTS = ("real", "uncertain", "ai-generated")
-DECIDERS = ("provenance", "classifier")
 
 
 def classify(score: float, threshold: float, margin: float) -> str:
@@ -33,9 +30,9 @@ def classify(score: float, threshold: float, margin: float) -> str:
 
 
 def decide(score: float, threshold: float, margin: float,
-           evidence: Sequence[Evidence] = ()) -> tuple[str, str]:
+           evidence: Iterable[Evidence] = ()) -> tuple[str, str]:
     """(verdict, decided_by) for a decoded image's classifier score and its provenance
     evidence. An image that did not decode gets no verdict at all (its error instead)."""
-    if decisive(list(evidence)) is not None:
+    if decisive(evidence) is not None:
         return "ai-generated", "provenance"
     return classify(score, threshold, margin), "classifier"
