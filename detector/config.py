@@ -65,6 +65,13 @@ class TrainConfig:
     image_size: int | None = _opt(None, "input size; default: the shards' size")
     weights: str = _opt("imagenet", "resnet50v2 base weights: imagenet | none | PATH/URI")
     augment: str = _opt("none", "training augmentation: none | robust", choices=("none", "robust"))
+    feature_cache: bool = _opt(True, "for models with a frozen base (resnet50v2): compute the "
+                               "base's features once (a Ray Data pass, kept beside the shards "
+                               "and reused by runs with the same data and settings) and train "
+                               "the head on them; --no-feature-cache recomputes the base "
+                               "every epoch")
+    views: int = _opt(4, "with --augment robust and the feature cache: augmented views cached "
+                      "per training image (epoch e trains on view e mod VIEWS)")
     int8: bool = _opt(False, "also publish an OpenVINO int8 export (NNCF, calibrated on the "
                       "validation split); left out, with a warning, when its test ROC AUC "
                       f"drops more than {MAX_AUC_DROP}")
@@ -137,7 +144,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.default is not dataclasses.MISSING:
             shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
             help_text = f"{help_text} (default: {shown})"
-        if kind is bool:
+        if kind is bool and f.default is True:  # on unless --no-FLAG
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        elif kind is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
         elif typing.get_origin(kind) is tuple:
             parser.add_argument(
@@ -154,7 +164,7 @@ def from_args(cls: type, args: argparse.Namespace) -> Any:
     values = {}
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name, None)
-        if value is None or (value is False and f.default is not dataclasses.MISSING):
+        if value is None or (value is False and f.default is False):
             continue
         kind = _base_type(hints[f.name])
         if typing.get_origin(kind) is tuple:

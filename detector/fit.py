@@ -60,6 +60,7 @@ class EpochEnd:
     state: FitState
     improved: bool
     metrics: dict
+    optimizer_state: list[np.ndarray] = field(default_factory=list)  # for the checkpoint
 
 
 def fit(
@@ -71,11 +72,13 @@ def fit(
     state: FitState | None = None,
     on_epoch_end: Callable[[EpochEnd], None] | None = None,
     best_weights: list | None = None,
+    optimizer_state: list[np.ndarray] | None = None,
 ) -> FitState:
     """Train `model` (built inside `strategy.scope()`) until early stopping or `epochs`.
 
-    On return the model holds the best weights seen. `state` (and the `best_weights` saved
-    with it) resume a previous run whose current weights are already in `model`.
+    On return the model holds the best weights seen. `state` (and the `best_weights` and
+    `optimizer_state` saved with it) resume a previous run whose current weights are
+    already in `model`: Adam continues with its moments and step count, as if never stopped.
     """
     import keras
     import tensorflow as tf
@@ -85,6 +88,8 @@ def fit(
     with strategy.scope():
         optimizer = keras.optimizers.Adam(learning_rate=state.lr)
         optimizer.build(model.trainable_variables)
+        if optimizer_state is not None:
+            _restore_optimizer(optimizer, optimizer_state)
 
     def per_example_loss(labels, predictions):
         return keras.losses.binary_crossentropy(tf.reshape(labels, (-1, 1)), predictions)
@@ -120,8 +125,8 @@ def fit(
         started = time.perf_counter()
         train_loss, steps, seen = 0.0, 0, 0
         for images, labels in train_batches():
-            loss = train_step(_as_images(images), _as_labels(labels))
-            train_loss += float(loss)
+            # Summed on the device: float() here would wait for every step to finish.
+            train_loss += train_step(_as_images(images), _as_labels(labels))
             steps += 1
             seen += len(labels)
             if settings.max_steps_per_epoch and steps >= settings.max_steps_per_epoch:
@@ -133,11 +138,12 @@ def fit(
         count = float(count)
         metrics = {
             "epoch": state.epoch + 1,
-            "loss": train_loss / max(steps, 1),
+            "loss": float(train_loss) / max(steps, 1),
             "val_loss": float(loss_sum) / count if count else math.nan,
             "val_accuracy": float(hits) / count if count else math.nan,
             "lr": state.lr,
             "train_images": seen,
+            "optimizer_steps": int(optimizer.iterations.numpy()),
             "seconds": time.perf_counter() - started,
         }
         improved = _update(state, metrics, settings)
@@ -145,10 +151,27 @@ def fit(
             best_weights = model.get_weights()
         optimizer.learning_rate.assign(state.lr)
         if on_epoch_end is not None:
-            on_epoch_end(EpochEnd(state, improved, metrics))
+            on_epoch_end(EpochEnd(state, improved, metrics, optimizer_snapshot(optimizer)))
     if best_weights is not None:
         model.set_weights(best_weights)
     return state
+
+
+def optimizer_snapshot(optimizer) -> list[np.ndarray]:
+    """Every optimizer variable (step count, moments) as arrays, in the optimizer's order."""
+    return [np.asarray(variable.numpy()) for variable in optimizer.variables]
+
+
+def _restore_optimizer(optimizer, values: list[np.ndarray]) -> None:
+    variables = optimizer.variables
+    shapes = [tuple(v.shape) for v in variables]
+    if len(values) != len(variables) or shapes != [tuple(np.shape(v)) for v in values]:
+        raise ValueError(
+            f"the checkpoint's optimizer state ({len(values)} variables) does not fit this "
+            f"model's optimizer ({len(variables)}): was it saved for another model?"
+        )
+    for variable, value in zip(variables, values, strict=True):
+        variable.assign(value)
 
 
 def _update(state: FitState, metrics: dict, settings: FitSettings) -> bool:

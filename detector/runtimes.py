@@ -85,9 +85,10 @@ def load(uri: str, choice: Choice, card: ModelCard, threads: int | None = None
     if choice.backend == "keras":
         from detector.artifact import load_artifact
         from detector.predictor import keras_forward
-        from detector.threads import limit_threads
+        from detector.threads import configure_gpus, limit_threads
 
-        if threads:  # TensorFlow is imported here only: the other runtimes never load it
+        configure_gpus()  # TensorFlow is imported here only: the other runtimes never load it
+        if threads:
             limit_threads(threads)
         model, _ = load_artifact(uri)
         return keras_forward(model, card.image_size, choice.precision)

@@ -38,3 +38,17 @@ def limit_threads(threads: int) -> None:
         threading.set_inter_op_parallelism_threads(threads)
     except RuntimeError as exc:  # "... cannot be modified after initialization"
         log.warning("TensorFlow's thread pools stay as they are: %s", exc)
+
+
+def configure_gpus() -> None:
+    """Let TensorFlow take GPU memory as it needs it. By default it takes nearly all of
+    every visible GPU at start, so a second process on the same GPU (a fractional-GPU
+    Serve replica or scan actor beside another) runs out of memory. Call before TensorFlow
+    first touches a GPU; later it has no effect, and says so in the log."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError as exc:  # "Physical devices cannot be modified after ..."
+            log.warning("GPU memory growth stays as it is on %s: %s", gpu.name, exc)

@@ -16,13 +16,14 @@ import os
 import shutil
 import tempfile
 
-from detector import data, storage
+from detector import data, features, storage
 from detector.config import TrainConfig, to_dict
 from detector.fit import EpochEnd, FitSettings, FitState, fit
 
 CURRENT_WEIGHTS = "current.weights.h5"
 BEST_WEIGHTS = "best.weights.h5"
 STATE = "state.json"
+OPTIMIZER = "optimizer.npz"  # Adam's step count and moments: a resume continues them
 RUNS_DIR = "_ray_runs"
 SHUFFLE_BUFFER_ROWS = 2048
 
@@ -35,13 +36,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from detector.augment import robust_augment
     from detector.models import build_model
-    from detector.threads import limit_threads, reserved_threads
+    from detector.threads import configure_gpus, limit_threads, reserved_threads
 
     cfg = TrainConfig(**loop_config["train_config"])
+    configure_gpus()
     threads = reserved_threads(cfg.cpus_per_worker, cfg.gpus_per_worker)
     if threads:
         limit_threads(threads)  # not every core of the host; before the first model
     name, image_size = loop_config["model"], loop_config["image_size"]
+    cache = loop_config.get("feature_cache")  # train the head on cached features
     context = ray.train.get_context()
     world, rank = context.get_world_size(), context.get_world_rank()
     tf.keras.utils.set_random_seed(cfg.seed)
@@ -49,25 +52,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
         model = build_model(name, image_size=image_size, **_build_overrides(name, cfg))
+        # What the optimizer trains: the head alone (its layers are the model's own) when
+        # the frozen base's features come from the cache, else the whole model.
+        trained = features.split(model, features.feature_layer(name))[1] if cache else model
 
-    state, best_weights = None, None
+    state, best_weights, optimizer_state = None, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             model.load_weights(os.path.join(directory, CURRENT_WEIGHTS))
             with open(os.path.join(directory, STATE)) as handle:
                 state = FitState.from_dict(json.load(handle))
-            best_weights = _read_weights(model, os.path.join(directory, BEST_WEIGHTS))
+            best_weights = _read_weights(model, os.path.join(directory, BEST_WEIGHTS), trained)
+            optimizer_state = _read_optimizer(os.path.join(directory, OPTIMIZER))
         if rank == 0:
             print(f"Resuming {name} from its checkpoint after epoch {state.epoch}", flush=True)
+    elif cache:  # the weights the cached features were computed with
+        features.load_weights(model, storage.join(cache, features.WEIGHTS))
 
     per_worker_batch = max(1, cfg.batch_size // world)
     rng = np.random.default_rng([cfg.seed, rank, state.epoch if state else 0])
+    epochs_started = [state.epoch if state else 0]
 
     def batches(split: str, train: bool):
-        shard = ray.train.get_dataset_shard(split)
-
         def generate():
+            if cache and train:  # epoch e reads augmented view e mod K of every image
+                view = epochs_started[0] % features.views_of(cfg)
+                shard = ray.train.get_dataset_shard(train_view(view))
+                epochs_started[0] += 1
+            else:
+                shard = ray.train.get_dataset_shard(split)
             # drop_last keeps every worker at the same step count, which the all-reduce needs.
             for batch in shard.iter_batches(
                 batch_size=per_worker_batch, batch_format="numpy", drop_last=train,
@@ -75,6 +89,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS if train else None,
                 local_shuffle_seed=int(rng.integers(2**31)) if train else None,
             ):
+                if cache:
+                    yield batch["features"], batch["label"]
+                    continue
                 pixels = data.decode_pixels(batch["image"], image_size)
                 if train and cfg.augment == "robust":
                     pixels = np.stack([robust_augment(p, rng) for p in pixels])
@@ -85,10 +102,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     workdir = tempfile.mkdtemp(prefix="detector-train-")
     best_path = os.path.join(workdir, BEST_WEIGHTS)
     if best_weights is not None:
-        model_weights = model.get_weights()
-        model.set_weights(best_weights)
+        current = trained.get_weights()
+        trained.set_weights(best_weights)
         model.save_weights(best_path)
-        model.set_weights(model_weights)
+        trained.set_weights(current)
 
     def on_epoch_end(end: EpochEnd) -> None:
         if end.improved:
@@ -100,6 +117,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             model.save_weights(os.path.join(directory, CURRENT_WEIGHTS))
             shutil.copy(best_path, os.path.join(directory, BEST_WEIGHTS))
+            np.savez(os.path.join(directory, OPTIMIZER), *end.optimizer_state)
             with open(os.path.join(directory, STATE), "w") as handle:
                 json.dump(end.state.to_dict(), handle)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -109,19 +127,37 @@ def train_loop_per_worker(loop_config: dict) -> None:
         max_steps_per_epoch=cfg.max_steps_per_epoch,
     )
     fit(
-        model, batches("train", True), batches("val", False), settings,
+        trained, batches("train", True), batches("val", False), settings,
         strategy=strategy, state=state, on_epoch_end=on_epoch_end, best_weights=best_weights,
+        optimizer_state=optimizer_state,
     )
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _read_weights(model, path: str):
-    """Weights stored in `path` as a list, leaving `model` as it was."""
+def train_view(view: int) -> str:
+    """The name of the Ray Train dataset holding cached view `view` of the training split."""
+    return f"train_view{view}"
+
+
+def _read_optimizer(path: str):
+    """The optimizer variables saved in a checkpoint; None in checkpoints from before
+    they were saved (Adam then restarts, as it always did)."""
+    import numpy as np
+
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as stored:
+        return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+
+def _read_weights(model, path: str, part):
+    """The weights of `part` (the model, or its head) in the model weights stored in
+    `path`, leaving `model` as it was."""
     if not os.path.exists(path):
         return None
     current = model.get_weights()
     model.load_weights(path)
-    stored = model.get_weights()
+    stored = part.get_weights()
     model.set_weights(current)
     return stored
 
@@ -132,21 +168,30 @@ def _build_overrides(name: str, cfg: TrainConfig) -> dict:
     return {"weights": cfg.weights} if get_spec(name).pretrained else {}
 
 
-def build_trainer(cfg: TrainConfig, name: str, image_size: int):
-    """The TensorflowTrainer for one model, reading the prepared shards."""
+def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: str | None = None,
+                  say=print):
+    """The TensorflowTrainer for one model, reading the prepared shards, or the frozen
+    base's cached features at `feature_cache` (see `detector.features`)."""
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
     run_name = f"train-{name}"
     storage_path = storage.join(cfg.out, RUNS_DIR)
-    if not cfg.resume:
-        storage.delete_tree(storage.join(storage_path, run_name))  # a fresh run
+    start_run(cfg, name, image_size, storage.join(storage_path, run_name), say)
     fs, path = storage.resolve(storage_path)
     if not storage.is_s3(storage_path):
         os.makedirs(path, exist_ok=True)
+    if feature_cache:
+        views = features.views_of(cfg)
+        datasets = {"val": _small(*features.read_features(feature_cache, "val"))}
+        datasets |= {train_view(k): _small(*features.read_features(feature_cache, "train", k))
+                     for k in range(views)}
+    else:
+        datasets = {split: _dataset(cfg.data, split) for split in ("train", "val")}
     return TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={"train_config": to_dict(cfg), "model": name, "image_size": image_size},
+        train_loop_config={"train_config": to_dict(cfg), "model": name, "image_size": image_size,
+                           "feature_cache": feature_cache},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.gpus_per_worker > 0,
@@ -160,10 +205,47 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int):
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={split: _dataset(cfg.data, split) for split in ("train", "val")},
+        datasets=datasets,
     )
 
 
+# The settings a checkpoint's weights and optimizer state depend on: `--resume` continues
+# a run only when all of them (and the shards' fingerprint) are what they were. Epochs,
+# patience, workers and resources may change between a run and its resume.
+RUN_SETTINGS = ("weights", "augment", "views", "lr", "batch_size", "seed")
+
+
+def run_key(cfg: TrainConfig, name: str, image_size: int) -> dict:
+    """What identifies a training run for `--resume`."""
+    settings = to_dict(cfg)
+    key = {"fingerprint": data.read_manifest(cfg.data)["fingerprint"], "model": name,
+           "image_size": image_size}
+    return key | {setting: settings[setting] for setting in RUN_SETTINGS} | {
+        "views": features.views_of(cfg)}
+
+
+def start_run(cfg: TrainConfig, name: str, image_size: int, run_uri: str, say=print) -> None:
+    """Keep the run at `run_uri` for Ray Train to resume, or clear it for a fresh run.
+
+    `--resume` keeps it only when its record shows the same shards and settings; anything
+    else starts fresh with one line saying why, so re-applying a train job after the
+    shards changed trains on them instead of republishing the old weights."""
+    key = run_key(cfg, name, image_size)
+    record_uri = run_uri + RUN_RECORD_SUFFIX
+    previous = json.loads(storage.read_bytes(record_uri)) if storage.exists(record_uri) else None
+    if cfg.resume and previous == key:
+        return
+    if cfg.resume and previous is None:
+        say(f"--resume: no earlier run of {name} under {cfg.out}; starting fresh")
+    elif cfg.resume:
+        changed = sorted(k for k in key if previous.get(k) != key[k])
+        say(f"--resume: the checkpointed run of {name} had other {', '.join(changed)}; "
+            "starting fresh")
+    storage.delete_tree(run_uri)
+    storage.write_bytes(record_uri, json.dumps(key, indent=2).encode())
+
+
+RUN_RECORD_SUFFIX = ".run.json"  # beside Ray Train's run directory, not inside it
 MATERIALIZE_BELOW_BYTES = 1 << 30
 
 
@@ -173,9 +255,12 @@ def _dataset(shards_uri: str, split: str):
     manifest = data.read_manifest(shards_uri)
     dataset = data.read_split(shards_uri, split, manifest=manifest)
     rows = sum(manifest["counts"][split].values())
-    if rows * 3 * manifest["image_size"] ** 2 < MATERIALIZE_BELOW_BYTES:
-        return dataset.materialize()
-    return dataset
+    return _small(dataset, rows * 3 * manifest["image_size"] ** 2)
+
+
+def _small(dataset, size_bytes: int):
+    """`dataset`, held in the object store when it is small (`size_bytes`)."""
+    return dataset.materialize() if size_bytes < MATERIALIZE_BELOW_BYTES else dataset
 
 
 def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str) -> dict:
@@ -246,7 +331,10 @@ def train_models(cfg: TrainConfig) -> dict:
         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker
     )
     for name in cfg.model:
-        result = build_trainer(cfg, name, image_size).fit()
+        cache = None
+        if cfg.feature_cache and features.feature_layer(name):
+            cache = features.ensure_cache(cfg, name, image_size)
+        result = build_trainer(cfg, name, image_size, cache).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training {name} reported no checkpoint: {result.error}")
         results.append(ray.get(finalize_task.remote(cfg, name, image_size, result.checkpoint.path)))

@@ -22,6 +22,9 @@ class ModelSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     pretrained: bool = False  # accepts `weights=` (imagenet | none | file)
+    # The layer whose output the trainable head reads when everything before it is frozen
+    # (ResNet50V2's pooled features): training may then cache that output once.
+    feature_layer: str | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -34,6 +37,7 @@ def register_model(
     image_size: int,
     description: str = "",
     pretrained: bool = False,
+    feature_layer: str | None = None,
     **defaults: Any,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `builder(image_size=..., **kwargs) -> keras.Model` under `name`."""
@@ -42,7 +46,7 @@ def register_model(
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelSpec(
-            name, family, image_size, builder, defaults, description, pretrained
+            name, family, image_size, builder, defaults, description, pretrained, feature_layer
         )
         return builder
 

@@ -32,6 +32,7 @@ def _tiny_stacks(x):
     return resnet.stack_residual_blocks_v2(x, 64, 2, stride1=1, name="conv4")
 
 
+FEATURE_LAYER = "gap"  # the pooled features of the base: what the head reads
 STACKS = {"resnet50v2": _resnet50v2_stacks, "tiny": _tiny_stacks}
 
 
@@ -92,7 +93,7 @@ def build_transfer_model(
     base.trainable = not freeze_base
     # training=False keeps the frozen base's BatchNorm statistics fixed while the head trains.
     x = base(x, training=False if freeze_base else None)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.GlobalAveragePooling2D(name=FEATURE_LAYER)(x)
     for i, (units, rate) in enumerate(zip(head_units, head_dropout, strict=True)):
         x = layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
         x = layers.BatchNormalization(name=f"head_bn{i}")(x)
@@ -119,6 +120,7 @@ register_model(
     image_size=224,
     description="ResNet50V2 (ImageNet, frozen) + the notebook's dense head",
     pretrained=True,
+    feature_layer=FEATURE_LAYER,
 )(build_transfer_model)
 
 register_model(
@@ -128,6 +130,19 @@ register_model(
     description="test-sized ResNetV2: 3 two-block stages at 1/4 width, trained end to end",
     stacks="tiny",
     freeze_base=False,
+    head_units=(64, 32),
+    bn_momentum=0.9,
+)(build_transfer_model)
+
+register_model(
+    "resnet50v2_tiny_frozen",
+    family="resnet50v2",
+    image_size=64,
+    description="test-sized frozen-base ResNetV2 (the tiny stacks, seeded random weights) "
+    "+ head: the feature-cache path of resnet50v2 at test size",
+    pretrained=True,
+    feature_layer=FEATURE_LAYER,
+    stacks="tiny",
     head_units=(64, 32),
     bn_momentum=0.9,
 )(build_transfer_model)

@@ -50,6 +50,9 @@ def test_config_flags_round_trip():
     cfg = config.from_args(config.TrainConfig, args)
     assert cfg.model == ("resnet50v2", "vit")
     assert (cfg.epochs, cfg.resume, cfg.gpus_per_worker, cfg.patience) == (3, True, 0.5, 3)
+    assert cfg.feature_cache is True  # on unless turned off
+    off = parser.parse_args(["--data", "d", "--model", "m", "--out", "o", "--no-feature-cache"])
+    assert config.from_args(config.TrainConfig, off).feature_cache is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "vit"])  # --data and --out are required
 
