@@ -10,7 +10,11 @@ pre-decoded batches; where no GPU is visible it measures the CPU rows, says so a
     .venv/bin/python bench/gpu.py [--model URI | --onnx PATH] [--batch 64] [--seconds 10]
 
 `--onnx PATH` needs only numpy and onnxruntime (no TensorFlow, no Ray): it runs on a bare
-GPU machine with an exported file copied to it.
+GPU machine with an exported file copied to it. Where that machine's onnxruntime has no CUDA
+provider but PyTorch has CUDA, the `torch/cuda` rows replay the same exported graph with
+PyTorch (`_onnx_torch.py`; float32, and bfloat16/float16 autocast), checked against ONNX
+Runtime on the CPU. `--pack OUT` writes the export with float16-stored weights (half the
+size, widened back to float32 before running) for machines that take little luggage.
 """
 
 from __future__ import annotations
@@ -55,6 +59,35 @@ def onnxruntime_rows(onnx_path: str, batch: np.ndarray, seconds: float) -> dict:
     return rows
 
 
+def torch_rows(onnx_path: str, batch: np.ndarray, seconds: float, reference: np.ndarray
+               ) -> dict:
+    """The exported graph replayed by PyTorch on CUDA: host batch in, scores back on the
+    host (as a Predictor would), in float32 and in bfloat16/float16 autocast."""
+    try:
+        import onnx
+        import torch
+        from _onnx_torch import OnnxGraph
+    except ImportError as exc:
+        return {"torch/cuda": {"unavailable": f"no PyTorch here ({exc.name})"}}
+    if not torch.cuda.is_available():
+        return {"torch/cuda": {"unavailable": "PyTorch sees no CUDA device"}}
+    graph = OnnxGraph(onnx.load(onnx_path), "cuda").eval()
+    rows = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        def forward(x, dtype=dtype):
+            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype,
+                                                        enabled=dtype != torch.float32):
+                return graph(torch.from_numpy(x).to("cuda", non_blocking=True)
+                             ).float().cpu().numpy()
+
+        diff = float(np.abs(forward(batch).reshape(-1) - reference.reshape(-1)).max())
+        name = str(dtype).removeprefix("torch.")
+        rows[f"torch/cuda/{name}"] = {"images_per_s": rate(forward, batch, seconds),
+                                      "max_abs_diff_vs_ort_cpu": diff}
+    rows["torch/cuda/float32"]["device"] = torch.cuda.get_device_name(0)
+    return rows
+
+
 def keras_rows(model_uri: str, batch: np.ndarray, seconds: float) -> dict:
     import tensorflow as tf
 
@@ -83,6 +116,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "gpu.json"))
+    parser.add_argument("--pack", metavar="OUT", help="only write the export, with float16 "
+                        "weights, to OUT and exit")
     args = parser.parse_args()
 
     gpu = bool(glob.glob("/dev/nvidia[0-9]*"))
@@ -98,13 +133,24 @@ def main() -> None:
                                                         exports=True)
             onnx_path = os.path.join(tmp, "model.onnx")
             storage.download_file(storage.join(model_uri, "model.onnx"), onnx_path)
+        import onnx
         import onnxruntime as ort
+        from _onnx_torch import narrow, widen
 
-        size = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"]) \
-            .get_inputs()[0].shape[1]
+        if args.pack:
+            onnx.save(narrow(onnx.load(onnx_path)), args.pack)
+            print(f"wrote {args.pack} ({os.path.getsize(args.pack) / 2**20:.0f} MiB)")
+            return
+        wide = os.path.join(tmp, "wide.onnx")  # a packed export, widened (else a copy)
+        onnx.save(widen(onnx.load(onnx_path)), wide)
+        onnx_path = wide
+        cpu = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        size = cpu.get_inputs()[0].shape[1]
         batch = np.random.default_rng(0).uniform(0, 255, (args.batch, size, size, 3)) \
             .astype(np.float32)
+        reference = cpu.run(None, {cpu.get_inputs()[0].name: batch})[0]
         rows = onnxruntime_rows(onnx_path, batch, args.seconds)
+        rows |= torch_rows(onnx_path, batch, args.seconds, reference)
         if model_uri is not None:
             rows |= keras_rows(model_uri, batch, args.seconds)
     baseline = rows["onnxruntime/CPUExecutionProvider"]["images_per_s"]
@@ -112,7 +158,10 @@ def main() -> None:
     for key, row in rows.items():
         if "images_per_s" in row:
             row["vs_onnxruntime_cpu"] = row["images_per_s"] / baseline
-            print(f"{key:36s} {row['images_per_s']:8.1f} {row['vs_onnxruntime_cpu']:9.2f}x")
+            extra = (f"   max |diff| vs ORT CPU {row['max_abs_diff_vs_ort_cpu']:.1e}"
+                     if "max_abs_diff_vs_ort_cpu" in row else "")
+            print(f"{key:36s} {row['images_per_s']:8.1f} {row['vs_onnxruntime_cpu']:9.2f}x"
+                  + extra)
         else:
             print(f"{key:36s}      n/a   ({row['unavailable']})")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)

@@ -1,13 +1,17 @@
-"""Training throughput: 1 vs 2 Ray Train workers, and input pipeline vs model step rate.
+"""Training speed: the frozen-base feature cache against recomputing the base, or scaling.
 
-All in one run on the same shards:
-- images/s of data-parallel training with 1 and 2 workers sharing the machine's cores
-  (1 worker x all cores vs 2 workers x half; epochs after the first);
-- a worker's input pipeline alone (Ray Data shard -> decoded uint8 batches), images/s;
-- the model's training step alone on in-memory batches, images/s.
-If the input pipeline is not well above the step rate, input bounds training.
+`--mode cache` (default; ResNet50V2 at 224 px, weights none), in one run on the same shards
+and settings, one worker with every core:
+- seconds per epoch after the first, recomputing the base (--no-feature-cache) and on
+  cached features, and their ratio;
+- the whole run (Ray Train's fit, epochs included), the cached one with its feature pass,
+  and their ratio; the feature pass's images/s.
 
-    .venv/bin/python bench/train.py [--model resnet50v2_tiny] [--image-size 64] [--json OUT]
+`--mode scaling` (resnet50v2_tiny at 64 px): images/s of data-parallel training with 1 and
+2 workers sharing the cores, a worker's input pipeline alone, and the model's training
+step alone on in-memory batches (if input is not well above the step rate, it bounds).
+
+    .venv/bin/python bench/train.py [--mode cache|scaling] [--model M] [--image-size N]
 """
 
 from __future__ import annotations
@@ -37,6 +41,48 @@ def training_rate(shards: str, out: str, model: str, workers: int, epochs: int) 
         history = json.load(f)["history"][1:]  # the first epoch pays graph tracing
     images = sum(h["train_images"] for h in history) * workers
     return images / sum(h["seconds"] for h in history)
+
+
+def cache_vs_recompute(shards: str, out: str, model: str, epochs: int) -> dict:
+    """Both paths with the same settings; times from the runs' own histories and clocks."""
+    from detector import features
+    from detector.config import TrainConfig
+    from detector.train import STATE, build_trainer
+
+    cores = os.cpu_count() or 1
+    results = {}
+    for cached in (False, True):
+        cfg = TrainConfig(data=shards, model=(model,), out=f"{out}-{int(cached)}", workers=1,
+                          epochs=epochs, cpus_per_worker=cores, batch_size=32,
+                          weights="none", patience=epochs, lr_patience=epochs,
+                          feature_cache=cached)
+        size = _image_size(shards)
+        started = time.perf_counter()
+        cache = features.ensure_cache(cfg, model, size, say=lambda _: None) if cached else None
+        pass_seconds = time.perf_counter() - started
+        result = build_trainer(cfg, model, size, cache, say=lambda _: None).fit()
+        whole = time.perf_counter() - started
+        with result.checkpoint.as_directory() as directory, \
+                open(os.path.join(directory, STATE)) as handle:
+            history = json.load(handle)["history"]
+        name = "cached" if cached else "recomputed"
+        later = history[1:]
+        results[f"{name}_seconds_per_epoch"] = sum(h["seconds"] for h in later) / len(later)
+        results[f"{name}_whole_run_seconds"] = whole
+        results[f"{name}_val_accuracy"] = history[-1]["val_accuracy"]
+        if cached:
+            from detector import data
+
+            manifest = data.read_manifest(shards)
+            images = sum(manifest["counts"]["train"].values()) + sum(
+                manifest["counts"]["val"].values())
+            results["feature_pass_seconds"] = pass_seconds
+            results["feature_pass_images_per_s"] = images / pass_seconds
+    results["epoch_speedup"] = (results["recomputed_seconds_per_epoch"]
+                                / results["cached_seconds_per_epoch"])
+    results["whole_run_speedup"] = (results["recomputed_whole_run_seconds"]
+                                    / results["cached_whole_run_seconds"])
+    return results
 
 
 def input_rate(shards: str, batch_size: int) -> float:
@@ -75,12 +121,17 @@ def _image_size(shards: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50v2_tiny")
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--mode", default="cache", choices=("cache", "scaling"))
+    parser.add_argument("--model", help="default: resnet50v2 (cache), resnet50v2_tiny")
+    parser.add_argument("--image-size", type=int, help="default: 224 (cache), 64")
     parser.add_argument("--per-class", type=int, default=400)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--json", default=os.path.join(HERE, "results", "train.json"))
+    parser.add_argument("--epochs", type=int, help="default: 10 (cache), 4")
+    parser.add_argument("--json", help="default: bench/results/train-MODE.json")
     args = parser.parse_args()
+    cache_mode = args.mode == "cache"
+    model = args.model or ("resnet50v2" if cache_mode else "resnet50v2_tiny")
+    size = args.image_size or (224 if cache_mode else 64)
+    epochs = args.epochs or (10 if cache_mode else 4)
 
     import ray
 
@@ -89,28 +140,38 @@ def main() -> None:
     from detector.sample import SampleSpec, write_sample
 
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-             logging_level="ERROR")
+             logging_level="ERROR", log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        write_sample(f"{tmp}/bucket", SampleSpec(per_class=args.per_class, size=args.image_size))
+        write_sample(f"{tmp}/bucket", SampleSpec(per_class=args.per_class, size=size))
         shards = f"{tmp}/shards"
         prepare.run(PrepareConfig(real=(f"{tmp}/bucket/real",), fake=(f"{tmp}/bucket/fake",),
-                                  out=shards, image_size=args.image_size), progress=False)
-        results = {"model": args.model, "image_size": args.image_size}
-        for workers in (1, 2):
-            results[f"train_images_per_s_{workers}_workers"] = training_rate(
-                shards, f"{tmp}/out-{workers}", args.model, workers, args.epochs)
-        results["input_pipeline_images_per_s"] = input_rate(shards, 16)
-        results["model_step_images_per_s"] = step_rate(args.model, args.image_size, 16)
+                                  out=shards, image_size=size), progress=False)
+        results = {"model": model, "image_size": size, "epochs": epochs,
+                   "cores": os.cpu_count()}
+        if cache_mode:
+            results |= cache_vs_recompute(shards, f"{tmp}/out", model, epochs)
+        else:
+            for workers in (1, 2):
+                results[f"train_images_per_s_{workers}_workers"] = training_rate(
+                    shards, f"{tmp}/out-{workers}", model, workers, epochs)
+            results["input_pipeline_images_per_s"] = input_rate(shards, 16)
+            results["model_step_images_per_s"] = step_rate(model, size, 16)
     ray.shutdown()
-    results["scaling_2_vs_1_workers"] = (results["train_images_per_s_2_workers"]
-                                         / results["train_images_per_s_1_workers"])
-    results["input_vs_step_rate"] = (results["input_pipeline_images_per_s"]
-                                     / results["model_step_images_per_s"])
+    if not cache_mode:
+        results["scaling_2_vs_1_workers"] = (results["train_images_per_s_2_workers"]
+                                             / results["train_images_per_s_1_workers"])
+        results["input_vs_step_rate"] = (results["input_pipeline_images_per_s"]
+                                         / results["model_step_images_per_s"])
     for key, value in results.items():
         print(f"{key:34s} {value:.2f}" if isinstance(value, float) else f"{key:34s} {value}")
-    bound = "input" if results["input_vs_step_rate"] < 1.5 else "compute"
-    print(f"=> training here is {bound}-bound")
-    save_json(args.json, results)
+    if cache_mode:
+        print(f"=> an epoch on cached features is {results['epoch_speedup']:.1f}x faster; "
+              f"the whole {epochs}-epoch run {results['whole_run_speedup']:.1f}x "
+              "(feature pass included)")
+    else:
+        bound = "input" if results["input_vs_step_rate"] < 1.5 else "compute"
+        print(f"=> training here is {bound}-bound")
+    save_json(args.json or os.path.join(HERE, "results", f"train-{args.mode}.json"), results)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,9 @@ class TrainConfig:
                                "and reused by runs with the same data and settings) and train "
                                "the head on them; --no-feature-cache recomputes the base "
                                "every epoch")
+    mixed_precision: bool = _opt(False, "compute in float16 (with loss scaling) on GPUs, or "
+                                 "bfloat16 on CPUs with AMX/AVX512-BF16; weights and the "
+                                 "published model stay float32")
     views: int = _opt(4, "with --augment robust and the feature cache: augmented views cached "
                       "per training image (epoch e trains on view e mod VIEWS)")
     int8: bool = _opt(False, "also publish an OpenVINO int8 export (NNCF, calibrated on the "

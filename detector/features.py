@@ -9,7 +9,8 @@ Parquet beside the shards, under a key of everything that changes them, and reus
 later runs with the same key. Training then fits only the head on them; the published
 artifact is still the whole model, evaluated end to end on pixels.
 
-Layout: SHARDS/_features/<key>/{model.weights.h5, val/, train/view=K/, _cache.json}.
+Layout: SHARDS/_features/<key>/{model.weights.h5, split=val/view=0/, split=train/view=K/,
+_cache.json}.
 `_cache.json` is written last: a cache without it is incomplete, and is rebuilt.
 """
 
@@ -128,32 +129,35 @@ def ensure_cache(cfg, name: str, image_size: int, say=print) -> str:
 
 
 def compute(cfg, name: str, image_size: int, key: CacheKey, uri: str, manifest: dict) -> dict:
-    """Run the feature pass into `uri`: initial weights first, then val and train."""
+    """Run the feature pass into `uri`: the initial weights first, then one pass of actors
+    over the validation and training splits together (one pool, started once)."""
+    import pyarrow as pa
     import ray
 
     resources = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
     ray.get(ray.remote(_write_initial_weights).options(**resources).remote(
         name, image_size, cfg.weights, cfg.seed, storage.join(uri, WEIGHTS)))
-    rows = {}
-    for split_name, views in (("val", 1), ("train", key.views)):
+    splits = []
+    for split_name in ("val", "train"):
         dataset = data.read_split(cfg.data, split_name, columns=["image", "label", "sha256"],
                                   manifest=manifest)
-        augment = cfg.augment if split_name == "train" else "none"
-        features = dataset.map_batches(
-            FeatureExtractor,
-            fn_constructor_kwargs={
-                "weights_uri": storage.join(uri, WEIGHTS), "name": name,
-                "image_size": image_size, "augment": augment, "views": views,
-                "seed": cfg.seed, "cpus": cfg.cpus_per_worker, "gpus": cfg.gpus_per_worker,
-            },
-            batch_size=BATCH_ROWS, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.workers)),
-            **resources,
-        )
-        fs, path = storage.resolve(storage.join(uri, split_name))
-        features.write_parquet(path, filesystem=fs, partition_cols=["view"])
-        rows[split_name] = sum(manifest["counts"][split_name].values()) * views
-    return rows
+        splits.append(dataset.add_column(
+            "split", lambda t, s=split_name: pa.array([s] * t.num_rows), batch_format="pyarrow"))
+    features = splits[0].union(splits[1]).map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs={
+            "weights_uri": storage.join(uri, WEIGHTS), "name": name, "image_size": image_size,
+            "augment": cfg.augment, "views": key.views, "seed": cfg.seed,
+            "cpus": cfg.cpus_per_worker, "gpus": cfg.gpus_per_worker,
+        },
+        batch_size=BATCH_ROWS, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.workers)),
+        **resources,
+    )
+    fs, path = storage.resolve(uri)
+    features.write_parquet(path, filesystem=fs, partition_cols=["split", "view"])
+    return {"val": sum(manifest["counts"]["val"].values()),
+            "train": sum(manifest["counts"]["train"].values()) * key.views}
 
 
 def read_features(uri: str, split_name: str, view: int = 0):
@@ -161,7 +165,7 @@ def read_features(uri: str, split_name: str, view: int = 0):
     bytes of its files)."""
     import ray
 
-    directory = storage.join(uri, split_name, f"view={view}")
+    directory = storage.join(uri, f"split={split_name}", f"view={view}")
     size = sum(item.size for item in storage.list_objects(directory))
     fs, path = storage.resolve(directory)
     dataset = ray.data.read_parquet(path, filesystem=fs, columns=["features", "label"],
@@ -218,18 +222,26 @@ class FeatureExtractor:
         self.image_size, self.augment, self.views, self.seed = image_size, augment, views, seed
 
     def __call__(self, batch: dict) -> dict:
+        """Validation rows once, as they are; training rows `views` times, augmented when
+        asked (a batch may hold rows of both splits)."""
         pixels = data.decode_pixels(batch["image"], self.image_size)
-        features, labels, views = [], [], []
+        train = np.asarray(batch["split"]) == "train"
+        out = {"features": [], "label": [], "split": [], "view": []}
         for view in range(self.views):
-            shown = pixels
+            rows = np.arange(len(pixels)) if view == 0 else np.flatnonzero(train)
+            if not len(rows):
+                break
+            shown = pixels[rows]
             if self.augment == "robust":
-                shown = np.stack([self._augmented(p, sha, view)
-                                  for p, sha in zip(pixels, batch["sha256"], strict=True)])
-            features.append(np.asarray(self._forward(shown.astype(np.float32)), np.float32))
-            labels.append(batch["label"])
-            views.append(np.full(len(pixels), view, dtype=np.int32))
-        return {"features": np.concatenate(features), "label": np.concatenate(labels),
-                "view": np.concatenate(views)}
+                shown = np.stack([
+                    self._augmented(pixels[i], batch["sha256"][i], view) if train[i]
+                    else pixels[i] for i in rows])
+            out["features"].append(np.asarray(self._forward(shown.astype(np.float32)),
+                                              np.float32))
+            out["label"].append(batch["label"][rows])
+            out["split"].append(np.asarray(batch["split"])[rows])
+            out["view"].append(np.full(len(rows), view, dtype=np.int32))
+        return {column: np.concatenate(parts) for column, parts in out.items()}
 
     def _augmented(self, pixels: np.ndarray, sha256: str, view: int) -> np.ndarray:
         from detector.augment import robust_augment

@@ -87,6 +87,8 @@ def fit(
     state = state or FitState(lr=settings.lr)
     with strategy.scope():
         optimizer = keras.optimizers.Adam(learning_rate=state.lr)
+        if _computes_in_float16(model):  # small float16 gradients underflow to zero
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
         if optimizer_state is not None:
             _restore_optimizer(optimizer, optimizer_state)
@@ -100,7 +102,8 @@ def fit(
             loss = tf.nn.compute_average_loss(per_example_loss(labels, predictions))
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        grads = tape.gradient(loss, model.trainable_variables)
+            scaled = optimizer.scale_loss(loss)  # the loss scale, under float16; else as is
+        grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss
 
@@ -155,6 +158,10 @@ def fit(
     if best_weights is not None:
         model.set_weights(best_weights)
     return state
+
+
+def _computes_in_float16(model) -> bool:
+    return any(layer.dtype_policy.name == "mixed_float16" for layer in model.layers)
 
 
 def optimizer_snapshot(optimizer) -> list[np.ndarray]:

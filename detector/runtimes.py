@@ -160,6 +160,18 @@ def _ort_cuda() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def training_policy(gpus: float) -> str:
+    """The Keras mixed-precision policy for training on this worker: float16 with loss
+    scaling on a GPU, bfloat16 on a CPU that computes it natively; refused elsewhere,
+    where emulated bfloat16 would be slower than float32."""
+    if gpus:
+        return "mixed_float16"
+    if bf16_hardware(gpu_ok=False):
+        return "mixed_bfloat16"
+    raise RuntimeUnavailable("--mixed-precision needs a GPU or a CPU with AMX or "
+                             "AVX512-BF16, and this worker has neither: train in float32")
+
+
 def bf16_hardware(gpu_ok: bool = True) -> bool:
     """AMX or AVX512-BF16 on this CPU (or, for TensorFlow, a GPU)."""
     if gpu_ok and gpu_present():

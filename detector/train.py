@@ -36,6 +36,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from detector.augment import robust_augment
     from detector.models import build_model
+    from detector.predictor import with_dtype_policy
+    from detector.runtimes import training_policy
     from detector.threads import configure_gpus, limit_threads, reserved_threads
 
     cfg = TrainConfig(**loop_config["train_config"])
@@ -52,23 +54,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
         model = build_model(name, image_size=image_size, **_build_overrides(name, cfg))
+        if cfg.mixed_precision:  # same float32 weights, so checkpoints load either way
+            model = with_dtype_policy(model, training_policy(cfg.gpus_per_worker))
         # What the optimizer trains: the head alone (its layers are the model's own) when
         # the frozen base's features come from the cache, else the whole model.
         trained = features.split(model, features.feature_layer(name))[1] if cache else model
 
+    if cache:  # the weights the cached features were computed with
+        features.load_weights(model, storage.join(cache, features.WEIGHTS))
+    # Checkpoints hold the weights of what trains: with the cache, the head alone (a few
+    # MB instead of the base's ~95 MB per epoch); the base is in the cache.
     state, best_weights, optimizer_state = None, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            model.load_weights(os.path.join(directory, CURRENT_WEIGHTS))
+            trained.load_weights(os.path.join(directory, CURRENT_WEIGHTS))
             with open(os.path.join(directory, STATE)) as handle:
                 state = FitState.from_dict(json.load(handle))
-            best_weights = _read_weights(model, os.path.join(directory, BEST_WEIGHTS), trained)
+            best_weights = _read_weights(trained, os.path.join(directory, BEST_WEIGHTS))
             optimizer_state = _read_optimizer(os.path.join(directory, OPTIMIZER))
         if rank == 0:
             print(f"Resuming {name} from its checkpoint after epoch {state.epoch}", flush=True)
-    elif cache:  # the weights the cached features were computed with
-        features.load_weights(model, storage.join(cache, features.WEIGHTS))
 
     per_worker_batch = max(1, cfg.batch_size // world)
     rng = np.random.default_rng([cfg.seed, rank, state.epoch if state else 0])
@@ -104,18 +110,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if best_weights is not None:
         current = trained.get_weights()
         trained.set_weights(best_weights)
-        model.save_weights(best_path)
+        trained.save_weights(best_path)
         trained.set_weights(current)
 
     def on_epoch_end(end: EpochEnd) -> None:
         if end.improved:
-            model.save_weights(best_path)
+            trained.save_weights(best_path)
         metrics = {k: v for k, v in end.metrics.items() if isinstance(v, int | float)}
         if rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
-            model.save_weights(os.path.join(directory, CURRENT_WEIGHTS))
+            trained.save_weights(os.path.join(directory, CURRENT_WEIGHTS))
             shutil.copy(best_path, os.path.join(directory, BEST_WEIGHTS))
             np.savez(os.path.join(directory, OPTIMIZER), *end.optimizer_state)
             with open(os.path.join(directory, STATE), "w") as handle:
@@ -150,14 +156,13 @@ def _read_optimizer(path: str):
         return [stored[f"arr_{i}"] for i in range(len(stored.files))]
 
 
-def _read_weights(model, path: str, part):
-    """The weights of `part` (the model, or its head) in the model weights stored in
-    `path`, leaving `model` as it was."""
+def _read_weights(model, path: str):
+    """Weights stored in `path` as a list, leaving `model` as it was."""
     if not os.path.exists(path):
         return None
     current = model.get_weights()
     model.load_weights(path)
-    stored = part.get_weights()
+    stored = model.get_weights()
     model.set_weights(current)
     return stored
 
@@ -221,7 +226,9 @@ def run_key(cfg: TrainConfig, name: str, image_size: int) -> dict:
     key = {"fingerprint": data.read_manifest(cfg.data)["fingerprint"], "model": name,
            "image_size": image_size}
     return key | {setting: settings[setting] for setting in RUN_SETTINGS} | {
-        "views": features.views_of(cfg)}
+        "views": features.views_of(cfg),
+        # Checkpoints on the cache hold the head alone: not a run to continue without it.
+        "feature_cache": bool(cfg.feature_cache and features.feature_layer(name))}
 
 
 def start_run(cfg: TrainConfig, name: str, image_size: int, run_uri: str, say=print) -> None:
@@ -263,7 +270,8 @@ def _small(dataset, size_bytes: int):
     return dataset.materialize() if size_bytes < MATERIALIZE_BELOW_BYTES else dataset
 
 
-def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str) -> dict:
+def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
+             feature_cache: str | None = None) -> dict:
     """Best checkpoint -> evaluated model artifact at OUT/<name>/. Returns its metrics."""
     from detector import evaluate
     from detector.artifact import ModelCard, save_artifact
@@ -276,7 +284,12 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str) 
     with open(os.path.join(checkpoint_dir, STATE)) as handle:
         state = FitState.from_dict(json.load(handle))
     model = build_model(name, image_size=image_size, **_build_overrides(name, cfg))
-    model.load_weights(os.path.join(checkpoint_dir, BEST_WEIGHTS))
+    if feature_cache:  # the cache's base, then the best head trained on its features
+        features.load_weights(model, storage.join(feature_cache, features.WEIGHTS))
+        features.split(model, features.feature_layer(name))[1].load_weights(
+            os.path.join(checkpoint_dir, BEST_WEIGHTS))
+    else:
+        model.load_weights(os.path.join(checkpoint_dir, BEST_WEIGHTS))
     card = ModelCard(
         name=name,
         architecture=_family(name),
@@ -337,17 +350,19 @@ def train_models(cfg: TrainConfig) -> dict:
         result = build_trainer(cfg, name, image_size, cache).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training {name} reported no checkpoint: {result.error}")
-        results.append(ray.get(finalize_task.remote(cfg, name, image_size, result.checkpoint.path)))
+        results.append(ray.get(finalize_task.remote(cfg, name, image_size,
+                                                    result.checkpoint.path, cache)))
     comparison = write_comparison(cfg.out, results)
     return {"models": results, "comparison": comparison}
 
 
-def _finalize_task(cfg: TrainConfig, name: str, image_size: int, checkpoint_path: str) -> dict:
+def _finalize_task(cfg: TrainConfig, name: str, image_size: int, checkpoint_path: str,
+                   feature_cache: str | None) -> dict:
     if not storage.is_s3(cfg.out):
-        return finalize(cfg, name, image_size, checkpoint_path)
+        return finalize(cfg, name, image_size, checkpoint_path, feature_cache)
     with tempfile.TemporaryDirectory() as local:  # checkpoint paths on S3 lack the scheme
         storage.download_dir(f"s3://{checkpoint_path}", local)
-        return finalize(cfg, name, image_size, local)
+        return finalize(cfg, name, image_size, local, feature_cache)
 
 
 COMPARISON_COLUMNS = (

@@ -218,3 +218,38 @@ def test_resume_continues_a_stopped_job(cluster, shards):
     history = json.loads((out_dir / "vit_tiny" / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
     assert len(history) == 40
+    # Adam's step count carried on through the stop: it never went back to zero.
+    steps = [h["optimizer_steps"] for h in history]
+    assert steps == [steps[0] * epoch for epoch in range(1, 41)], steps
+
+
+def test_frozen_base_trains_on_cached_features_reused_across_runs(cluster, shards):
+    """resnet50v2_tiny_frozen (a frozen base, like resnet50v2): the base's features are
+    computed once and the head trains on them; the same run without the cache reaches the
+    same held-out accuracy; a re-applied job with other settings starts fresh and reuses
+    the cache, whose key does not include them."""
+    def args(out: str, *extra: str) -> list[str]:
+        return ["jobs/train.py", "--data", str(shards / "shards"), "--model",
+                "resnet50v2_tiny_frozen", "--weights", "none", "--out", str(shards / out),
+                "--workers", "2", "--lr", "3e-3", "--batch-size", "32", "--patience", "20",
+                "--lr-patience", "20", *extra]
+
+    cached = submit(cluster, *args("cached", "--epochs", "20"))
+    assert "Feature cache for resnet50v2_tiny_frozen: computing" in cached, cached[-3000:]
+    full = submit(cluster, *args("full", "--epochs", "20", "--no-feature-cache"))
+    assert "Feature cache" not in full
+    metrics = {name: json.loads((shards / name / "resnet50v2_tiny_frozen" / "metrics.json")
+                                .read_text()) for name in ("cached", "full")}
+    for name, values in metrics.items():
+        assert values["accuracy"] > 0.75 and values["roc_auc"] > 0.8, (name, values)
+    assert abs(metrics["cached"]["roc_auc"] - metrics["full"]["roc_auc"]) < 0.08, metrics
+    card = json.loads((shards / "cached" / "resnet50v2_tiny_frozen" / "detector.json")
+                      .read_text())
+    assert card["config"]["feature_cache"] is True and card["image_size"] == SIZE
+
+    again = submit(cluster, *args("cached", "--epochs", "2", "--lr", "1e-3", "--resume"))
+    assert "had other lr; starting fresh" in again, again[-3000:]
+    assert "Feature cache for resnet50v2_tiny_frozen: reusing" in again
+    history = json.loads((shards / "cached" / "resnet50v2_tiny_frozen" / "history.json")
+                         .read_text())
+    assert [h["epoch"] for h in history] == [1, 2]

@@ -146,13 +146,14 @@ def test_resume_continues_only_a_run_with_the_same_shards_and_settings(tmp_path)
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "manifest.json").write_text(json.dumps({"fingerprint": "A"}))
-    run = tmp_path / "out" / "_ray_runs" / "train-m"
-    cfg = TrainConfig(data=str(shards), model=("m",), out=str(tmp_path / "out"), resume=True)
+    run = tmp_path / "out" / "_ray_runs" / "train-vit_tiny"
+    cfg = TrainConfig(data=str(shards), model=("vit_tiny",), out=str(tmp_path / "out"),
+                      resume=True)
     said = []
 
     def start(config):
         said.clear()
-        start_run(config, "m", 32, str(run), say=said.append)
+        start_run(config, "vit_tiny", 32, str(run), say=said.append)
         kept = (run / "checkpoint").exists()
         run.mkdir(parents=True, exist_ok=True)
         (run / "checkpoint").write_text("epoch 3")
@@ -167,3 +168,30 @@ def test_resume_continues_only_a_run_with_the_same_shards_and_settings(tmp_path)
     assert not start(cfg)
     assert "other fingerprint; starting fresh" in said[0]
     assert start(cfg) and not said
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_training_learns_and_keeps_float32_weights(policy):
+    """float16 trains through the loss-scaling optimizer; bfloat16 without it (this CPU
+    emulates float16, so only correctness is checked here, never speed)."""
+    import keras
+
+    from detector.fit import FitSettings, fit
+    from detector.predictor import with_dtype_policy
+
+    x = np.random.default_rng(0).normal(size=(128, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    plain = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="score")(
+        keras.layers.Dense(16, activation="relu")(inputs)))
+    model = with_dtype_policy(plain, policy)
+    ends = []
+    state = fit(model, batches(x, y, 16, seed=1), batches(x, y, 128),
+                FitSettings(epochs=8, lr=2e-2, patience=9), on_epoch_end=ends.append)
+    assert state.history[-1]["val_accuracy"] > 0.9
+    assert all(w.dtype == np.float32 for w in model.get_weights())
+    scaled = policy == "mixed_float16"
+    # Adam holds its step, rate and two moments per weight; LossScaleOptimizer adds its
+    # scale and growth counter (saved in checkpoints like the rest).
+    assert (len(ends[-1].optimizer_state) > 2 + 2 * len(model.trainable_weights)) == scaled
