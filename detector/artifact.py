@@ -2,6 +2,11 @@
 
 `detector.json` is written last and is the commit marker: a directory without it is
 not an artifact, so a crashed upload is never mistaken for a model.
+
+Versions are immutable: training publishes each model to `OUT/<name>/<id>/` and then
+moves the pointer `OUT/<name>/latest.json` (written last). A model URI is either a version
+(or any artifact directory), used as is, or a name, which `resolve` turns into the version
+its pointer names, once, so that everything one process loads comes from one version.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from detector import storage
 
 MODEL_FILE = "model.keras"
 CARD_FILE = "detector.json"
+POINTER_FILE = "latest.json"
 LABELS = {"0": "real", "1": "ai-generated"}
 
 
@@ -88,10 +94,56 @@ def save_artifact(
     return uri
 
 
+def publish_version(model, card: ModelCard, name_uri: str,
+                    extra_files: Callable[[str], None] | None = None) -> str:
+    """Save a new immutable version at `name_uri/<card.id>`, then point `latest.json` at
+    it. Returns the version's URI. Readers of `name_uri` see the old version until the
+    pointer moves, and never a version without its card."""
+    version = save_artifact(model, card, storage.join(name_uri, card.id), extra_files)
+    pointer = {"id": card.id, "name": card.name, "created_at": card.created_at,
+               "metrics": {k: card.metrics.get(k) for k in HEADLINE if k in card.metrics}}
+    storage.write_bytes(storage.join(name_uri, POINTER_FILE), json.dumps(pointer).encode())
+    return version
+
+
+HEADLINE = ("accuracy", "roc_auc", "tpr_at_1pct_fpr", "ece")
+
+
+def resolve(uri: str) -> str:
+    """The version `uri` names: an artifact directory as is, a model name (`OUT/<name>`)
+    through its `latest.json`."""
+    uri = uri.rstrip("/")
+    if storage.exists(storage.join(uri, CARD_FILE)):
+        return uri
+    pointer = storage.join(uri, POINTER_FILE)
+    if storage.exists(pointer):
+        return storage.join(uri, json.loads(storage.read_bytes(pointer))["id"])
+    raise FileNotFoundError(f"no model artifact at {uri} ({CARD_FILE} missing, and no "
+                            f"{POINTER_FILE} naming a version)")
+
+
+def list_versions(name_uri: str) -> list[dict]:
+    """Every version under `OUT/<name>`, oldest first: id, created_at, headline metrics,
+    and whether `latest.json` points at it."""
+    name_uri = name_uri.rstrip("/")
+    pointer = storage.join(name_uri, POINTER_FILE)
+    latest = json.loads(storage.read_bytes(pointer))["id"] if storage.exists(pointer) else None
+    root = name_uri if storage.is_s3(name_uri) else storage.resolve(name_uri)[1].rstrip("/")
+    versions = []
+    for item in storage.list_objects(name_uri, patterns=[CARD_FILE]):
+        directory, _, rest = item.uri[len(root) + 1:].partition("/")
+        if rest != CARD_FILE:  # OUT/<name>/<id>/detector.json only
+            continue
+        card = ModelCard.from_json(storage.read_bytes(item.uri).decode())
+        versions.append({"id": card.id, "name": card.name, "created_at": card.created_at,
+                         "uri": storage.join(name_uri, directory), "latest": card.id == latest,
+                         **{k: card.metrics.get(k) for k in HEADLINE}})
+    return sorted(versions, key=lambda v: v["created_at"])
+
+
 def load_card(uri: str) -> ModelCard:
-    card_uri = storage.join(uri, CARD_FILE)
-    if not storage.exists(card_uri):
-        raise FileNotFoundError(f"no model artifact at {uri} ({CARD_FILE} missing)")
+    """The card of the version `uri` names (see `resolve`)."""
+    card_uri = storage.join(resolve(uri), CARD_FILE)
     return ModelCard.from_json(storage.read_bytes(card_uri).decode())
 
 
@@ -101,6 +153,7 @@ def load_artifact(uri: str):
 
     import detector.models  # noqa: F401  (registers the custom layers for deserialisation)
 
+    uri = resolve(uri)
     card = load_card(uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, MODEL_FILE)

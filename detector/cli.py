@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(predict)
     predict.set_defaults(run=run_predict)
 
-    models = commands.add_parser("models", help="list registered architectures")
+    models = commands.add_parser(
+        "models", help="list registered architectures, or (`models list OUT`) the trained "
+        "versions under OUT")
+    models.add_argument("action", nargs="?", choices=("list",), help="list trained versions")
+    models.add_argument("out", nargs="?", help="training output URI (OUT, or OUT/<name>)")
     models.add_argument("--params", action="store_true", help="build each and count parameters")
     models.set_defaults(run=run_models)
 
@@ -286,6 +290,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        return list_trained(args.out)
     from detector.models import build_model, get_spec, list_models
 
     for name in list_models():
@@ -296,6 +302,29 @@ def run_models(args: argparse.Namespace) -> int:
             trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
             line += f" params={model.count_params():>11,d} trainable={trainable:>11,d}"
         print(f"{line}  {spec.description}")
+    return 0
+
+
+def list_trained(out: str | None) -> int:
+    """One line per version under OUT/<name>/ (or OUT itself), oldest first, `*` latest."""
+    from detector import storage
+    from detector.artifact import POINTER_FILE, list_versions
+
+    if not out:
+        raise ValueError("detector models list OUT: name the training output URI")
+    names = [out] if storage.exists(storage.join(out, POINTER_FILE)) else sorted(
+        {storage.join(out, item.uri.rstrip("/").split("/")[-2])
+         for item in storage.list_objects(out, patterns=[POINTER_FILE])})
+    if not names:
+        raise FileNotFoundError(f"no trained models under {out} (no {POINTER_FILE})")
+    for name in names:
+        for version in list_versions(name):
+            metrics = "  ".join(f"{key}={version[key]:.4f}" for key in
+                                ("accuracy", "roc_auc", "tpr_at_1pct_fpr", "ece")
+                                if isinstance(version.get(key), float))
+            mark = "*" if version["latest"] else " "
+            print(f"{mark} {version['name']}@{version['id']}  {version['created_at']}  "
+                  f"{metrics}  {version['uri']}")
     return 0
 
 

@@ -172,8 +172,9 @@ def add_exports(uri: str, int8: bool = False, shards_uri: str | None = None,
     import tempfile
 
     from detector import storage
-    from detector.artifact import CARD_FILE, load_artifact
+    from detector.artifact import CARD_FILE, load_artifact, resolve
 
+    uri = resolve(uri)  # a version gains exports; its weights and scores stay as they were
     model, card = load_artifact(uri)
     shards_uri = shards_uri or card.config.get("data")
     if not shards_uri:

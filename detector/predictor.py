@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detector import preprocess, provenance, runtimes
-from detector.artifact import ModelCard, load_card
+from detector.artifact import ModelCard, load_card, resolve
 from detector.calibration import Calibration
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class Predictor:
                  precision: str = "float32", threads: int | None = None) -> Predictor:
         """Load the artifact at `uri` on the runtime `backend`/`precision` resolve to
         (see `detector.runtimes`); `threads`: the CPUs reserved for it (None: all)."""
+        uri = resolve(uri)  # one version, even if training publishes another meanwhile
         card = load_card(uri)
         choice = runtimes.resolve(card, backend, precision, uri)
         forward = runtimes.load(uri, choice, card, threads)

@@ -16,6 +16,7 @@ times; parts already written stay, so an interrupted scan continues with `--resu
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -57,9 +58,11 @@ def scan(config: ScanConfig, progress: bool = True,
     """Scan `config.source` into a committed report at `config.out`; returns the summary.
 
     `on_progress(dict)` receives listed/done/errors/partitions/objects_per_second."""
-    from detector.artifact import load_card
+    from detector.artifact import load_card, resolve
 
     started, started_at = time.perf_counter(), _now()
+    # One version for the whole scan, even if training publishes another meanwhile.
+    config = dataclasses.replace(config, model=resolve(config.model))
     card = load_card(config.model)
     threshold = card.threshold if config.threshold is None else config.threshold
     label = f"{card.name}@{card.id}"

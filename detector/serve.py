@@ -37,7 +37,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from detector import preprocess, provenance, scan_service
-from detector.artifact import ModelCard
+from detector.artifact import ModelCard, resolve
 from detector.config import BACKENDS, PRECISIONS
 
 # Serve routes the "ray.serve" logger into each replica's log file with the request id.
@@ -523,6 +523,10 @@ def build_app_from_config(
     secrets). `api_key` overrides the `api_key_env` variable and travels as a constructor
     argument, which is never logged.
     """
+    # Pinned here, once: every replica, started now or by autoscaling later, loads this one
+    # version, so the Ingress's card (threshold, id) is always that of the model that scores.
+    # Moving to a new version is a redeploy (see "Model versions" in the README).
+    config = dataclasses.replace(config, model_uri=resolve(config.model_uri))
     runtime_env = {"runtime_env": {"env_vars": dict(env)}} if env else {}
     model = Model.options(
         autoscaling_config=_autoscaling(config),

@@ -272,9 +272,10 @@ def _small(dataset, size_bytes: int):
 
 def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
              feature_cache: str | None = None) -> dict:
-    """Best checkpoint -> evaluated model artifact at OUT/<name>/. Returns its metrics."""
+    """Best checkpoint -> an evaluated new version OUT/<name>/<id>/, then the pointer
+    OUT/<name>/latest.json moved to it. Returns its metrics."""
     from detector import evaluate
-    from detector.artifact import ModelCard, save_artifact
+    from detector.artifact import ModelCard, publish_version
     from detector.export import ExportRefused, export_from_shards
     from detector.models import build_model
     from detector.predictor import Predictor
@@ -314,8 +315,8 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
             card.exports = refused.kept
             refusals.append(str(refused))
 
-    save_artifact(model, card, storage.join(cfg.out, name), extra_files=files)
-    return {"model": name, "artifact": storage.join(cfg.out, name), **card.metrics,
+    version = publish_version(model, card, storage.join(cfg.out, name), extra_files=files)
+    return {"model": name, "id": card.id, "artifact": version, **card.metrics,
             "best_epoch": state.best_epoch, "epochs": state.epoch,
             "exports": sorted(card.exports), "export_refused": refusals[0] if refusals else None}
 
@@ -366,7 +367,7 @@ def _finalize_task(cfg: TrainConfig, name: str, image_size: int, checkpoint_path
 
 
 COMPARISON_COLUMNS = (
-    ("model", "Model"), ("accuracy", "Accuracy"), ("precision", "Precision"),
+    ("model", "Model"), ("id", "Version"), ("accuracy", "Accuracy"), ("precision", "Precision"),
     ("recall", "Recall"), ("f1", "F1"), ("roc_auc", "ROC AUC"), ("specificity", "Specificity"),
     ("tpr_at_1pct_fpr", "TPR@1%FPR"), ("ece", "ECE"), ("threshold", "Threshold"),
     ("best_epoch", "Best epoch"),

@@ -76,6 +76,11 @@ def shards(cluster, tmp_path_factory):
     return root
 
 
+def version(name_dir: Path) -> Path:
+    """The version `OUT/<name>/latest.json` points at."""
+    return name_dir / json.loads((name_dir / "latest.json").read_text())["id"]
+
+
 def worker_pids() -> list[int]:
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in ps.splitlines() if "ray::RayTrainWorker" in line]
@@ -123,7 +128,8 @@ def test_train_job_survives_a_killed_worker_and_writes_both_artifacts(cluster, s
     for row in comparison:
         assert row["accuracy"] > 0.75, row  # held-out test split; chance is 0.5
         assert row["roc_auc"] > 0.8, row
-        artifact = models / row["model"]
+        artifact = version(models / row["model"])
+        assert row["artifact"] == str(artifact) and row["id"] == artifact.name
         for name in ("model.keras", "detector.json", "metrics.json", "confusion_matrix.png",
                      "roc.png", "history.png", "classification_report.txt", "robustness.json",
                      "per_format.json", "predictions.parquet"):
@@ -143,9 +149,10 @@ def test_train_job_survives_a_killed_worker_and_writes_both_artifacts(cluster, s
 def test_artifact_predicts_what_evaluation_scored(shards):
     from detector.predictor import Predictor
 
-    artifact = shards / "models" / "vit_tiny"
-    evaluated = pq.read_table(artifact / "predictions.parquet").slice(0, 12).to_pylist()
+    artifact = shards / "models" / "vit_tiny"  # the name: its latest version is loaded
+    evaluated = pq.read_table(version(artifact) / "predictions.parquet").slice(0, 12).to_pylist()
     predictor = Predictor.from_uri(str(artifact), backend="keras")  # as evaluation ran
+    assert predictor.card.id == version(artifact).name
     blobs = [Path(row["source_uri"]).read_bytes() for row in evaluated]
     scores = [p.score_ai for p in predictor.predict_bytes(blobs)]
     np.testing.assert_allclose(scores, [row["score_ai"] for row in evaluated], atol=1e-5)
@@ -164,7 +171,7 @@ def test_training_publishes_an_onnx_export_that_matches_keras(shards, tmp_path):
     an int8 model; predict runs on each with the same verdicts on these images."""
     from detector.artifact import load_card
 
-    artifact = shards / "models" / "resnet50v2_tiny"
+    artifact = version(shards / "models" / "resnet50v2_tiny")
     record = load_card(str(artifact)).exports["onnx"]
     assert (artifact / "model.onnx").stat().st_size > 0
     assert record["max_abs_diff"] < 1e-4 and record["verdict_agreement"] == 1.0
@@ -185,7 +192,7 @@ def test_training_publishes_an_onnx_export_that_matches_keras(shards, tmp_path):
 
 
 def test_evaluate_reproduces_the_training_evaluation(shards, tmp_path):
-    artifact = shards / "models" / "resnet50v2_tiny"
+    artifact = version(shards / "models" / "resnet50v2_tiny")
     subprocess.run(
         [BIN / "detector", "evaluate", "--model", str(artifact), "--data",
          str(shards / "shards"), "--out", str(tmp_path / "eval"), "--backend", "keras"],
@@ -215,7 +222,7 @@ def test_resume_continues_a_stopped_job(cluster, shards):
     assert resumed, output[-4000:]
     epoch = int(resumed[0].rsplit(" ", 1)[-1])
     assert epoch >= 1
-    history = json.loads((out_dir / "vit_tiny" / "history.json").read_text())
+    history = json.loads((version(out_dir / "vit_tiny") / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
     assert len(history) == 40
     # Adam's step count carried on through the stop: it never went back to zero.
@@ -238,18 +245,25 @@ def test_frozen_base_trains_on_cached_features_reused_across_runs(cluster, shard
     assert "Feature cache for resnet50v2_tiny_frozen: computing" in cached, cached[-3000:]
     full = submit(cluster, *args("full", "--epochs", "20", "--no-feature-cache"))
     assert "Feature cache" not in full
-    metrics = {name: json.loads((shards / name / "resnet50v2_tiny_frozen" / "metrics.json")
-                                .read_text()) for name in ("cached", "full")}
+    metrics = {name: json.loads((version(shards / name / "resnet50v2_tiny_frozen")
+                                 / "metrics.json").read_text()) for name in ("cached", "full")}
     for name, values in metrics.items():
         assert values["accuracy"] > 0.75 and values["roc_auc"] > 0.8, (name, values)
     assert abs(metrics["cached"]["roc_auc"] - metrics["full"]["roc_auc"]) < 0.08, metrics
-    card = json.loads((shards / "cached" / "resnet50v2_tiny_frozen" / "detector.json")
-                      .read_text())
+    first = version(shards / "cached" / "resnet50v2_tiny_frozen")
+    card = json.loads((first / "detector.json").read_text())
     assert card["config"]["feature_cache"] is True and card["image_size"] == SIZE
 
     again = submit(cluster, *args("cached", "--epochs", "2", "--lr", "1e-3", "--resume"))
     assert "had other lr; starting fresh" in again, again[-3000:]
     assert "Feature cache for resnet50v2_tiny_frozen: reusing" in again
-    history = json.loads((shards / "cached" / "resnet50v2_tiny_frozen" / "history.json")
-                         .read_text())
+    # A new immutable version beside the first; the pointer moved, the first is intact.
+    second = version(shards / "cached" / "resnet50v2_tiny_frozen")
+    assert second != first and (first / "model.keras").exists()
+    history = json.loads((second / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
+    listed = subprocess.run([BIN / "detector", "models", "list", str(shards / "cached")],
+                            capture_output=True, text=True, check=True, env=ray_env()).stdout
+    lines = listed.rstrip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith(f"* resnet50v2_tiny_frozen@{second.name}")
+    assert lines[0].startswith(f"  resnet50v2_tiny_frozen@{first.name}"), listed

@@ -93,7 +93,7 @@ def test_predict_cli_prints_a_line_per_file(trained_tiny, tmp_path, capsys):
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     missing = tmp_path / "missing.png"
     assert main(["predict", "--model", uri, str(good), str(bad), str(missing)]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().out.rstrip().splitlines()
     assert len(lines) == 3
     assert lines[0].startswith(str(good)) and lines[0].split("\t")[2] in (
         "real", "ai-generated", "uncertain")
@@ -142,3 +142,45 @@ def test_unknown_precision_is_refused(trained_tiny):
 
     with pytest.raises(ValueError, match="precision"):
         Predictor.from_uri(trained_tiny[0], precision="float8")
+
+
+def test_versions_are_immutable_and_a_name_resolves_to_the_latest(trained_tiny, tmp_path,
+                                                                   sample_arrays, capsys):
+    """Two publishes under one name: two versions side by side, the pointer on the second;
+    a name loads the latest, an id pins its version, and `models list` shows both."""
+    import dataclasses
+
+    from detector import cli
+    from detector.artifact import (
+        POINTER_FILE,
+        list_versions,
+        load_artifact,
+        load_card,
+        publish_version,
+        resolve,
+    )
+    from detector.predictor import Predictor
+
+    model, card = load_artifact(trained_tiny[0])
+    name = tmp_path / "models" / card.name
+    with pytest.raises(FileNotFoundError, match=r"latest\.json"):
+        resolve(str(name))
+    first = publish_version(model, dataclasses.replace(card, id="a" * 12,
+                                                       created_at="2026-01-01T00:00:00+00:00"),
+                            str(name))
+    second_card = dataclasses.replace(card, id="b" * 12, threshold=0.7,
+                                      created_at="2026-02-01T00:00:00+00:00")
+    second = publish_version(model, second_card, str(name))
+    assert (first, second) == (str(name / ("a" * 12)), str(name / ("b" * 12)))
+    assert json.loads((name / POINTER_FILE).read_text())["id"] == "b" * 12
+    assert (name / ("a" * 12) / "model.keras").exists()  # the old version is intact
+    assert resolve(str(name)) == second and resolve(first) == first
+    assert load_card(str(name)).threshold == 0.7 and load_card(first).id == "a" * 12
+    predictor = Predictor.from_uri(str(name), backend="keras")
+    assert predictor.card.id == "b" * 12
+    versions = list_versions(str(name))
+    assert [(v["id"], v["latest"]) for v in versions] == [("a" * 12, False), ("b" * 12, True)]
+    assert cli.main(["models", "list", str(tmp_path / "models")]) == 0
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert lines[0].startswith(f"  {card.name}@{'a' * 12}")
+    assert lines[1].startswith(f"* {card.name}@{'b' * 12}")
