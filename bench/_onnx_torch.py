@@ -10,32 +10,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
-
-
-def widen(model: onnx.ModelProto) -> onnx.ModelProto:
-    """float16 initializers back to float32 (`narrow` halves a model so that it fits the
-    64 MiB a device call carries; the graph still computes in float32)."""
-    for index, tensor in enumerate(model.graph.initializer):
-        if tensor.data_type == onnx.TensorProto.FLOAT16:
-            wide = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32),
-                                           tensor.name)
-            model.graph.initializer[index].CopyFrom(wide)
-    return model
-
-
-def narrow(model: onnx.ModelProto) -> onnx.ModelProto:
-    """float32 initializers stored as float16 (undone by `widen` before running)."""
-    for index, tensor in enumerate(model.graph.initializer):
-        if tensor.data_type == onnx.TensorProto.FLOAT:
-            half = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16),
-                                           tensor.name)
-            model.graph.initializer[index].CopyFrom(half)
-    return model
 
 
 def _ints(tensor) -> list[int]:

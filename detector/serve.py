@@ -565,6 +565,7 @@ def run(
     already-running cluster the replicas would not inherit this shell's environment.
     """
     key = os.environ.get(config.api_key_env) or None
+    config = dataclasses.replace(config, model_uri=resolve(config.model_uri))  # say which
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app_from_config(config, api_key=key), name=APP_NAME, route_prefix="/")
     print(f"detector serving {config.model_uri} on http://{host}:{port}/ (docs at /docs)")
