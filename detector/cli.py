@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="model artifact URI")
     predict.add_argument("images", nargs="+", help="image paths or URIs")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument("--consistency", action="store_true",
+                         help="also score a JPEG-75 re-save and a 0.5x resize of each image; "
+                         "uncertain when their verdicts disagree (3x the model work)")
     add_runtime_flags(predict)
     predict.set_defaults(run=run_predict)
 
@@ -239,14 +242,19 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import ray
+
     from detector.serve import ServeConfig, run
 
     init_ray()
-    run(ServeConfig(model_uri=args.model, min_replicas=args.min_replicas,
-                    max_replicas=args.max_replicas, backend=args.backend,
-                    precision=args.precision,
-                    scan_allow=tuple(args.scan_allow)),
-        host=args.host, port=args.port)
+    try:
+        run(ServeConfig(model_uri=args.model, min_replicas=args.min_replicas,
+                        max_replicas=args.max_replicas, backend=args.backend,
+                        precision=args.precision,
+                        scan_allow=tuple(args.scan_allow)),
+            host=args.host, port=args.port)
+    finally:  # a Ray this process started goes with it: no agents left behind
+        ray.shutdown()
     return 0
 
 
@@ -272,7 +280,7 @@ def run_predict(args: argparse.Namespace) -> int:
         except OSError as exc:
             blobs.append(b"")
             read_errors[i] = Prediction(None, None, error="read-failed", error_detail=str(exc))
-    predictions = predictor.predict_bytes(blobs)
+    predictions = predictor.predict_bytes(blobs, consistency=args.consistency)
     for i, (uri, prediction) in enumerate(zip(args.images, predictions, strict=True)):
         prediction = read_errors.get(i, prediction)
         if args.json:
@@ -282,8 +290,9 @@ def run_predict(args: argparse.Namespace) -> int:
         else:
             line = f"{uri}\t{prediction.score_ai:.6f}\t{prediction.verdict}\t" \
                    f"{prediction.decided_by}"
-            if prediction.evidence:  # the strongest finding; --json lists them all
-                first = prediction.evidence[0]
+            if prediction.evidence:  # what made it uncertain, else the strongest finding
+                first = next((e for e in prediction.evidence if e["source"] == "consistency"),
+                             prediction.evidence[0])
                 line += f"\t{first['source']} {first['strength']}: {first['detail']}"
             print(line)
     return 0

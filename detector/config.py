@@ -70,6 +70,10 @@ class TrainConfig:
                                "and reused by runs with the same data and settings) and train "
                                "the head on them; --no-feature-cache recomputes the base "
                                "every epoch")
+    threshold_policy: str = _opt("balanced", "how the decision threshold is chosen on the "
+                                 "validation split: balanced (max TPR - FPR) or target-fpr:X "
+                                 "(the most AI images caught while at most a share X of real "
+                                 "photos are flagged, e.g. target-fpr:0.01)")
     mixed_precision: bool = _opt(False, "compute in float16 (with loss scaling) on GPUs, or "
                                  "bfloat16 on CPUs with AMX/AVX512-BF16; weights and the "
                                  "published model stay float32")
@@ -109,6 +113,9 @@ class ScanConfig:
                         "reuse rows whose (uri, etag, model id, threshold) all match and "
                         "that were written by this report format and provenance rules")
     threshold: float | None = _opt(None, "decision threshold (default: the model's own)")
+    consistency: bool = _opt(False, "also score a JPEG-75 re-save and a 0.5x resize of every "
+                             "image; uncertain where their verdicts disagree (3x the model "
+                             "work; the evidence column says why)")
     partition_size: int = _opt(65536, "objects per report part: the unit of commit, resume "
                                "and retry (and one Parquet row group)")
     actors: int | None = _opt(None, "most scoring actors for --via data (default: as many as "

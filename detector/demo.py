@@ -64,9 +64,9 @@ def run(workdir: str) -> int:
     cli.print_scan_summary(_scan_over_http(url, bucket, report))
     print(f"    report: {report} (a Parquet dataset, one row per object: pandas.read_parquet(it))")
 
-    print(f"\nDemo finished in {time.perf_counter() - started:.0f} s. Artifacts: {models}/<model>/"
-          " (model.keras, detector.json, metrics, plots); comparison: "
-          f"{models}/comparison.md")
+    print(f"\nDemo finished in {time.perf_counter() - started:.0f} s. Artifacts: "
+          f"{models}/<model>/<id>/ (model.keras, detector.json, metrics, plots; "
+          f"`detector models list {models}`); comparison: {models}/comparison.md")
     return 0
 
 

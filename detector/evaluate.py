@@ -47,9 +47,9 @@ class EvaluationReport:
 
     def headline(self) -> dict:
         keys = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificity", "loss",
-                "tpr_at_1pct_fpr", "ece")
+                "tpr_at_1pct_fpr", "ece", "fpr", "threshold_policy")
         return {"threshold": self.threshold, "split": self.split,
-                **{k: self.metrics[k] for k in keys}}
+                **{k: self.metrics[k] for k in keys if k in self.metrics}}
 
     def write(self, directory: str) -> None:
         """metrics.json, classification_report.txt, robustness/per-format tables,
@@ -111,14 +111,41 @@ def _iter_parts(shards_uri: str, split: str, size: int) -> Iterator:
         yield data.decode_pixels(table.column("image").to_pylist(), size), table
 
 
-def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The cut maximising Youden's J (TPR - FPR) on validation data, placed midway between
-    the scores on either side of it: when the classes separate, any cut in the gap is
-    optimal and the middle one leaves new images the widest margin."""
+def parse_policy(policy: str) -> float | None:
+    """`balanced` -> None; `target-fpr:X` -> X, the false-positive rate to hold on validation
+    data (0 < X < 1). Anything else is a ValueError naming both forms."""
+    if policy == "balanced":
+        return None
+    kind, _, value = policy.partition(":")
+    try:
+        target = float(value)
+    except ValueError:
+        target = -1.0
+    if kind != "target-fpr" or not 0 < target < 1:
+        raise ValueError(f"threshold policy {policy!r}: use balanced or target-fpr:X with "
+                         "0 < X < 1 (e.g. target-fpr:0.01)")
+    return target
+
+
+def choose_threshold(labels: np.ndarray, scores: np.ndarray, policy: str = "balanced"
+                     ) -> float:
+    """The decision threshold on validation data, by `policy`:
+
+    - `balanced`: the cut maximising Youden's J (TPR - FPR), placed midway between the
+      scores on either side of it: when the classes separate, any cut in the gap is
+      optimal and the middle one leaves new images the widest margin;
+    - `target-fpr:X`: the lowest cut whose false-positive rate (real photos called
+      AI-generated) is at most X, so the most AI images are caught at that rate.
+    """
     from sklearn.metrics import roc_curve
 
+    target = parse_policy(policy)
     if len(np.unique(labels)) < 2:
         return 0.5
+    if target is not None:  # every cut considered: the lowest that holds the rate
+        fpr, _, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+        allowed = np.flatnonzero(fpr <= target)  # fpr rises as the cut falls
+        return float(np.clip(thresholds[allowed.max()], 0.0, 1.0))
     fpr, tpr, thresholds = roc_curve(labels, scores)
     j = tpr - fpr
     cut = float(thresholds[np.flatnonzero(j == j.max()).max()])  # lowest cut with max J
@@ -202,16 +229,18 @@ def _summary(metrics: dict) -> dict:
 def evaluate_model(
     predictor: Predictor, shards_uri: str, split: str = "test",
     history: list[dict] | None = None, threshold: float | None = None,
+    policy: str = "balanced",
 ) -> EvaluationReport:
-    """Choose the threshold on `val` (unless given; it is set on the predictor's card),
-    then report on `split`."""
+    """Choose the threshold on `val` by `policy` (unless given; it is set on the
+    predictor's card), then report on `split`."""
     card = predictor.card
     if threshold is None:  # training: calibrate, then threshold and band, all on val
         card.calibration = {}  # score raw
         val = score_split(predictor, shards_uri, "val")
         fitted, card.calibration = calibration.fit(val.labels, val.scores)
         probabilities = fitted.apply(val.scores)
-        threshold = calibration.clamp_threshold(choose_threshold(val.labels, probabilities))
+        threshold = calibration.clamp_threshold(choose_threshold(val.labels, probabilities,
+                                                                 policy))
         card.uncertain_margin = calibration.uncertain_margin(val.labels, probabilities,
                                                              threshold)
     card.threshold = threshold
@@ -220,6 +249,9 @@ def evaluate_model(
     report.metrics["nll"] = calibration.quality(scored.labels, scored.scores)["nll"]
     report.metrics["uncertain_margin"] = card.uncertain_margin
     report.metrics["calibration"] = card.calibration
+    report.metrics["threshold_policy"] = card.config.get("threshold_policy", policy)
+    # At this threshold, on this split: what a target-FPR policy promised, measured.
+    report.metrics["fpr"] = 1.0 - report.metrics["specificity"]
     return report
 
 
@@ -227,6 +259,9 @@ def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str,
                       backend: str = "auto", precision: str = "float32") -> dict:
     """`detector evaluate`: re-evaluate a saved artifact with its own threshold, on the
     runtime `backend`/`precision` resolve to."""
+    from detector.artifact import resolve
+
+    model_uri = resolve(model_uri)
     predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision)
     report = evaluate_model(predictor, shards_uri, split, threshold=predictor.card.threshold)
     history_uri = storage.join(model_uri, "history.json")

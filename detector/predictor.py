@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from detector import preprocess, provenance, runtimes
+from detector import consistency, preprocess, provenance, runtimes
 from detector.artifact import ModelCard, load_card, resolve
 from detector.calibration import Calibration
 
@@ -82,8 +82,10 @@ class Predictor:
             return Calibration(self.card.calibration["a"], self.card.calibration["b"]).apply(raw)
         return raw
 
-    def predict_bytes(self, blobs: Sequence[bytes]) -> list[Prediction]:
-        """Decode and score raw files; undecodable ones come back with an error code."""
+    def predict_bytes(self, blobs: Sequence[bytes], consistency: bool = False
+                      ) -> list[Prediction]:
+        """Decode and score raw files; undecodable ones come back with an error code.
+        `consistency`: also score re-encoded copies (see `detector.consistency`)."""
         decoded: list[tuple[int, np.ndarray, preprocess.ImageInfo]] = []
         results: list[Prediction | None] = [None] * len(blobs)
         evidence = [provenance.inspect(blob) for blob in blobs]
@@ -96,7 +98,10 @@ class Predictor:
                 continue
             decoded.append((i, pixels, info))
         if decoded:
-            scores = self.score(np.stack([pixels for _, pixels, _ in decoded]))
+            images = np.stack([pixels for _, pixels, _ in decoded])
+            scores = self.score(images)
+            if consistency:
+                self._check_consistency(images, scores, [evidence[i] for i, _, _ in decoded])
             for (i, _, info), score in zip(decoded, scores, strict=True):
                 verdict, decided_by = self.card.decide(float(score), evidence[i])
                 results[i] = Prediction(
@@ -104,6 +109,16 @@ class Predictor:
                     info.format, info.width, info.height,
                 )
         return results  # type: ignore[return-value]
+
+    def _check_consistency(self, images: np.ndarray, scores: np.ndarray,
+                           evidence: list[list]) -> None:
+        """Score every image's re-encoded copies; add a finding where verdicts disagree."""
+        copies = np.stack([copy for image in images for copy in consistency.variants(image)])
+        copy_scores = self.score(copies).reshape(len(images), len(consistency.CHECKS))
+        for score, variant_scores, found in zip(scores, copy_scores, evidence, strict=True):
+            flip = consistency.finding(self.card.verdict, float(score), variant_scores)
+            if flip is not None:
+                found.append(flip)
 
 
 def keras_forward(model, image_size: int, precision: str = "float32"

@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from detector import listing, provenance, report
+from detector import consistency, listing, provenance, report
 from detector.config import ScanConfig
 from detector.scan_stages import (
     NOTE_SCHEMA,
@@ -76,6 +76,8 @@ def scan(config: ScanConfig, progress: bool = True,
     committed = _committed_spans(out, existing) if config.resume else {}
     provenance.check_settings()  # a bad trust-anchor setting fails here, not per image
     run = {"model": label, "threshold": threshold, "provenance": provenance.rules_id()}
+    if config.consistency:  # other verdicts: rows scored without it are not reused
+        run["consistency"] = list(consistency.CHECKS)
     report.write_json(out, report.PLAN, {
         "source": config.source, "manifest": config.manifest, "include": list(config.include),
         "partition_size": config.partition_size, "started_at": started_at, **run,
@@ -177,7 +179,8 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
     )
     if via == "serve":
         scored = decoded.map_batches(
-            ScoreWithServe, fn_constructor_args=(config.serve_app, card.id, run["threshold"]),
+            ScoreWithServe, fn_constructor_args=(config.serve_app, card.id, run["threshold"],
+                                                 config.consistency),
             batch_size=config.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.actors or 4),
             num_cpus=0.1,  # I/O-bound: the replicas do the compute
@@ -187,7 +190,8 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
         scored = decoded.map_batches(
             ScoreWithPredictor,
             fn_constructor_args=(config.model, run["threshold"], config.backend,
-                                 config.precision, cpus, config.gpus_per_actor),
+                                 config.precision, cpus, config.gpus_per_actor,
+                                 config.consistency),
             batch_size=config.batch_size, batch_format="pyarrow",
             # Grows with the cluster: Ray Data adds actors while they are busy and the
             # cluster (or its autoscaler) has room, up to --actors when given.

@@ -3,7 +3,8 @@
 Each scan runs in its own detached, named Ray actor, so any ingress replica can report on
 it (`GET /v1/scans/{id}`) and a restarted ingress does not lose it. Scoring goes through
 the Serve model deployment (`--via serve`), sharing its autoscaled replicas with online
-traffic.
+traffic. Bounded: at most `max_running` scans at once (more are refused, not queued), and a
+finished scan's actor is removed once it has been kept `keep_finished_s` (its report stays).
 """
 
 from __future__ import annotations
@@ -58,14 +59,44 @@ class ScanJob:
         return dict(self.state)
 
 
-def start_scan(source: str, output: str, model_uri: str, app_name: str) -> str:
-    """Start a scan actor; returns its id."""
+class TooManyScans(RuntimeError):
+    """`max_running` scans are running already."""
+
+
+def start_scan(source: str, output: str, model_uri: str, app_name: str,
+               max_running: int = 2, keep_finished_s: float = 3600.0) -> str:
+    """Start a scan actor; returns its id. Raises TooManyScans at the limit. (Two ingress
+    replicas starting scans at the same instant may both pass: the bound is per check.)"""
+    running = reap(keep_finished_s)
+    if running >= max_running:
+        raise TooManyScans(f"{running} scans are running (at most {max_running}); try again "
+                           "when one has finished")
     scan_id = uuid.uuid4().hex[:12]
     config = {"source": source, "out": output, "model": model_uri, "via": "serve",
               "serve_app": app_name}
     ScanJob.options(name=f"scan-{scan_id}", namespace=NAMESPACE, lifetime="detached",
                     max_restarts=0).remote(scan_id, config)
     return scan_id
+
+
+def reap(keep_finished_s: float) -> int:
+    """Remove the actors of scans finished more than `keep_finished_s` ago; returns how
+    many scans are still running."""
+    running, now = 0, dt.datetime.now(dt.UTC)
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] != NAMESPACE or not entry["name"].startswith("scan-"):
+            continue
+        try:
+            actor = ray.get_actor(entry["name"], namespace=NAMESPACE)
+            state = ray.get(actor.status.remote(), timeout=10)
+        except Exception:  # gone meanwhile, or dead: nothing to count
+            continue
+        if state["status"] == "running":
+            running += 1
+        elif (now - dt.datetime.fromisoformat(state["finished_at"])).total_seconds() \
+                >= keep_finished_s:
+            ray.kill(actor)
+    return running
 
 
 def scan_status(scan_id: str) -> dict[str, Any] | None:

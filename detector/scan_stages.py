@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detector import data, preprocess, provenance, report
+from detector import consistency, data, preprocess, provenance, report
 from detector.listing import ListingRange, iter_range
 from detector.partitions import Partition, Span, cut, partition_id
 from detector.threads import reserved_threads
@@ -105,8 +105,10 @@ def _partition_rows(part: Partition, rng: ListingRange, committed: dict | None, 
 
 def _reusable_rows(out: str, committed: dict | None, run: dict) -> dict[str, dict]:
     """uri -> row of the committed part, for rows a resumed scan may keep as they are:
-    written by the same model, threshold, provenance rules and report format."""
+    written by the same model, threshold, provenance rules, consistency checks (or none)
+    and report format."""
     if not committed or any(committed.get(key) != value for key, value in run.items()) or \
+            committed.get("consistency") != run.get("consistency") or \
             committed.get("format_version") != report.FORMAT_VERSION:
         return {}  # something a row depends on changed: every row is scored again
     rows = report.read_part(out, committed["file"]).to_pylist()
@@ -161,16 +163,18 @@ class ScoreWithPredictor:
     """Ray Data actor: holds one Predictor and scores the decoded rows of each batch."""
 
     def __init__(self, model_uri: str, threshold: float, backend: str = "auto",
-                 precision: str = "float32", cpus: float = 1.0, gpus: float = 0.0):
+                 precision: str = "float32", cpus: float = 1.0, gpus: float = 0.0,
+                 check_consistency: bool = False):
         from detector.predictor import Predictor
 
         threads = reserved_threads(cpus, gpus)
         self.predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision,
                                             threads=threads)
-        self.threshold = threshold
+        self.threshold, self.check_consistency = threshold, check_consistency
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return finish_rows(table, self.predictor.card, self.threshold, self.predictor.score)
+        return finish_rows(table, self.predictor.card, self.threshold, self.predictor.score,
+                           self.check_consistency)
 
 
 class ScoreWithServe:
@@ -179,7 +183,8 @@ class ScoreWithServe:
     replaced by Serve; the batch waits for it instead of failing the scan. Every answer
     names the model that produced it, so a redeployed app cannot slip in another one."""
 
-    def __init__(self, app_name: str, model_id: str, threshold: float):
+    def __init__(self, app_name: str, model_id: str, threshold: float,
+                 check_consistency: bool = False):
         from ray import serve
 
         from detector.artifact import ModelCard
@@ -187,6 +192,7 @@ class ScoreWithServe:
         self.handle = serve.get_deployment_handle("Model", app_name=app_name)
         self.card = ModelCard(**self._call("card"))
         self.model_id, self.threshold = model_id, threshold
+        self.check_consistency = check_consistency
         self._check(self.card.id)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -195,7 +201,7 @@ class ScoreWithServe:
             self._check(answer["model"])
             return np.asarray(answer["scores"])
 
-        return finish_rows(table, self.card, self.threshold, score)
+        return finish_rows(table, self.card, self.threshold, score, self.check_consistency)
 
     def _check(self, served: str) -> None:
         if served != self.model_id:
@@ -220,15 +226,27 @@ class ScoreWithServe:
                 pause = min(pause * 2, 30.0)
 
 
-def finish_rows(table: pa.Table, card, threshold: float, score) -> pa.Table:
+def finish_rows(table: pa.Table, card, threshold: float, score,
+                check_consistency: bool = False) -> pa.Table:
     """Score the decoded rows of `table` and fill in the report columns of every object
-    row scanned now; reused rows and headers pass through as they are."""
+    row scanned now; reused rows and headers pass through as they are. With
+    `check_consistency`, each image's re-encoded copies are scored too (see
+    `detector.consistency`)."""
     rows = table.to_pylist()
     decoded = [r for r in rows if r["pixels"] is not None]
     if decoded:
         batch = data.decode_pixels([r["pixels"] for r in decoded], card.image_size)
-        for row, value in zip(decoded, score(batch), strict=True):
-            verdict, decided_by = card.decide(float(value), _evidence(row), threshold)
+        scores = score(batch)
+        copies = _copy_scores(batch, score) if check_consistency else [None] * len(decoded)
+        for row, value, copy_scores in zip(decoded, scores, copies, strict=True):
+            evidence = _evidence(row)
+            if copy_scores is not None:
+                flip = consistency.finding(lambda s: card.verdict(s, threshold), float(value),
+                                           copy_scores)
+                if flip is not None:
+                    evidence.append(flip)
+                    row["evidence"] = [e.to_dict() for e in evidence]
+            verdict, decided_by = card.decide(float(value), evidence, threshold)
             row.update(score_ai=float(value), verdict=verdict, decided_by=decided_by,
                        pixels=None)
     now = dt.datetime.now(dt.UTC)
@@ -239,6 +257,12 @@ def finish_rows(table: pa.Table, card, threshold: float, score) -> pa.Table:
             row.update(model=label, threshold=threshold, scanned_at=now,
                        evidence=row.get("evidence") or [])
     return _table(rows)
+
+
+def _copy_scores(batch: np.ndarray, score) -> np.ndarray:
+    """Scores of every image's consistency copies, one row of CHECKS per image."""
+    copies = np.stack([copy for image in batch for copy in consistency.variants(image)])
+    return np.asarray(score(copies)).reshape(len(batch), len(consistency.CHECKS))
 
 
 def _evidence(row: dict) -> list[provenance.Evidence]:

@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import time
 import typing
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from detector import preprocess, provenance, scan_service
+from detector import consistency, preprocess, provenance, scan_service
 from detector.artifact import ModelCard, resolve
 from detector.config import BACKENDS, PRECISIONS
 
@@ -78,6 +79,8 @@ class ServeConfig:
     ingress_max_ongoing_requests: int = 256
     # URI prefixes POST /v1/scans may read from and write to; empty = scans are refused.
     scan_allow: tuple[str, ...] = ()
+    max_running_scans: int = 2  # more POST /v1/scans get 429 until one finishes
+    keep_finished_scans_s: float = 3600.0  # then GET /v1/scans/{id} says 404; reports stay
 
     def model_max_ongoing(self) -> int:
         # A replica must hold one full batch plus the next one filling up; and never so few
@@ -132,6 +135,19 @@ def error_response(
 
 # Helpers come before the deployments: Serve pickles the decorated classes by value at
 # decoration time, so anything they call must already exist.
+
+
+MAX_SCAN_REQUEST_BYTES = 64 * 1024  # {source, output}: two URIs
+
+
+def _flag(value: str, name: str) -> bool:
+    """A boolean query parameter: true/false/1/0 (any case); anything else is a 422."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no", ""):
+        return False
+    raise ApiError(422, "invalid-request", f"{name} must be true or false, not {value!r}")
 
 
 async def read_bounded(request: Request, limit: int) -> bytes:
@@ -286,6 +302,12 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 DETECT_DOC = {
+    "parameters": [{
+        "name": "consistency", "in": "query", "required": False,
+        "schema": {"type": "boolean", "default": False},
+        "description": "also score a JPEG-75 re-save and a 0.5x resize; the verdict is "
+                       "uncertain when theirs disagree (see the evidence)",
+    }],
     "requestBody": {
         "required": True,
         "content": {
@@ -396,6 +418,7 @@ class Ingress:
 
     async def _detect(self, request: Request, outcome: _Outcome) -> dict[str, Any]:
         self._authorize(request)
+        check = _flag(request.query_params.get("consistency", "false"), "consistency")
         start = time.perf_counter()
         blob = await self._read_image(request)
         outcome.bytes = len(blob)
@@ -405,6 +428,11 @@ class Ingress:
         evidence = await asyncio.to_thread(provenance.inspect, blob)
         start = outcome.lap("provenance", start)
         score, outcome.batch_size = await self._score(pixels)
+        if check:  # the copies join the model's batches like any other request
+            copies = await asyncio.to_thread(consistency.variants, pixels)
+            copy_scores = [s for s, _ in await asyncio.gather(*map(self._score, copies))]
+            flip = consistency.finding(self.model_card.verdict, score, copy_scores)
+            evidence = evidence + ([flip] if flip else [])
         outcome.lap("model", start)
         verdict, decided_by = self.model_card.decide(score, evidence)
         return {
@@ -424,7 +452,7 @@ class Ingress:
         """Start a bucket scan `{source, output}` through this deployment -> 202 `{id}`."""
         try:
             self._authorize(request)
-            body = await request.json()
+            body = json.loads(await read_bounded(request, MAX_SCAN_REQUEST_BYTES))
             source, output = str(body["source"]), str(body["output"])
         except ApiError as err:
             return err.response()
@@ -434,10 +462,15 @@ class Ingress:
         for uri in (source, output):
             if not scan_service.allowed(uri, self.config.scan_allow):
                 return error_response(403, "forbidden", f"{uri} is outside the scan allow-list")
-        scan_id = await asyncio.to_thread(
-            scan_service.start_scan, source, output, self.config.model_uri,
-            serve.get_replica_context().app_name,
-        )
+        try:
+            scan_id = await asyncio.to_thread(
+                scan_service.start_scan, source, output, self.config.model_uri,
+                serve.get_replica_context().app_name, self.config.max_running_scans,
+                self.config.keep_finished_scans_s,
+            )
+        except scan_service.TooManyScans as busy:
+            return error_response(429, "too-many-scans", str(busy),
+                                  headers={"Retry-After": "60"})
         return JSONResponse({"id": scan_id, "status": "running",
                              "status_url": f"/v1/scans/{scan_id}"}, status_code=202)
 
@@ -571,6 +604,11 @@ def run(
     print(f"detector serving {config.model_uri} on http://{host}:{port}/ (docs at /docs)")
     if not blocking:
         return
+
+    def stop(signum, frame):  # SIGTERM (kubectl, systemd, docker stop) as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)

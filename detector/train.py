@@ -300,7 +300,7 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
         config=to_dict(cfg) | {"best_epoch": state.best_epoch, "epochs_run": state.epoch},
     )
     report = evaluate.evaluate_model(Predictor.from_model(model, card), cfg.data,
-                                     history=state.history)
+                                     history=state.history, policy=cfg.threshold_policy)
     card.threshold = report.threshold
     card.metrics = report.headline()
 
@@ -331,6 +331,9 @@ def train_models(cfg: TrainConfig) -> dict:
     """Train every model in `cfg.model` one after another; write the comparison table."""
     import ray
 
+    from detector.evaluate import parse_policy
+
+    parse_policy(cfg.threshold_policy)  # a typo fails now, not after hours of training
     manifest = data.read_manifest(cfg.data)
     image_size = cfg.image_size or manifest["image_size"]
     if image_size != manifest["image_size"]:

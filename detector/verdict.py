@@ -6,7 +6,9 @@
 2. Otherwise the classifier decides (decided_by `classifier`) on the calibrated
    probability: `uncertain` within `margin` of the threshold (the band fitted on the
    validation split, clamped so all three verdicts stay reachable: see
-   `detector.calibration`), else `ai-generated` at or above it and `real` below.
+   `detector.calibration`), else `ai-generated` at or above it and `real` below; and
+   `uncertain` whenever a consistency check found the verdict flipping on a re-saved or
+   resized copy (`detector.consistency`, when asked for).
 
 Weak evidence (camera EXIF, a manifest that fails validation) and a C2PA
 `digitalCapture` claim are shown beside the verdict and never change it: metadata that
@@ -18,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from detector.calibration import clamp_band
+from detector.consistency import disagrees
 from detector.provenance import Evidence, decisive
 
 
@@ -33,6 +36,9 @@ def decide(score: float, threshold: float, margin: float,
            evidence: Iterable[Evidence] = ()) -> tuple[str, str]:
     """(verdict, decided_by) for a decoded image's classifier score and its provenance
     evidence. An image that did not decode gets no verdict at all (its error instead)."""
+    evidence = list(evidence)
     if decisive(evidence) is not None:
         return "ai-generated", "provenance"
+    if disagrees(evidence):
+        return "uncertain", "classifier"
     return classify(score, threshold, margin), "classifier"

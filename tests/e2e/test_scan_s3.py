@@ -283,7 +283,8 @@ def serve_app(local_ray, model_uri):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     cfg = ServeConfig(model_uri=model_uri, min_replicas=1, max_replicas=1, num_cpus=1,
-                      scan_allow=("s3://scan/photos", "s3://scan/reports"))
+                      scan_allow=("s3://scan/photos", "s3://scan/reports"),
+                      max_running_scans=1, keep_finished_scans_s=3)
     serve.run(build_app_from_config(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -391,15 +392,18 @@ def test_scans_start_over_http_within_the_allow_list(scan_bucket, serve_app):
         == 422
     assert requests.get(f"{serve_app}/v1/scans/nope", timeout=30).status_code == 404
 
-    started = requests.post(f"{serve_app}/v1/scans", json={
-        "source": f"{scan_bucket}/real/batch-01", "output": "s3://scan/reports/http"},
-        timeout=30)
+    huge = requests.post(f"{serve_app}/v1/scans", data=b"{" + b" " * 100_000 + b"}",
+                         timeout=30)
+    assert huge.status_code == 413 and huge.json()["error"] == "too-large"
+
+    request = {"source": f"{scan_bucket}/real/batch-01", "output": "s3://scan/reports/http"}
+    started = requests.post(f"{serve_app}/v1/scans", json=request, timeout=30)
     assert started.status_code == 202, started.text
+    # The app allows one running scan: a second is refused, not queued.
+    busy = requests.post(f"{serve_app}/v1/scans", json=request, timeout=30)
+    assert busy.status_code == 429 and busy.json()["error"] == "too-many-scans", busy.text
     status_url = f"{serve_app}{started.json()['status_url']}"
-    deadline = time.monotonic() + 180
-    while (state := requests.get(status_url, timeout=30).json())["status"] == "running":
-        assert time.monotonic() < deadline, state
-        time.sleep(1)
+    state = wait_for_scan(status_url)
     assert state["status"] == "succeeded", state
     assert state["summary"]["objects"] == len(selected(f"{scan_bucket}/real/batch-01")) > 0
     assert state["summary"]["by_verdict"] and state["summary"]["via"] == "serve"
@@ -408,6 +412,26 @@ def test_scans_start_over_http_within_the_allow_list(scan_bucket, serve_app):
     assert dataset("s3://scan/reports/http").count_rows() == state["summary"]["objects"]
     assert json.loads(storage.read_bytes("s3://scan/reports/http/_manifest.json"))["via"] \
         == "serve"
+
+    # Finished scans are kept 3 s here (an hour by default), then their actor is removed
+    # when the next scan starts; the report stays.
+    time.sleep(3.5)
+    again = requests.post(f"{serve_app}/v1/scans", json={**request, "output":
+                                                          "s3://scan/reports/http-2"}, timeout=30)
+    assert again.status_code == 202, again.text
+    assert requests.get(status_url, timeout=30).status_code == 404
+    assert wait_for_scan(f"{serve_app}{again.json()['status_url']}")["status"] == "succeeded"
+    assert dataset("s3://scan/reports/http").count_rows() == state["summary"]["objects"]
+
+
+def wait_for_scan(status_url: str, timeout: float = 180) -> dict:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while (state := requests.get(status_url, timeout=30).json())["status"] == "running":
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+    return state
 
 
 def test_clear_errors_for_an_empty_prefix_and_a_missing_bucket(scan_bucket, model_uri):
@@ -433,3 +457,39 @@ def test_a_scan_that_cannot_be_scheduled_fails_with_the_missing_resources(scan_b
         capture_output=True, text=True, timeout=300, env=os.environ | {"RAY_ADDRESS": ""})
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     assert "nothing could be scheduled" in result.stderr and "'CPU': 64.0" in result.stderr
+
+
+def test_consistency_scan_makes_flipping_rows_uncertain_like_predict(scan_bucket, model_uri,
+                                                                      tmp_path):
+    """`--consistency`: a card whose threshold sits in the middle of this prefix's scores
+    (no band) makes some re-encoded copies flip; those rows are uncertain with the copies'
+    verdicts in `evidence`, as `Predictor.predict_bytes(consistency=True)` decides."""
+    import dataclasses
+
+    from detector.artifact import load_artifact, save_artifact
+    from detector.predictor import Predictor
+
+    prefix = f"{scan_bucket}/real/batch-01"
+    uris = selected(prefix)
+    blobs = [storage.read_bytes(uri) for uri in uris]
+    model, card = load_artifact(model_uri)
+    plain = Predictor.from_uri(model_uri, backend="keras").predict_bytes(blobs)
+    middle = float(np.median([p.score_ai for p in plain if p.score_ai is not None]))
+    strict = save_artifact(model, dataclasses.replace(card, threshold=middle,
+                                                      uncertain_margin=0.0),
+                           str(tmp_path / "strict"))
+    out = "s3://scan/reports/consistency"
+    summary = scan(config(prefix, strict, out, consistency=True), progress=False)
+    rows = {r["uri"]: r for r in dataset(out).to_table().to_pylist()}
+    assert len(rows) == len(uris) == summary["objects"]
+    flagged = [r for r in rows.values()
+               if any(e["source"] == "consistency" for e in r["evidence"])]
+    assert flagged, "no copy flipped: the check would pass whatever it did"
+    for row in flagged:
+        assert (row["verdict"], row["decided_by"]) == ("uncertain", "classifier"), row
+    expected = Predictor.from_uri(strict, backend="keras").predict_bytes(blobs,
+                                                                        consistency=True)
+    same = sum(rows[uri]["verdict"] == p.verdict for uri, p in zip(uris, expected, strict=True))
+    assert same >= len(uris) - 2  # only scores within float noise of the threshold may differ
+    report_plan = json.loads(storage.read_bytes(f"{out}/_manifest.json"))
+    assert report_plan["consistency"] == ["jpeg75", "resize0.5"]

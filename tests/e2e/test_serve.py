@@ -220,6 +220,22 @@ def test_provenance_decides_over_http_as_in_predict(base, predictor):
     assert body["evidence"][0]["kind"] == "camera"  # the last one: weak, shown
 
 
+def test_consistency_checks_over_http_as_in_predict(base, predictor):
+    """`?consistency=true` scores the re-encoded copies through the same replicas and
+    decides as `predict --consistency` does; a malformed flag is a 422."""
+    for fmt in ("PNG", "JPEG"):
+        content_type, make = IMAGES[fmt]
+        blob = make()
+        body = post(base, blob, content_type, params={"consistency": "true"}).json()
+        expected = predictor.predict_bytes([blob], consistency=True)[0]
+        assert body["score_ai"] == pytest.approx(expected.score_ai, abs=1e-5)
+        assert (body["verdict"], body["decided_by"]) == (expected.verdict, expected.decided_by)
+        assert [e["source"] for e in body["evidence"]] == \
+            [e["source"] for e in expected.evidence]
+    assert_error(post(base, blob, content_type, params={"consistency": "maybe"}), 422,
+                 "invalid-request")
+
+
 def test_multipart_upload(base, predictor):
     blob = IMAGES["JPEG"][1]()
     response = requests.post(f"{base}/v1/detect", files={"file": ("a.jpg", blob, "image/jpeg")},
@@ -546,3 +562,44 @@ def test_request_metrics_reach_prometheus():
     while missing() and time.monotonic() < deadline:  # replicas push every few seconds
         time.sleep(2)
     assert not missing()
+
+
+def test_detector_serve_stops_cleanly_on_sigterm(model_uri, tmp_path):
+    """`detector serve` started its own Ray; SIGTERM (what Kubernetes and systemd send)
+    shuts Serve and that Ray down: no raylet, dashboard agent or runtime-env agent is left."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    import requests
+    from conftest import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [Path(sys.executable).parent / "detector", "serve", "--model", model_uri,
+         "--port", str(port), "--max-replicas", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "detector serve did not become healthy"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in started)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output[-3000:]
+        assert "shutting down" in output
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -184,3 +184,47 @@ def test_versions_are_immutable_and_a_name_resolves_to_the_latest(trained_tiny, 
     lines = capsys.readouterr().out.rstrip().splitlines()
     assert lines[0].startswith(f"  {card.name}@{'a' * 12}")
     assert lines[1].startswith(f"* {card.name}@{'b' * 12}")
+
+
+def test_consistency_makes_a_flipping_verdict_uncertain_and_says_why(trained_tiny,
+                                                                     sample_arrays):
+    """A card whose threshold sits where the re-encoded copies of an image land on the
+    other side: the verdict becomes uncertain with the copies' verdicts in the evidence;
+    where copies agree, nothing changes."""
+    import dataclasses
+
+    from detector import consistency
+    from detector.artifact import ModelCard
+    from detector.predictor import Predictor
+    from detector.preprocess import load_image
+    from detector.sample import encode
+
+    predictor = Predictor.from_uri(trained_tiny[0], backend="keras")
+    _, _, test_x, _ = sample_arrays
+    blobs = [encode(p, "PNG", np.random.default_rng(0)) for p in test_x[:40]]
+    pixels = np.stack([load_image(b, TINY_SIZE)[0] for b in blobs])
+    scores = predictor.score(pixels)
+    copies = predictor.score(np.stack([c for p in pixels for c in consistency.variants(p)]))
+    copies = copies.reshape(len(pixels), 2)
+    # The image whose copies moved its score most: a threshold between them flips it.
+    index = int(np.argmax(np.abs(copies - scores[:, None]).max(axis=1)))
+    moved = copies[index][np.argmax(np.abs(copies[index] - scores[index]))]
+    card = dataclasses.replace(predictor.card, threshold=float((scores[index] + moved) / 2),
+                               uncertain_margin=0.0, calibration=predictor.card.calibration)
+    assert isinstance(card, ModelCard)
+    strict = Predictor(predictor._forward, card, runtime=predictor.runtime)
+
+    plain = strict.predict_bytes([blobs[index]])[0]
+    checked = strict.predict_bytes([blobs[index]], consistency=True)[0]
+    assert plain.verdict in ("real", "ai-generated") and plain.score_ai == checked.score_ai
+    assert (checked.verdict, checked.decided_by) == ("uncertain", "classifier")
+    found = [e for e in checked.evidence if e["source"] == "consistency"]
+    assert len(found) == 1 and found[0]["kind"] == "disagreement"
+    assert f"original: {plain.verdict}" in found[0]["detail"]
+
+    agreeing = Predictor(predictor._forward, dataclasses.replace(card, threshold=0.999,
+                                                                uncertain_margin=0.0),
+                         runtime=predictor.runtime)
+    assert (copies < 0.999).all() and (scores < 0.999).all()
+    calm = agreeing.predict_bytes([blobs[index]], consistency=True)[0]
+    assert calm.verdict == "real" and not calm.evidence

@@ -39,3 +39,24 @@ def test_calibration_error_is_zero_for_calibrated_scores():
     labels = np.array([1] * 7 + [0] * 3 + [1] * 2 + [0] * 8)
     scores = np.array([0.75] * 10 + [0.15] * 10)
     assert expected_calibration_error(labels, scores) == pytest.approx(0.05)
+
+
+def test_a_target_fpr_policy_holds_that_rate_on_validation_and_catches_the_most():
+    from detector.evaluate import choose_threshold, parse_policy
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 2000)
+    scores = np.concatenate([rng.beta(2, 5, 2000), rng.beta(5, 2, 2000)])
+    for target in (0.01, 0.05, 0.2):
+        cut = choose_threshold(labels, scores, f"target-fpr:{target}")
+        fpr = ((scores >= cut) & (labels == 0)).sum() / 2000
+        assert fpr <= target
+        lower = np.nextafter(np.max(scores[(labels == 0) & (scores < cut)]), -1)
+        # The next lower real score would break the target: nothing more could be caught.
+        assert ((scores >= lower) & (labels == 0)).sum() / 2000 > target
+    balanced = choose_threshold(labels, scores)
+    assert choose_threshold(labels, scores, "target-fpr:0.01") > balanced
+    assert parse_policy("balanced") is None and parse_policy("target-fpr:0.01") == 0.01
+    for bad in ("target-fpr:0", "target-fpr:1.5", "target-fpr:x", "fpr:0.01", "strict"):
+        with pytest.raises(ValueError, match="target-fpr:X"):
+            parse_policy(bad)
