@@ -100,10 +100,37 @@ def publish_version(model, card: ModelCard, name_uri: str,
     it. Returns the version's URI. Readers of `name_uri` see the old version until the
     pointer moves, and never a version without its card."""
     version = save_artifact(model, card, storage.join(name_uri, card.id), extra_files)
+    _point(name_uri, card)
+    return version
+
+
+def publish_directory(local_dir: str, card: ModelCard, name_uri: str) -> str:
+    """Like `publish_version`, for a finished local artifact directory whose card is
+    `card` (written into it here, last)."""
+    with open(os.path.join(local_dir, CARD_FILE), "w") as handle:
+        handle.write(card.to_json())
+    version = storage.join(name_uri, card.id)
+    storage.publish_dir(local_dir, version, commit_file=CARD_FILE)
+    _point(name_uri, card)
+    return version
+
+
+def _point(name_uri: str, card: ModelCard) -> None:
     pointer = {"id": card.id, "name": card.name, "created_at": card.created_at,
                "metrics": {k: card.metrics.get(k) for k in HEADLINE if k in card.metrics}}
     storage.write_bytes(storage.join(name_uri, POINTER_FILE), json.dumps(pointer).encode())
-    return version
+
+
+def name_of(version_uri: str) -> str | None:
+    """`OUT/<name>` for a version `OUT/<name>/<id>`, or None when it is not one."""
+    parent = version_uri.rstrip("/").rsplit("/", 1)[0]
+    return parent if storage.exists(storage.join(parent, POINTER_FILE)) else None
+
+
+def new_identity() -> dict[str, str]:
+    """A fresh id and creation time, for a card that describes a new version."""
+    return {"id": uuid.uuid4().hex[:12],
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
 HEADLINE = ("accuracy", "roc_auc", "tpr_at_1pct_fpr", "ece")

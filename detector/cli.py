@@ -53,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="model artifact URI")
     evaluate.add_argument("--data", required=True, help="prepared shards URI")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
-    evaluate.add_argument("--out", required=True, help="directory URI for the report files")
+    evaluate.add_argument("--out", help="directory URI for the report files")
+    evaluate.add_argument("--recalibrate", action="store_true",
+                          help="fit calibration, threshold and band again on --data's "
+                          "validation split and publish them as a new version of the model "
+                          "(same weights), moving OUT/<name>/latest.json")
+    evaluate.add_argument("--threshold-policy", default=None,
+                          help="with --recalibrate: balanced or target-fpr:X (default: the "
+                          "model's own)")
     add_runtime_flags(evaluate)
     evaluate.set_defaults(run=run_evaluate)
 
@@ -261,6 +268,14 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from detector.evaluate import evaluate_artifact
 
+    if args.recalibrate:
+        from detector.evaluate import recalibrate_artifact
+
+        print(json.dumps(recalibrate_artifact(args.model, args.data, args.backend,
+                                              args.precision, args.threshold_policy), indent=2))
+        return 0
+    if not args.out:
+        raise ValueError("--out is required (or --recalibrate, which publishes a version)")
     headline = evaluate_artifact(args.model, args.data, args.split, args.out,
                                  backend=args.backend, precision=args.precision)
     print(json.dumps(headline, indent=2))

@@ -278,6 +278,38 @@ def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str,
     return {**report.headline(), "runtime": predictor.runtime}
 
 
+def recalibrate_artifact(model_uri: str, shards_uri: str, backend: str = "auto",
+                         precision: str = "float32", policy: str | None = None) -> dict:
+    """`detector evaluate --recalibrate`: fit calibration, threshold and uncertain band
+    again on `shards_uri`'s validation split (as training does), evaluate on its test
+    split, and publish the result as a new version beside the old one (same weights and
+    exports, a new card), moving `latest.json` to it. Returns its headline and URI."""
+    import dataclasses
+    import tempfile
+
+    from detector.artifact import name_of, new_identity, publish_directory, resolve
+
+    model_uri = resolve(model_uri)
+    name_uri = name_of(model_uri)
+    if name_uri is None:
+        raise ValueError(f"{model_uri} is not a version under OUT/<name>/ (no latest.json "
+                         "beside it): --recalibrate publishes the new card as a version there")
+    predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision)
+    before = predictor.card.id
+    policy = policy or predictor.card.config.get("threshold_policy", "balanced")
+    report = evaluate_model(predictor, shards_uri, "test", policy=policy)  # refits on val
+    card = dataclasses.replace(
+        predictor.card, **new_identity(), metrics=report.headline(),
+        config={**predictor.card.config, "threshold_policy": policy,
+                "recalibrated_from": before, "recalibration_data": shards_uri})
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_dir(model_uri, tmp)  # weights, exports, history
+        report.write(tmp)  # this evaluation replaces the old one's files
+        version = publish_directory(tmp, card, name_uri)
+    return {**card.metrics, "model": f"{card.name}@{card.id}", "artifact": version,
+            "recalibrated_from": before, "runtime": predictor.runtime}
+
+
 def _robustness_markdown(robustness: dict) -> str:
     lines = ["| Perturbation | Accuracy | ROC AUC | TPR@1%FPR |", "|---|---|---|---|"]
     for name, m in robustness.items():

@@ -5,8 +5,11 @@ own shard of the training split from Ray Data; afterwards one Ray task (on a wor
 the workers' resources) turns the best checkpoint into the final artifact. Worker side
 (`train_loop_per_worker`): MultiWorkerMirroredStrategy around `detector.fit.fit`.
 
-Checkpoints (current weights, best weights, loop state) are reported every epoch, so a
-failed worker or a killed job continues from the last completed epoch.
+Checkpoints (current weights, best weights, loop state, optimizer state) are reported
+every epoch, so a failed worker or a killed job continues from the last completed epoch as
+if never stopped; `--resume` continues only a run of the same shards and settings
+(`start_run`). A model with a frozen base trains its head on features cached once
+(`detector.features`); its checkpoints then hold the head alone.
 """
 
 from __future__ import annotations

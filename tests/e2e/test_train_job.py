@@ -206,6 +206,35 @@ def test_evaluate_reproduces_the_training_evaluation(shards, tmp_path):
         assert (tmp_path / "eval" / name).stat().st_size > 0
 
 
+def test_recalibration_publishes_a_new_version_with_the_same_weights(shards):
+    """`detector evaluate --recalibrate --threshold-policy target-fpr:X`: calibration,
+    threshold and band fitted again on the validation split, published beside the old
+    version (same weights), the pointer moved; the threshold holds X on validation."""
+    from detector import data
+    from detector.predictor import Predictor
+
+    name = shards / "models" / "resnet50v2_tiny"
+    old = version(name)
+    out = subprocess.run(
+        [BIN / "detector", "evaluate", "--recalibrate", "--model", str(name), "--data",
+         str(shards / "shards"), "--backend", "keras", "--threshold-policy", "target-fpr:0.05"],
+        capture_output=True, text=True, env=ray_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    new = version(name)
+    assert new != old and (old / "detector.json").exists()
+    assert (new / "model.keras").read_bytes() == (old / "model.keras").read_bytes()
+    assert (new / "model.onnx").exists()  # exports carry over: the weights are the same
+    card = json.loads((new / "detector.json").read_text())
+    assert card["config"]["recalibrated_from"] == old.name
+    assert card["config"]["threshold_policy"] == "target-fpr:0.05"
+    metrics = json.loads((new / "metrics.json").read_text())
+    assert metrics["threshold_policy"] == "target-fpr:0.05" and "fpr" in metrics
+    pixels, labels = data.sample_split(str(shards / "shards"), "val", 10_000)
+    scores = Predictor.from_uri(str(name), backend="keras").score(pixels)
+    real = labels == 0
+    assert ((scores >= card["threshold"]) & real).sum() / real.sum() <= 0.05 + 1e-9
+
+
 def test_resume_continues_a_stopped_job(cluster, shards):
     out_dir = shards / "resumed"
     args = ["jobs/train.py", "--data", str(shards / "shards"), "--model", "vit_tiny", "--out",
