@@ -1,7 +1,8 @@
 """Training speed: the frozen-base feature cache against recomputing the base, or scaling.
 
 `--mode cache` (default; ResNet50V2 at 224 px, weights none), in one run on the same shards
-and settings, one worker with every core:
+and settings, one worker with every core (and a GPU where one is visible: this is also the
+GPU check for training and the feature pass; `bench/gpu.py` measures inference):
 - seconds per epoch after the first, recomputing the base (--no-feature-cache) and on
   cached features, and their ratio;
 - the whole run (Ray Train's fit, epochs included), the cached one with its feature pass,
@@ -17,6 +18,7 @@ step alone on in-memory batches (if input is not well above the step rate, it bo
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import tempfile
@@ -43,7 +45,8 @@ def training_rate(shards: str, out: str, model: str, workers: int, epochs: int) 
     return images / sum(h["seconds"] for h in history)
 
 
-def cache_vs_recompute(shards: str, out: str, model: str, epochs: int) -> dict:
+def cache_vs_recompute(shards: str, out: str, model: str, epochs: int, gpus: float = 0.0
+                       ) -> dict:
     """Both paths with the same settings; times from the runs' own histories and clocks."""
     from detector import features
     from detector.config import TrainConfig
@@ -53,7 +56,8 @@ def cache_vs_recompute(shards: str, out: str, model: str, epochs: int) -> dict:
     results = {}
     for cached in (False, True):
         cfg = TrainConfig(data=shards, model=(model,), out=f"{out}-{int(cached)}", workers=1,
-                          epochs=epochs, cpus_per_worker=cores, batch_size=32,
+                          epochs=epochs, cpus_per_worker=cores, gpus_per_worker=gpus,
+                          batch_size=32,
                           weights="none", patience=epochs, lr_patience=epochs,
                           feature_cache=cached)
         size = _image_size(shards)
@@ -132,7 +136,10 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=400)
     parser.add_argument("--epochs", type=int, help="default: 10 (cache), 4")
     parser.add_argument("--json", help="default: bench/results/train-MODE.json")
+    parser.add_argument("--gpus", type=float, default=None, help="GPUs for the worker and "
+                        "the feature actor (default: 1 where an NVIDIA device is visible)")
     args = parser.parse_args()
+    gpus = args.gpus if args.gpus is not None else float(bool(glob.glob("/dev/nvidia[0-9]*")))
     cache_mode = args.mode == "cache"
     model = args.model or ("resnet50v2" if cache_mode else "resnet50v2_tiny")
     size = args.image_size or (224 if cache_mode else 64)
@@ -144,7 +151,8 @@ def main() -> None:
     from detector.config import PrepareConfig
     from detector.sample import SampleSpec, write_sample
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), num_gpus=int(gpus + 0.999),
+             include_dashboard=False,
              logging_level="ERROR", log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         write_sample(f"{tmp}/bucket", SampleSpec(per_class=args.per_class, size=size))
@@ -152,9 +160,9 @@ def main() -> None:
         prepare.run(PrepareConfig(real=(f"{tmp}/bucket/real",), fake=(f"{tmp}/bucket/fake",),
                                   out=shards, image_size=size), progress=False)
         results = {"model": model, "image_size": size, "epochs": epochs,
-                   "cores": os.cpu_count()}
+                   "cores": os.cpu_count(), "gpus": gpus}
         if cache_mode:
-            results |= cache_vs_recompute(shards, f"{tmp}/out", model, epochs)
+            results |= cache_vs_recompute(shards, f"{tmp}/out", model, epochs, gpus)
         else:
             for workers in (1, 2):
                 results[f"train_images_per_s_{workers}_workers"] = training_rate(

@@ -559,7 +559,7 @@ def build_app_from_config(
     # Pinned here, once: every replica, started now or by autoscaling later, loads this one
     # version, so the Ingress's card (threshold, id) is always that of the model that scores.
     # Moving to a new version is a redeploy (see "Model versions" in the README).
-    config = dataclasses.replace(config, model_uri=resolve(config.model_uri))
+    config = dataclasses.replace(config, model_uri=_pin(config.model_uri))
     runtime_env = {"runtime_env": {"env_vars": dict(env)}} if env else {}
     model = Model.options(
         autoscaling_config=_autoscaling(config),
@@ -573,6 +573,21 @@ def build_app_from_config(
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress_num_cpus, **runtime_env},
     ).bind(model, config, api_key)
+
+
+def _pin(model_uri: str) -> str:
+    """The version `model_uri` names now. No artifact there fails the deploy; storage that
+    cannot be reached from where the app is built (a config check on a laptop) leaves the
+    name for each replica to resolve when it starts, with a warning."""
+    try:
+        return resolve(model_uri)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        log.warning("could not resolve %s where the app is built (%s): replicas resolve it "
+                    "when they start, so a version published meanwhile may mix in",
+                    model_uri, exc)
+        return model_uri
 
 
 def _autoscaling(config: ServeConfig) -> dict[str, Any]:
