@@ -234,6 +234,8 @@ def evaluate_model(
     """Choose the threshold on `val` by `policy` (unless given; it is set on the
     predictor's card), then report on `split`."""
     card = predictor.card
+    chosen_by = policy if threshold is None else card.config.get("threshold_policy",
+                                                                 "balanced")
     if threshold is None:  # training: calibrate, then threshold and band, all on val
         card.calibration = {}  # score raw
         val = score_split(predictor, shards_uri, "val")
@@ -249,7 +251,7 @@ def evaluate_model(
     report.metrics["nll"] = calibration.quality(scored.labels, scored.scores)["nll"]
     report.metrics["uncertain_margin"] = card.uncertain_margin
     report.metrics["calibration"] = card.calibration
-    report.metrics["threshold_policy"] = card.config.get("threshold_policy", policy)
+    report.metrics["threshold_policy"] = chosen_by
     # At this threshold, on this split: what a target-FPR policy promised, measured.
     report.metrics["fpr"] = 1.0 - report.metrics["specificity"]
     return report

@@ -51,15 +51,14 @@ SERVE_RETRY_S = 600.0  # how long a scan waits for Serve to replace a lost repli
 
 
 def list_partitions(batch: pa.Table, include: tuple[str, ...], partition_size: int,
-                    out: str, model: str, threshold: float, provenance: str
-                    ) -> Iterator[pa.Table]:
+                    out: str, **run) -> Iterator[pa.Table]:
     """Ray Data stage: list each spec's range and emit its objects partition by partition.
 
     A spec is {"range", "committed": spans of parts a resumed scan may reuse, "bounds":
     (after, last) to list one lost partition again}. A partition whose committed part
-    still matches every object (same etag, model, threshold, provenance rules) is not
-    emitted at all, only its header, marked `kept`: its part stays as it is."""
-    run = {"model": model, "threshold": threshold, "provenance": provenance}
+    still matches every object (same etag, and `run`: model, threshold, provenance rules,
+    consistency checks) is not emitted at all, only its header, marked `kept`: its part
+    stays as it is."""
     for text in batch.column("spec").to_pylist():
         spec = json.loads(text)
         rng = ListingRange.from_dict(spec["range"])

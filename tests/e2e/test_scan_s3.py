@@ -461,30 +461,42 @@ def test_a_scan_that_cannot_be_scheduled_fails_with_the_missing_resources(scan_b
 
 def test_consistency_scan_makes_flipping_rows_uncertain_like_predict(scan_bucket, model_uri,
                                                                       tmp_path):
-    """`--consistency`: a card whose threshold sits in the middle of this prefix's scores
-    (no band) makes some re-encoded copies flip; those rows are uncertain with the copies'
-    verdicts in `evidence`, as `Predictor.predict_bytes(consistency=True)` decides."""
+    """`--consistency`: a card whose threshold (no band) sits between an image's score and
+    its re-encoded copy's makes that copy flip; flipping rows are uncertain with the
+    copies' verdicts in `evidence`, as `Predictor.predict_bytes(consistency=True)` decides."""
     import dataclasses
 
+    from detector import consistency
     from detector.artifact import load_artifact, save_artifact
     from detector.predictor import Predictor
+    from detector.preprocess import ImageError, load_image
 
     prefix = f"{scan_bucket}/real/batch-01"
     uris = selected(prefix)
     blobs = [storage.read_bytes(uri) for uri in uris]
     model, card = load_artifact(model_uri)
-    plain = Predictor.from_uri(model_uri, backend="keras").predict_bytes(blobs)
-    middle = float(np.median([p.score_ai for p in plain if p.score_ai is not None]))
-    strict = save_artifact(model, dataclasses.replace(card, threshold=middle,
-                                                      uncertain_margin=0.0),
-                           str(tmp_path / "strict"))
+    predictor = Predictor.from_uri(model_uri, backend="keras")
+    # The threshold goes between some image's score and its copy's, so that copy flips.
+    moves = []
+    for uri, blob in zip(uris, blobs, strict=True):
+        try:
+            pixels = load_image(blob, card.image_size)[0]
+        except ImageError:
+            continue
+        scores = predictor.score(np.stack([pixels, *consistency.variants(pixels)]))
+        moves.append((float(np.abs(scores[1:] - scores[0]).max()), uri, scores))
+    _, flipping, scores = max(moves, key=lambda m: m[0])
+    moved = scores[1:][np.argmax(np.abs(scores[1:] - scores[0]))]
+    strict = save_artifact(model, dataclasses.replace(
+        card, threshold=float(scores[0] + moved) / 2, uncertain_margin=0.0),
+        str(tmp_path / "strict"))
     out = "s3://scan/reports/consistency"
     summary = scan(config(prefix, strict, out, consistency=True), progress=False)
     rows = {r["uri"]: r for r in dataset(out).to_table().to_pylist()}
     assert len(rows) == len(uris) == summary["objects"]
     flagged = [r for r in rows.values()
                if any(e["source"] == "consistency" for e in r["evidence"])]
-    assert flagged, "no copy flipped: the check would pass whatever it did"
+    assert flipping in {r["uri"] for r in flagged}, "the copy that flips was not caught"
     for row in flagged:
         assert (row["verdict"], row["decided_by"]) == ("uncertain", "classifier"), row
     expected = Predictor.from_uri(strict, backend="keras").predict_bytes(blobs,

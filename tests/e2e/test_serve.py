@@ -576,26 +576,29 @@ def test_detector_serve_stops_cleanly_on_sigterm(model_uri, tmp_path):
     from conftest import free_port
 
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Its own Ray, as on a laptop; never a `ray start` cluster another test runs.
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    log = tmp_path / "serve.log"
     proc = subprocess.Popen(
         [Path(sys.executable).parent / "detector", "serve", "--model", model_uri,
          "--port", str(port), "--max-replicas", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "detector serve did not become healthy"
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
             try:
                 if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).ok:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still starting
                 pass
             time.sleep(1)
         started = psutil.Process(proc.pid).children(recursive=True)
         assert any("raylet" in " ".join(p.cmdline()) for p in started)
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        output = log.read_text()
         assert proc.returncode == 0, output[-3000:]
         assert "shutting down" in output
         _, alive = psutil.wait_procs(started, timeout=30)
