@@ -125,15 +125,16 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`) or a running local
-    one; otherwise start a local one."""
+    one; otherwise (or with RAY_ADDRESS=local) start a local one."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":  # "local": start one here, whatever else runs
         ray.init(logging_level=logging.WARNING)
         return
-    if _local_cluster_running():
+    if not address and _local_cluster_running():
         ray.init(address="auto", logging_level=logging.WARNING)
         return
     # Ray CPUs are logical. Each Train worker holds one, and Ray Data's readers need

@@ -614,20 +614,25 @@ def run(
     """
     key = os.environ.get(config.api_key_env) or None
     config = dataclasses.replace(config, model_uri=resolve(config.model_uri))  # say which
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app_from_config(config, api_key=key), name=APP_NAME, route_prefix="/")
-    print(f"detector serving {config.model_uri} on http://{host}:{port}/ (docs at /docs)")
+    serving = f"detector serving {config.model_uri} on http://{host}:{port}/ (docs at /docs)"
     if not blocking:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app_from_config(config, api_key=key), name=APP_NAME, route_prefix="/")
+        print(serving)
         return
 
     def stop(signum, frame):  # SIGTERM (kubectl, systemd, docker stop) as Ctrl-C
         raise KeyboardInterrupt
 
+    # Before anything starts: a SIGTERM while the app deploys stops it just the same.
     signal.signal(signal.SIGTERM, stop)
     try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app_from_config(config, api_key=key), name=APP_NAME, route_prefix="/")
+        print(serving, flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("shutting down")
+        print("shutting down", flush=True)
     finally:
         serve.shutdown()
