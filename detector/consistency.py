@@ -25,6 +25,13 @@ def variants(pixels: np.ndarray) -> list[np.ndarray]:
     return [ROBUSTNESS_CHECKS[check](pixels) for check in CHECKS]
 
 
+def copy_scores(images: np.ndarray, score) -> np.ndarray:
+    """`score` (uint8 batch -> scores) of every image's copies in one batch: one row of
+    CHECKS per image."""
+    copies = np.stack([copy for image in images for copy in variants(image)])
+    return np.asarray(score(copies)).reshape(len(images), len(CHECKS))
+
+
 def finding(verdict_of, score: float, variant_scores: Sequence[float]) -> Evidence | None:
     """Evidence of disagreement between the original's classifier verdict and its copies'
     (`verdict_of(score) -> verdict`), or None when they all agree."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector import data, storage
-
-log = logging.getLogger(__name__)
 
 FEATURES_VERSION = 1  # bump when the pass changes what it stores
 CACHE_DIR = "_features"

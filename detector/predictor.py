@@ -113,8 +113,7 @@ class Predictor:
     def _check_consistency(self, images: np.ndarray, scores: np.ndarray,
                            evidence: list[list]) -> None:
         """Score every image's re-encoded copies; add a finding where verdicts disagree."""
-        copies = np.stack([copy for image in images for copy in consistency.variants(image)])
-        copy_scores = self.score(copies).reshape(len(images), len(consistency.CHECKS))
+        copy_scores = consistency.copy_scores(images, self.score)
         for score, variant_scores, found in zip(scores, copy_scores, evidence, strict=True):
             flip = consistency.finding(self.card.verdict, float(score), variant_scores)
             if flip is not None:

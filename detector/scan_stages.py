@@ -236,7 +236,8 @@ def finish_rows(table: pa.Table, card, threshold: float, score,
     if decoded:
         batch = data.decode_pixels([r["pixels"] for r in decoded], card.image_size)
         scores = score(batch)
-        copies = _copy_scores(batch, score) if check_consistency else [None] * len(decoded)
+        copies = (consistency.copy_scores(batch, score) if check_consistency
+                  else [None] * len(decoded))
         for row, value, copy_scores in zip(decoded, scores, copies, strict=True):
             evidence = _evidence(row)
             if copy_scores is not None:
@@ -256,12 +257,6 @@ def finish_rows(table: pa.Table, card, threshold: float, score,
             row.update(model=label, threshold=threshold, scanned_at=now,
                        evidence=row.get("evidence") or [])
     return _table(rows)
-
-
-def _copy_scores(batch: np.ndarray, score) -> np.ndarray:
-    """Scores of every image's consistency copies, one row of CHECKS per image."""
-    copies = np.stack([copy for image in batch for copy in consistency.variants(image)])
-    return np.asarray(score(copies)).reshape(len(batch), len(consistency.CHECKS))
 
 
 def _evidence(row: dict) -> list[provenance.Evidence]:
