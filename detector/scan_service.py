@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -83,20 +84,29 @@ def reap(keep_finished_s: float) -> int:
     """Remove the actors of scans finished more than `keep_finished_s` ago; returns how
     many scans are still running."""
     running, now = 0, dt.datetime.now(dt.UTC)
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] != NAMESPACE or not entry["name"].startswith("scan-"):
-            continue
-        try:
-            actor = ray.get_actor(entry["name"], namespace=NAMESPACE)
-            state = ray.get(actor.status.remote(), timeout=10)
-        except Exception:  # gone meanwhile, or dead: nothing to count
-            continue
+    for actor, state in _scans():
         if state["status"] == "running":
             running += 1
         elif (now - dt.datetime.fromisoformat(state["finished_at"])).total_seconds() \
                 >= keep_finished_s:
             ray.kill(actor)
     return running
+
+
+def list_scans() -> list[dict[str, Any]]:
+    """The state of every scan still kept, oldest first."""
+    return sorted((state for _, state in _scans()), key=lambda s: (s["started_at"], s["id"]))
+
+
+def _scans() -> Iterator[tuple[Any, dict[str, Any]]]:
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] != NAMESPACE or not entry["name"].startswith("scan-"):
+            continue
+        try:
+            actor = ray.get_actor(entry["name"], namespace=NAMESPACE)
+            yield actor, ray.get(actor.status.remote(), timeout=10)
+        except Exception:  # gone meanwhile, or dead: nothing to report
+            continue
 
 
 def scan_status(scan_id: str) -> dict[str, Any] | None:

@@ -8,7 +8,8 @@ stacks into one forward pass for all concurrent requests. Built by `build_app(ar
 runs the same under `serve run detector.serve:build_app model_uri=...`, a `serve deploy`
 config file or a KubeRay RayService (`import_path: detector.serve:build_app`).
 
-HTTP contract (DESIGN.md): `POST /v1/detect`, `GET /healthz`, `GET /v1/model`, `GET /`.
+HTTP contract (typed in detector.api, published at /openapi.json): `POST /v1/detect`,
+`GET /healthz`, `GET /v1/model`, `POST /v1/scans`, `GET /v1/scans[/{id}]`, `GET /`.
 Every error body is JSON `{error, detail}`; a 5xx never carries a traceback.
 """
 
@@ -21,14 +22,17 @@ import os
 import signal
 import time
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -36,8 +40,9 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from detector import consistency, preprocess, provenance, scan_service
+from detector import api, consistency, preprocess, provenance, scan_service
 from detector.artifact import ModelCard, resolve
 from detector.config import BACKENDS, PRECISIONS
 
@@ -130,7 +135,12 @@ class ApiError(Exception):
 def error_response(
     status: int, code: str, detail: str, headers: dict | None = None
 ) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+    return _json(api.ErrorBody(error=code, detail=detail), status, headers)
+
+
+def _json(body: api.ApiModel, status: int = 200, headers: dict | None = None) -> JSONResponse:
+    """A response built through its contract model (api.py): what we send is what we say."""
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
 # Helpers come before the deployments: Serve pickles the decorated classes by value at
@@ -140,13 +150,14 @@ def error_response(
 MAX_SCAN_REQUEST_BYTES = 64 * 1024  # {source, output}: two URIs
 
 
-def _flag(value: str, name: str) -> bool:
-    """A boolean query parameter: true/false/1/0 (any case); anything else is a 422."""
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no", ""):
+def _flag(value: str | None, name: str) -> bool:
+    """A boolean query parameter, as the schema says: true or false (any case); absent is
+    false; anything else, an empty value too, is a 422."""
+    if value is None:
         return False
+    lowered = value.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
     raise ApiError(422, "invalid-request", f"{name} must be true or false, not {value!r}")
 
 
@@ -284,9 +295,28 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "bad-request")
-    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:  # Starlette names only the first route's methods
+        headers = {**(headers or {}), "Allow": ", ".join(_methods_at(request))}
+    return error_response(exc.status_code, code, str(exc.detail), headers)
+
+
+def _methods_at(request: Request) -> list[str]:
+    """Every method some route serves at this request's path."""
+    probe = {**request.scope, "method": ""}  # matches on the path alone: Match.PARTIAL
+    return sorted({method for route in _leaf_routes(request.app.routes)
+                   if route.matches(probe)[0] != Match.NONE
+                   for method in getattr(route, "methods", None) or ()})
+
+
+def _leaf_routes(routes: list) -> Iterator[Any]:
+    # Serve re-mounts the Ingress's methods in an included router (FastAPI >= 0.137 keeps
+    # it as one node holding `original_router`).
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from _leaf_routes(inner.routes) if inner is not None else (route,)
 
 
 @app.exception_handler(RequestValidationError)
@@ -301,6 +331,8 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", "internal error; see the server logs")
 
 
+# The image body is read by hand (bounded; raw or multipart), so FastAPI cannot see it:
+# document it, and the query flag, here.
 DETECT_DOC = {
     "parameters": [{
         "name": "consistency", "in": "query", "required": False,
@@ -323,17 +355,12 @@ DETECT_DOC = {
         },
     },
 }
-ERROR_DOC = {
-    status: {"description": text, "content": {"application/json": {"example": example}}}
-    for status, text, example in [
-        (400, "undecodable image", {"error": "truncated", "detail": "image file is truncated"}),
-        (401, "missing or wrong API key", {"error": "unauthorized", "detail": "..."}),
-        (413, "too many bytes or pixels", {"error": "too-large", "detail": "..."}),
-        (415, "unsupported content type", {"error": "unsupported-media-type", "detail": "..."}),
-        (422, "multipart without `file`", {"error": "missing-file", "detail": "..."}),
-        (503, "overloaded; retry later", {"error": "overloaded", "detail": "..."}),
-    ]
-}
+SCAN_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": api.ScanRequest.model_json_schema()}}}}
+BATCH_HEADER = {"X-Batch-Size": {"description": "how many requests shared this forward pass",
+                                 "schema": {"type": "string"}}}
+# Documented on every route that checks the key (it is required only when the app has one).
+BEARER = [Depends(HTTPBearer(auto_error=False, description="the app's API key, when set"))]
 
 
 @dataclass
@@ -380,33 +407,33 @@ class Ingress:
     async def page_(self) -> HTMLResponse:
         return HTMLResponse(self.page)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=api.Health, responses=api.errors(503))
     async def healthz(self) -> JSONResponse:
         """200 when the model deployment answers within 5 s."""
         try:
             model_id = await asyncio.wait_for(self.model.ping.remote(), timeout=5.0)
         except Exception as exc:
             return error_response(503, "unavailable", f"model not answering: {type(exc).__name__}")
-        return JSONResponse({"status": "ok", "model": model_id})
+        return _json(api.Health(status="ok", model=model_id))
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", response_model=api.ModelInfo, responses=api.errors(401),
+             dependencies=BEARER)
     async def model_card(self, request: Request) -> JSONResponse:
-        """What is loaded: the model card."""
+        """What is loaded: the card of the model version that scores every request."""
         self._authorize(request)
-        keys = ("name", "id", "architecture", "image_size", "threshold", "uncertain_margin",
-                "labels", "metrics", "preprocess_version", "created_at")
-        return JSONResponse({k: self.card.get(k) for k in keys})
+        return _json(api.ModelInfo(**{k: self.card.get(k) for k in api.ModelInfo.model_fields}))
 
-    @app.post("/v1/detect", openapi_extra=DETECT_DOC, responses=ERROR_DOC)
+    @app.post("/v1/detect", response_model=api.DetectResult, openapi_extra=DETECT_DOC,
+              responses={200: {"headers": BATCH_HEADER},
+                         **api.errors(400, 401, 413, 415, 422, 503)},
+              dependencies=BEARER)
     async def detect(self, request: Request) -> JSONResponse:
         """One image (raw body or multipart `file`) -> `{score_ai, verdict, threshold, ...}`."""
         start = time.perf_counter()
         outcome = _Outcome()
         try:
-            response = JSONResponse(
-                await self._detect(request, outcome),
-                headers={"X-Batch-Size": str(outcome.batch_size)},
-            )
+            response = _json(await self._detect(request, outcome),
+                             headers={"X-Batch-Size": str(outcome.batch_size)})
         except ApiError as err:
             outcome.code, response = err.code, err.response()
         except Exception as exc:
@@ -416,9 +443,9 @@ class Ingress:
         self._record(response.status_code, outcome, time.perf_counter() - start)
         return response
 
-    async def _detect(self, request: Request, outcome: _Outcome) -> dict[str, Any]:
+    async def _detect(self, request: Request, outcome: _Outcome) -> api.DetectResult:
         self._authorize(request)
-        check = _flag(request.query_params.get("consistency", "false"), "consistency")
+        check = _flag(request.query_params.get("consistency"), "consistency")
         start = time.perf_counter()
         blob = await self._read_image(request)
         outcome.bytes = len(blob)
@@ -435,46 +462,56 @@ class Ingress:
             evidence = evidence + ([flip] if flip else [])
         outcome.lap("model", start)
         verdict, decided_by = self.model_card.decide(score, evidence)
-        return {
-            "score_ai": score,
-            "verdict": verdict,
-            "decided_by": decided_by,
-            "evidence": [e.to_dict() for e in evidence],
-            "threshold": self.card["threshold"],
-            "model": f"{self.card['name']}@{self.card['id']}",
-            "format": info.format,
-            "width": info.width,
-            "height": info.height,
-        }
+        return api.DetectResult(
+            score_ai=score, verdict=verdict, decided_by=decided_by,
+            evidence=[api.EvidenceItem(**e.to_dict()) for e in evidence],
+            threshold=self.card["threshold"], model=f"{self.card['name']}@{self.card['id']}",
+            format=info.format, width=info.width, height=info.height,
+        )
 
-    @app.post("/v1/scans", status_code=202)
+    @app.post("/v1/scans", status_code=202, response_model=api.ScanStarted,
+              openapi_extra=SCAN_DOC, responses=api.errors(401, 403, 413, 422, 429),
+              dependencies=BEARER)
     async def start_scan(self, request: Request) -> JSONResponse:
         """Start a bucket scan `{source, output}` through this deployment -> 202 `{id}`."""
         try:
             self._authorize(request)
-            body = json.loads(await read_bounded(request, MAX_SCAN_REQUEST_BYTES))
-            source, output = str(body["source"]), str(body["output"])
+            asked = api.ScanRequest.model_validate_json(
+                await read_bounded(request, MAX_SCAN_REQUEST_BYTES))
         except ApiError as err:
             return err.response()
-        except (ValueError, KeyError, TypeError):
+        except ValidationError as err:
             return error_response(422, "invalid-request", 'send JSON {"source": URI, '
-                                  '"output": URI of the report prefix}')
-        for uri in (source, output):
+                                  '"output": URI of the report prefix}: '
+                                  + "; ".join(e["msg"] for e in err.errors())[:300])
+        for uri in (asked.source, asked.output):
             if not scan_service.allowed(uri, self.config.scan_allow):
                 return error_response(403, "forbidden", f"{uri} is outside the scan allow-list")
         try:
             scan_id = await asyncio.to_thread(
-                scan_service.start_scan, source, output, self.config.model_uri,
+                scan_service.start_scan, asked.source, asked.output, self.config.model_uri,
                 serve.get_replica_context().app_name, self.config.max_running_scans,
                 self.config.keep_finished_scans_s,
             )
         except scan_service.TooManyScans as busy:
             return error_response(429, "too-many-scans", str(busy),
                                   headers={"Retry-After": "60"})
-        return JSONResponse({"id": scan_id, "status": "running",
-                             "status_url": f"/v1/scans/{scan_id}"}, status_code=202)
+        return _json(api.ScanStarted(id=scan_id, status="running",
+                                     status_url=f"/v1/scans/{scan_id}"), status=202)
 
-    @app.get("/v1/scans/{scan_id}")
+    @app.get("/v1/scans", response_model=api.ScanList, responses=api.errors(401),
+             dependencies=BEARER)
+    async def list_scans(self, request: Request) -> JSONResponse:
+        """Every scan started over HTTP that is running or kept after finishing."""
+        try:
+            self._authorize(request)
+        except ApiError as err:
+            return err.response()
+        states = await asyncio.to_thread(scan_service.list_scans)
+        return _json(api.ScanList(scans=[api.ScanStatus(**s) for s in states]))
+
+    @app.get("/v1/scans/{scan_id}", response_model=api.ScanStatus,
+             responses=api.errors(401, 404), dependencies=BEARER)
     async def get_scan(self, scan_id: str, request: Request) -> JSONResponse:
         """Status, progress counts and, when finished, the summary of a scan."""
         try:
@@ -484,7 +521,7 @@ class Ingress:
         state = await asyncio.to_thread(scan_service.scan_status, scan_id)
         if state is None:
             return error_response(404, "not-found", f"no scan {scan_id}")
-        return JSONResponse(state)
+        return _json(api.ScanStatus(**state))
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:

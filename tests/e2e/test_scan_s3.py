@@ -405,6 +405,8 @@ def test_scans_start_over_http_within_the_allow_list(scan_bucket, serve_app):
     status_url = f"{serve_app}{started.json()['status_url']}"
     state = wait_for_scan(status_url)
     assert state["status"] == "succeeded", state
+    listed = requests.get(f"{serve_app}/v1/scans", timeout=30).json()["scans"]
+    assert [s["id"] for s in listed] == [started.json()["id"]] and listed[0] == state
     assert state["summary"]["objects"] == len(selected(f"{scan_bucket}/real/batch-01")) > 0
     assert state["summary"]["by_verdict"] and state["summary"]["via"] == "serve"
     assert state["progress"]["done"] == state["progress"]["listed"] == state["summary"]["objects"]
@@ -420,6 +422,8 @@ def test_scans_start_over_http_within_the_allow_list(scan_bucket, serve_app):
                                                           "s3://scan/reports/http-2"}, timeout=30)
     assert again.status_code == 202, again.text
     assert requests.get(status_url, timeout=30).status_code == 404
+    listed = requests.get(f"{serve_app}/v1/scans", timeout=30).json()["scans"]
+    assert [s["id"] for s in listed] == [again.json()["id"]]  # the reaped one is gone
     assert wait_for_scan(f"{serve_app}{again.json()['status_url']}")["status"] == "succeeded"
     assert dataset("s3://scan/reports/http").count_rows() == state["summary"]["objects"]
 
