@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,8 +82,15 @@ def load_image(
         # DCT does the downscale almost for free (~9x faster on 12 MP photos).
         img.draft(img.mode, (size, size))
     _decode(img)
-    img = _to_rgb(_apply_orientation(img))
-    return _center_square(img, size), info
+    transpose = _TRANSPOSES.get(_orientation(img))  # read before conversion drops the EXIF
+    rgb = _to_rgb(img)
+    if rgb is not img:
+        img.close()  # free the decoded pixels before the transpose copies the RGB ones
+    # Our own transpose, not ImageOps.exif_transpose: that one rewrites the EXIF block (and
+    # raises on malformed tags). After the conversion, which is per-pixel: same pixels.
+    if transpose is not None:
+        rgb = rgb.transpose(transpose)
+    return _center_square(rgb, size), info
 
 
 def open_image(
@@ -132,21 +140,13 @@ def open_image(
 
 def _orientation(img: Image.Image) -> object:
     # The raw tag, not int(): a malformed one (e.g. the string "6") must be judged exactly as
-    # _apply_orientation judges it, so ImageInfo and the pixels agree.
+    # load_image transposes by it, so ImageInfo and the pixels agree.
     try:
         value = img.getexif().get(0x0112, 1)
         hash(value)
         return value
     except Exception:  # malformed EXIF must not make a good image unusable
         return 1
-
-
-def _apply_orientation(img: Image.Image) -> Image.Image:
-    """Transpose to the upright view. Unlike ImageOps.exif_transpose this does not rewrite the
-    EXIF block (which raises struct.error/TypeError on malformed tags) and does not copy the
-    image when there is nothing to do."""
-    method = _TRANSPOSES.get(_orientation(img))
-    return img if method is None else img.transpose(method)
 
 
 def _decode(img: Image.Image) -> None:
@@ -165,33 +165,69 @@ def _decode_error(exc: Exception) -> ImageError:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Every Pillow mode -> RGB, compositing transparency over white."""
+    """Every Pillow mode -> RGB, compositing transparency over white.
+
+    Compositing and rescaling go in strips of rows into one RGB image: at the pixel limit
+    (50 MP) whole-image intermediates (RGBA copies, a white canvas, float64 greyscale)
+    would cost gigabytes per request; strips cost a few MB, with the same pixels.
+    """
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:  # RGB PNGs may carry a tRNS colour key
         return img
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(img)), "L").convert("RGB")
+        to_uint8 = _uint8_scaler(img)
+        return _by_strips(img, lambda strip: Image.fromarray(
+            to_uint8(np.asarray(strip)), "L").convert("RGB"))
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return _by_strips(img, _on_white)
     try:
         return img.convert("RGB")
     except ValueError as exc:  # e.g. LAB or multi-channel TIFFs Pillow cannot convert
         raise ImageError("unsupported-format", f"colour mode {mode}: {exc}") from None
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    """Scale 16/32-bit integer or float greyscale into 0..255."""
-    kind, itemsize = values.dtype.kind, values.dtype.itemsize
-    values = values.astype(np.float64)
-    if (kind == "u" and itemsize == 2) or (values.size and values.max() > 255):
-        # 16-bit range: 65535 -> 255, decided by the type for I;16 so a dark image stays dark
-        values = values / 257.0
-    elif values.size and values.max() <= 1.0 and kind == "f":
-        values = values * 255.0
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+STRIP_ROWS = 256
+
+
+def _by_strips(img: Image.Image, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """`convert` (per-pixel, any mode -> RGB) applied strip by strip into one RGB image."""
+    out = Image.new("RGB", img.size)
+    for top, strip in _strips(img):
+        out.paste(convert(strip), (0, top))
+    return out
+
+
+def _strips(img: Image.Image) -> Iterator[tuple[int, Image.Image]]:
+    width, height = img.size
+    for top in range(0, height, STRIP_ROWS):
+        yield top, img.crop((0, top, width, min(top + STRIP_ROWS, height)))  # keeps palette
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _uint8_scaler(img: Image.Image) -> Callable[[np.ndarray], np.ndarray]:
+    """16/32-bit integer or float greyscale -> 0..255, with the range decided on the whole
+    image (its extrema and type), so every strip is scaled alike."""
+    dtype = np.asarray(img.crop((0, 0, 1, 1))).dtype
+    kind, itemsize = dtype.kind, dtype.itemsize
+    high = max(np.asarray(strip).max() for _, strip in _strips(img))  # (no getextrema: I;16B)
+
+    def to_uint8(values: np.ndarray) -> np.ndarray:
+        values = values.astype(np.float64)
+        if (kind == "u" and itemsize == 2) or high > 255:
+            # 16-bit range: 65535 -> 255, decided by the type for I;16 so a dark image stays
+            # dark
+            values = values / 257.0
+        elif high <= 1.0 and kind == "f":
+            values = values * 255.0
+        return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+    return to_uint8
 
 
 def _center_square(img: Image.Image, size: int) -> np.ndarray:

@@ -81,6 +81,9 @@ class ServeConfig:
     num_gpus: float = 0.0  # per Model replica
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.5  # decoding happens here
+    # Per ingress replica; each decode peaks under 10 bytes per pixel of max_pixels
+    # (~480 MiB at 50 MP), so this bounds the ingress's decode memory.
+    max_concurrent_decodes: int = 4
     ingress_max_ongoing_requests: int = 256
     # URI prefixes POST /v1/scans may read from and write to; empty = scans are refused.
     scan_allow: tuple[str, ...] = ()
@@ -395,6 +398,7 @@ class Ingress:
         self.card = await model.card.remote()
         self.model_card = ModelCard(**self.card)  # its verdict rule, the one rule
         self.page = _render_page(self.card, auth=self._key is not None)
+        self.decoding = asyncio.Semaphore(config.max_concurrent_decodes)
         self.requests = Counter(
             "detector_requests", "POST /v1/detect requests by outcome", tag_keys=("status", "code")
         )
@@ -450,7 +454,8 @@ class Ingress:
         blob = await self._read_image(request)
         outcome.bytes = len(blob)
         start = outcome.lap("read", start)
-        pixels, info = await asyncio.to_thread(self._decode, blob)
+        async with self.decoding:  # more wait here, holding only their bytes
+            pixels, info = await asyncio.to_thread(self._decode, blob)
         start = outcome.lap("decode", start)
         evidence = await asyncio.to_thread(provenance.inspect, blob)
         start = outcome.lap("provenance", start)
