@@ -10,15 +10,24 @@ import sys
 from collections.abc import Sequence
 
 from detector import config as cfg
+from detector import console
 
 log = logging.getLogger("detector")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, owns_process: bool | None = None) -> int:
+    """The `detector` command. `owns_process` (default: when argv comes from the command
+    line) lets it quiet the process's output (see console.py); a caller that only borrows
+    it, such as a test or the demo's nested predict, keeps its own stderr."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ banner is noise
+    if argv is None if owns_process is None else owns_process:
+        log_file = console.configure(args.command, getattr(args, "verbose", False))
+        if log_file is not None and args.command in CHATTY_COMMANDS:
+            print(f"(Ray and TensorFlow output: {log_file}; --verbose shows it here)",
+                  file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         return int(args.run(args) or 0)
     except (FileNotFoundError, ValueError, KeyError) as exc:  # the user's input, not a bug
@@ -30,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detector", description="Tell real photographs from AI-generated images."
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and TensorFlow's output (default: a log file)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sample = commands.add_parser("sample", help="write a synthetic sample bucket")
@@ -111,7 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole product end to end on sample data")
     demo.add_argument("--workdir", default="demo-output")
     demo.set_defaults(run=run_demo)
+    for command in commands.choices.values():  # `detector train --verbose ...` works too
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show Ray's and TensorFlow's output (default: a log file)")
     return parser
+
+
+# Commands that start Ray or TensorFlow, so have chatter to hide.
+CHATTY_COMMANDS = ("prepare", "train", "evaluate", "export", "predict", "scan", "serve", "demo")
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -131,16 +149,22 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    # Quiet: workers' output stays in Ray's session logs (console.Relay carries the lines
+    # meant for a person).
+    options = {"logging_level": logging.WARNING, "log_to_driver": console.verbose()}
+    console.quiet_ray_loggers()  # before init: it warns (token auth) through them
     if address and address != "local":  # "local": start one here, whatever else runs
-        ray.init(logging_level=logging.WARNING)
-        return
-    if not address and _local_cluster_running():
-        ray.init(address="auto", logging_level=logging.WARNING)
-        return
-    # Ray CPUs are logical. Each Train worker holds one, and Ray Data's readers need
-    # their own: on a 2-core laptop, 2 workers would otherwise leave readers nothing
-    # to run on and the job would wait forever.
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), logging_level=logging.WARNING)
+        ray.init(**options)
+    elif not address and _local_cluster_running():
+        ray.init(address="auto", **options)
+    else:
+        # Ray CPUs are logical. Each Train worker holds one, and Ray Data's readers need
+        # their own: on a 2-core laptop, 2 workers would otherwise leave readers nothing
+        # to run on and the job would wait forever.
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), **options)
+    import ray.data  # sets up its loggers, which console then quiets
+
+    console.quiet_ray_loggers()
 
 
 def _local_cluster_running() -> bool:

@@ -39,13 +39,19 @@ def run(workdir: str) -> int:
     ), progress=False)
     cli.print_prepare_summary(manifest, shards)
 
-    _step("3/6 train: both architectures, data-parallel on 2 Ray Train workers")
+    _step("3/6 train: both architectures, data-parallel on 2 Ray Train workers, with "
+          "--augment robust (random JPEG, blur, rescale, mirror on both classes)")
     result = train_models(TrainConfig(
         data=shards, model=DEMO_MODELS, out=models, workers=2, epochs=25, batch_size=16,
-        lr=1e-3, weights="none", patience=8, int8=True,
+        lr=1e-3, weights="none", patience=8, int8=True, augment="robust",
     ))
     print(result["comparison"])
     cli.print_exports(result["models"])
+    first = result["models"][0]
+    print(f"\n    robustness of {first['model']} on re-saved and resized test images "
+          "(robustness.md):")
+    table = storage.read_bytes(storage.join(first["artifact"], "robustness.md")).decode()
+    print("".join(f"    {line}\n" for line in table.splitlines()), end="")
 
     runtime = _fast_runtime(result["models"][0])
     _step(f"4/6 predict {' '.join(runtime)}: score a few files with the trained artifact "

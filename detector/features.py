@@ -70,6 +70,7 @@ class CacheKey:
     preprocess_version: int
     augment: str
     views: int
+    augment_version: int = 0  # augment.AUGMENT_VERSION when augment is not "none"
     version: int = FEATURES_VERSION
 
     def digest(self) -> str:
@@ -79,12 +80,14 @@ class CacheKey:
 
 def key_for(cfg, name: str, image_size: int, manifest: dict) -> CacheKey:
     """The cache key of training `name` with TrainConfig `cfg` on shards with `manifest`."""
+    from detector.augment import AUGMENT_VERSION
     from detector.preprocess import PREPROCESS_VERSION
 
     return CacheKey(
         fingerprint=manifest["fingerprint"], model=name, image_size=image_size,
         weights=cfg.weights, seed=cfg.seed, preprocess_version=PREPROCESS_VERSION,
         augment=cfg.augment, views=views_of(cfg),
+        augment_version=AUGMENT_VERSION if cfg.augment != "none" else 0,
     )
 
 

@@ -42,7 +42,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from detector import api, consistency, preprocess, provenance, scan_service
+from detector import api, consistency, console, preprocess, provenance, scan_service
 from detector.artifact import ModelCard, resolve
 from detector.config import BACKENDS, PRECISIONS
 
@@ -658,7 +658,9 @@ def run(
     config = dataclasses.replace(config, model_uri=resolve(config.model_uri))  # say which
     serving = f"detector serving {config.model_uri} on http://{host}:{port}/ (docs at /docs)"
     if not blocking:
+        console.quiet_ray_loggers()  # Serve's driver-side loggers (set up on import)...
         serve.start(http_options={"host": host, "port": port})
+        console.quiet_ray_loggers()  # ...and those serve.start adds
         serve.run(build_app_from_config(config, api_key=key), name=APP_NAME, route_prefix="/")
         print(serving)
         return
@@ -669,7 +671,9 @@ def run(
     # Before anything starts: a SIGTERM while the app deploys stops it just the same.
     signal.signal(signal.SIGTERM, stop)
     try:
+        console.quiet_ray_loggers()
         serve.start(http_options={"host": host, "port": port})
+        console.quiet_ray_loggers()
         serve.run(build_app_from_config(config, api_key=key), name=APP_NAME, route_prefix="/")
         print(serving, flush=True)
         while True:

@@ -18,8 +18,9 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Any
 
-from detector import data, features, storage
+from detector import console, data, features, storage
 from detector.config import TrainConfig, to_dict
 from detector.fit import EpochEnd, FitSettings, FitState, fit
 
@@ -50,6 +51,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         limit_threads(threads)  # not every core of the host; before the first model
     name, image_size = loop_config["model"], loop_config["image_size"]
     cache = loop_config.get("feature_cache")  # train the head on cached features
+    relay = loop_config.get("relay")  # lines for the person running the job (console.py)
     context = ray.train.get_context()
     world, rank = context.get_world_size(), context.get_world_rank()
     tf.keras.utils.set_random_seed(cfg.seed)
@@ -77,7 +79,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             best_weights = _read_weights(trained, os.path.join(directory, BEST_WEIGHTS))
             optimizer_state = _read_optimizer(os.path.join(directory, OPTIMIZER))
         if rank == 0:
-            print(f"Resuming {name} from its checkpoint after epoch {state.epoch}", flush=True)
+            console.say(relay, f"Resuming {name} from its checkpoint after epoch {state.epoch}")
 
     per_worker_batch = max(1, cfg.batch_size // world)
     rng = np.random.default_rng([cfg.seed, rank, state.epoch if state else 0])
@@ -120,6 +122,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if end.improved:
             trained.save_weights(best_path)
         metrics = {k: v for k, v in end.metrics.items() if isinstance(v, int | float)}
+        if rank == 0:
+            console.say(relay, epoch_line(name, cfg.epochs, end))
         if rank != 0:
             ray.train.report(metrics)
             return
@@ -141,6 +145,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer_state=optimizer_state,
     )
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def epoch_line(name: str, epochs: int, end: EpochEnd) -> str:
+    """One line per epoch for the person running the job."""
+    m = end.metrics
+    return (f"  {name} epoch {m['epoch']}/{epochs}: loss {m['loss']:.4f}  val_loss "
+            f"{m['val_loss']:.4f}  val_acc {m['val_accuracy']:.3f}  lr {m['lr']:.1e}  "
+            f"{m['seconds']:.1f} s{'  *' if end.improved else ''}")
 
 
 def train_view(view: int) -> str:
@@ -177,7 +189,7 @@ def _build_overrides(name: str, cfg: TrainConfig) -> dict:
 
 
 def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: str | None = None,
-                  say=print):
+                  say=print, relay: Any = None):
     """The TensorflowTrainer for one model, reading the prepared shards, or the frozen
     base's cached features at `feature_cache` (see `detector.features`)."""
     import ray.train
@@ -199,7 +211,7 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: s
     return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"train_config": to_dict(cfg), "model": name, "image_size": image_size,
-                           "feature_cache": feature_cache},
+                           "feature_cache": feature_cache, "relay": relay},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.gpus_per_worker > 0,
@@ -354,7 +366,8 @@ def train_models(cfg: TrainConfig) -> dict:
         cache = None
         if cfg.feature_cache and features.feature_layer(name):
             cache = features.ensure_cache(cfg, name, image_size)
-        result = build_trainer(cfg, name, image_size, cache).fit()
+        with console.Relay() as relay:  # epoch lines from rank 0, printed here
+            result = build_trainer(cfg, name, image_size, cache, relay=relay.handle).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training {name} reported no checkpoint: {result.error}")
         results.append(ray.get(finalize_task.remote(cfg, name, image_size,

@@ -752,3 +752,26 @@ def test_fuzzed_images_only_ever_raise_image_error():
         # any other exception type propagates and fails the test
     assert time.perf_counter() - started < 20
     assert {"ok", "truncated", "corrupt"} <= set(outcomes)  # the mutations reached the decoders
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_mirror_keeps_the_pixel_grid_phase_a_centre_flip_shifts():
+    """Sensor mosaics, 2x upsampling and JPEG blocks sit at even/8-aligned columns: the
+    training mirror must keep them there (a centre flip moved them by one pixel, and robust
+    training on the sample data then stayed at chance)."""
+    from detector.augment import mirror, robust_augment
+
+    columns = np.arange(64)
+    grid = np.broadcast_to(((columns % 2) * 200 + (columns % 8 == 0) * 50)[None, :, None],
+                           (16, 64, 3)).astype(np.uint8)
+    assert np.array_equal(mirror(grid), grid)
+    assert not np.array_equal(grid[:, ::-1], grid)
+    scene = np.random.default_rng(0).integers(0, 256, (16, 64, 3), dtype=np.uint8)
+    assert np.array_equal(mirror(mirror(scene)), scene)
+    assert np.array_equal(mirror(scene)[:, 1:], scene[:, :0:-1])  # a left-right mirror
+    rng = np.random.default_rng(1)
+    outs = [robust_augment(scene, rng) for _ in range(40)]
+    assert all(o.shape == scene.shape and o.dtype == np.uint8 for o in outs)
+    assert any(np.array_equal(o, mirror(scene)) for o in outs)
