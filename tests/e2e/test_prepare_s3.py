@@ -82,8 +82,10 @@ def test_rerun_gives_identical_membership_and_drops_stale_parts(sampled):
 
     boto3.client("s3").create_bucket(Bucket="rerun")
     first = prepare_into("s3://rerun/shards", sampled)
+    before = membership("s3://rerun/shards")
     second = prepare_into("s3://rerun/shards", sampled)
-    assert membership("s3://rerun/shards") == membership("s3://rerun/shards")
+    after = membership("s3://rerun/shards")
+    assert after == before and sum(map(len, after.values())) == 2 * PER_CLASS
     assert first["fingerprint"] == second["fingerprint"]
     assert first["counts"] == second["counts"]
     listed = {o.uri.rsplit("/", 2)[-2] + "/" + o.uri.rsplit("/", 1)[-1]

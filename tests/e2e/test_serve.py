@@ -107,8 +107,9 @@ def base(serve_port, model_uri) -> str:
 
 @pytest.fixture(scope="module")
 def tight(serve_port, model_uri) -> str:
-    """The "tight" app: a key in the replicas' environment (runtime_env), no batching, a
-    queue of one (easy to overload) and fast autoscaling between 1 and 2 Model replicas."""
+    """The "tight" app: an API key (handed over as `detector serve` does: an argument,
+    which Ray never logs), no batching, a queue of one (easy to overload) and fast
+    autoscaling between 1 and 2 Model replicas."""
     from ray import serve
 
     config = ServeConfig(
@@ -117,8 +118,8 @@ def tight(serve_port, model_uri) -> str:
         upscale_delay_s=1, downscale_delay_s=2, look_back_period_s=2, metrics_interval_s=0.5,
         num_cpus=0.5, ingress_num_cpus=0.25,
     )
-    serve.run(build_app_from_config(config, env={"DETECTOR_API_KEY": API_KEY}),
-              name="tight", route_prefix="/tight")
+    serve.run(build_app_from_config(config, api_key=API_KEY), name="tight",
+              route_prefix="/tight")
     return f"http://127.0.0.1:{serve_port}/tight"
 
 
@@ -564,20 +565,25 @@ def test_overload_gets_json_503_not_a_hang(tight):
 
 
 def test_logs_are_structured_and_never_hold_the_key_or_the_image():
-    """Serve's logs (replicas, proxy, controller). Ray's runtime_env agent does log env_vars,
-    which is why `run()` hands a key to the ingress as an argument, not through the env."""
+    """Every log of this Ray session (Serve's, workers', the raylet's, the runtime-env and
+    dashboard agents'), not only Serve's. (Ray's runtime_env agent logs env_vars, which is
+    why a key is handed to the ingress as an argument, never through runtime_env.)"""
     import ray
 
-    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    session = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    logs = session / "serve"
     ingress = [p.read_text(errors="replace") for p in logs.glob("replica_tight_Ingress_*.log")]
     lines = [json.loads(line.split(" -- ", 1)[1]) for text in ingress
              for line in text.splitlines() if '"event": "detect"' in line]
     assert {(r["status"], r["code"]) for r in lines} >= {(401, "unauthorized"), (200, "ok"),
                                                          (503, "overloaded")}
     assert all({"latency_ms", "batch_size", "bytes"} <= set(r) for r in lines)
-    everything = "".join(p.read_text(errors="replace") for p in logs.glob("*.log"))
-    assert API_KEY not in everything
-    assert "IHDR" not in everything  # no PNG bytes either
+    files = [p for p in session.rglob("*") if p.is_file()]
+    assert len(files) > 20 and any(p.parent.name == "serve" for p in files)
+    for path in files:
+        content = path.read_bytes()
+        assert API_KEY.encode() not in content, path
+        assert b"IHDR" not in content, path  # no PNG bytes either
 
 
 def test_request_metrics_reach_prometheus():

@@ -66,6 +66,13 @@ def test_verdict_has_an_uncertain_band():
     assert card.verdict(0.65) == "uncertain"
     assert card.verdict(0.55) == "uncertain"
     assert card.verdict(0.3) == "real"
+    # The band is open: exactly `margin` away is decided (values exact in binary floats).
+    edges = ModelCard(name="m", architecture="vit", image_size=32, preprocess_version=1,
+                      threshold=0.5, uncertain_margin=0.25)
+    assert edges.verdict(0.75) == "ai-generated" and edges.verdict(0.25) == "real"
+    assert edges.verdict(np.nextafter(0.75, 0)) == "uncertain"
+    assert edges.verdict(np.nextafter(0.25, 1)) == "uncertain"
+    assert edges.verdict(0.5) == "uncertain"
 
 
 def test_predict_bytes_reports_errors_per_item(trained_tiny):

@@ -30,7 +30,11 @@ def test_metrics_on_a_known_confusion_matrix():
     assert m["precision"] == pytest.approx(0.75) and m["recall"] == pytest.approx(0.75)
     assert m["specificity"] == pytest.approx(0.75)
     assert m["roc_auc"] == pytest.approx(15 / 16)  # 15 of 16 (fake, real) pairs ordered
-    assert 0 <= m["tpr_at_1pct_fpr"] <= 1 and 0 <= m["ece"] <= 1
+    # With 4 real images, FPR <= 1% means no false positive: the cut sits above the real
+    # 0.7, where 3 of the 4 fakes (0.8, 0.9, 0.95) are caught.
+    assert m["tpr_at_1pct_fpr"] == pytest.approx(0.75)
+    # 10 bins: |label - score| per bin, weighted: (.1+.2+.3+.7 + .6+.2 + 2 x .075) / 8
+    assert m["ece"] == pytest.approx(2.25 / 8)
 
 
 def test_calibration_error_is_zero_for_calibrated_scores():
