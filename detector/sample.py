@@ -90,14 +90,23 @@ def write_sample(out_uri: str, spec: SampleSpec) -> dict:
     }
 
 
-def make_image(label: int, rng: np.random.Generator, size: Size) -> np.ndarray:
+def make_image(label: int, rng: np.random.Generator, size: Size,
+               trace_box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """One image as an HxWx3 uint8 array; `size` is (width, height) as in Pillow.
 
-    label 1 = AI-generated (generator traces), 0 = real (camera traces).
+    label 1 = AI-generated (generator traces), 0 = real (camera traces). `trace_box`
+    (left, top, right, bottom; even numbers keep the traces' phase) confines a generated
+    image's traces to that region, camera traces around it: a known answer for where an
+    explanation should point.
     """
     width, height = size
     scene = _scene(rng, width, height)
-    pixels = _generated(scene, rng) if label == 1 else _camera(scene, rng)
+    if label == 1 and trace_box is not None:
+        left, top, right, bottom = trace_box
+        pixels = _camera(scene, rng)
+        pixels[top:bottom, left:right] = _generated(scene, rng)[top:bottom, left:right]
+    else:
+        pixels = _generated(scene, rng) if label == 1 else _camera(scene, rng)
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
