@@ -46,6 +46,11 @@ class DetectResult(ApiModel):
     format: str | None = Field(description="the decoded container format (PNG, JPEG, ...)")
     width: int = Field(ge=1)
     height: int = Field(ge=1)
+    heatmap_png: str | None = Field(
+        default=None, description="with ?explain=true: a base64 PNG of the image with where "
+        "the model looked coloured over the square it scored")
+    explanation: Literal["grad-cam", "attention-rollout"] | None = Field(
+        default=None, description="how heatmap_png was made")
 
 
 class ModelInfo(ApiModel):

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--consistency", action="store_true",
                          help="also score a JPEG-75 re-save and a 0.5x resize of each image; "
                          "uncertain when their verdicts disagree (3x the model work)")
+    predict.add_argument("--explain", metavar="DIR",
+                         help="write where the model looked (Grad-CAM / attention rollout) "
+                         "over each image as DIR/<name>.explain.png")
     add_runtime_flags(predict)
     predict.set_defaults(run=run_predict)
 
@@ -309,10 +312,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     from detector import provenance, storage
+    from detector.artifact import resolve
     from detector.predictor import Prediction, Predictor
 
     provenance.check_settings()
-    predictor = Predictor.from_uri(args.model, backend=args.backend, precision=args.precision)
+    model_uri = resolve(args.model)  # one version for the scores and the explanations
+    predictor = Predictor.from_uri(model_uri, backend=args.backend, precision=args.precision)
     blobs, read_errors = [], {}
     for i, uri in enumerate(args.images):
         try:
@@ -321,10 +326,16 @@ def run_predict(args: argparse.Namespace) -> int:
             blobs.append(b"")
             read_errors[i] = Prediction(None, None, error="read-failed", error_detail=str(exc))
     predictions = predictor.predict_bytes(blobs, consistency=args.consistency)
+    explained = {}
+    if args.explain:
+        from detector.explain import explain_files
+
+        explained = explain_files(model_uri, blobs, args.images, args.explain)
     for i, (uri, prediction) in enumerate(zip(args.images, predictions, strict=True)):
         prediction = read_errors.get(i, prediction)
         if args.json:
-            print(json.dumps({"uri": uri, **prediction.__dict__}))
+            extra = {"explanation": explained[i]} if i in explained else {}
+            print(json.dumps({"uri": uri, **prediction.__dict__, **extra}))
         elif prediction.error:
             print(f"{uri}\terror={prediction.error}\t{prediction.error_detail}")
         else:
@@ -335,6 +346,8 @@ def run_predict(args: argparse.Namespace) -> int:
                              prediction.evidence[0])
                 line += f"\t{first['source']} {first['strength']}: {first['detail']}"
             print(line)
+    if args.explain:
+        print(f"wrote {len(explained)} explanations to {args.explain}", file=sys.stderr)
     return 0
 
 

@@ -127,3 +127,31 @@ def overlay_png(blob: bytes, heat: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(np.uint8(np.clip(canvas, 0, 255))).save(out, format="PNG")
     return out.getvalue()
+
+
+def explain_files(model_uri: str, blobs: list[bytes], names: list[str], out_dir: str
+                  ) -> dict[int, str]:
+    """Overlays for every decodable blob, written as `out_dir/<name>.explain.png` (a
+    local directory); {index: path}. Undecodable ones are skipped (predict reports them)."""
+    import os
+
+    from detector import preprocess
+
+    explainer = Explainer.from_uri(model_uri)
+    size = int(explainer.model.input.shape[1])
+    os.makedirs(out_dir, exist_ok=True)
+    written: dict[int, str] = {}
+    taken: set[str] = set()
+    for index, (blob, name) in enumerate(zip(blobs, names, strict=True)):
+        try:
+            pixels, _ = preprocess.load_image(blob, size)
+        except preprocess.ImageError:
+            continue
+        stem = os.path.splitext(os.path.basename(name.rstrip("/")))[0] or "image"
+        file = f"{stem}.explain.png" if stem not in taken else f"{stem}-{index}.explain.png"
+        taken.add(stem)
+        path = os.path.join(out_dir, file)
+        with open(path, "wb") as handle:
+            handle.write(overlay_png(blob, explainer.heatmaps(pixels[None])[0]))
+        written[index] = path
+    return written

@@ -14,6 +14,7 @@ Every error body is JSON `{error, detail}`; a 5xx never carries a traceback.
 """
 
 import asyncio
+import base64
 import dataclasses
 import hmac
 import json
@@ -45,6 +46,7 @@ from starlette.routing import Match
 from detector import api, consistency, console, preprocess, provenance, scan_service
 from detector.artifact import ModelCard, resolve
 from detector.config import BACKENDS, PRECISIONS
+from detector.explain import overlay_png
 
 # Serve routes the "ray.serve" logger into each replica's log file with the request id.
 log = logging.getLogger("ray.serve")
@@ -143,7 +145,9 @@ def error_response(
 
 def _json(body: api.ApiModel, status: int = 200, headers: dict | None = None) -> JSONResponse:
     """A response built through its contract model (api.py): what we send is what we say."""
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+    # exclude_unset: optional fields nobody asked for (?explain) stay out of the answer.
+    return JSONResponse(body.model_dump(mode="json", exclude_unset=True), status_code=status,
+                        headers=headers)
 
 
 # Helpers come before the deployments: Serve pickles the decorated classes by value at
@@ -246,6 +250,17 @@ class Model:
         self.batch_sizes = Histogram(
             "detector_batch_size", "images per forward pass", boundaries=BATCH_BUCKETS
         )
+        self.model_uri = config.model_uri  # the pinned version: explanations load the same
+        self._explainer = None
+
+    def explain(self, pixels: np.ndarray) -> tuple[np.ndarray, str]:
+        """(heatmap in [0, 1], method) for one decoded image; the Keras model of this same
+        version loads on the first request that asks (scores never come from it)."""
+        if self._explainer is None:
+            from detector.explain import Explainer
+
+            self._explainer = Explainer.from_uri(self.model_uri)
+        return self._explainer.heatmaps(pixels[None])[0], self._explainer.method
 
     def card(self) -> dict[str, Any]:
         return dataclasses.asdict(self.predictor.card)
@@ -342,6 +357,11 @@ DETECT_DOC = {
         "schema": {"type": "boolean", "default": False},
         "description": "also score a JPEG-75 re-save and a 0.5x resize; the verdict is "
                        "uncertain when theirs disagree (see the evidence)",
+    }, {
+        "name": "explain", "in": "query", "required": False,
+        "schema": {"type": "boolean", "default": False},
+        "description": "add `heatmap_png`: where the model looked (Grad-CAM or attention "
+                       "rollout), over the image; the score is unchanged",
     }],
     "requestBody": {
         "required": True,
@@ -450,6 +470,7 @@ class Ingress:
     async def _detect(self, request: Request, outcome: _Outcome) -> api.DetectResult:
         self._authorize(request)
         check = _flag(request.query_params.get("consistency"), "consistency")
+        explain = _flag(request.query_params.get("explain"), "explain")
         start = time.perf_counter()
         blob = await self._read_image(request)
         outcome.bytes = len(blob)
@@ -465,13 +486,21 @@ class Ingress:
             copy_scores = [s for s, _ in await asyncio.gather(*map(self._score, copies))]
             flip = consistency.finding(self.model_card.verdict, score, copy_scores)
             evidence = evidence + ([flip] if flip else [])
-        outcome.lap("model", start)
+        start = outcome.lap("model", start)
+        explained = {}  # only when asked: the answer's fields are otherwise as they were
+        if explain:  # from the pixels just scored, by the replica that holds the model
+            heat, method = await self._call(self.model.explain.remote(pixels))
+            overlay = await asyncio.to_thread(overlay_png, blob, heat)
+            explained = {"heatmap_png": base64.b64encode(overlay).decode("ascii"),
+                         "explanation": method}
+            outcome.lap("explain", start)
         verdict, decided_by = self.model_card.decide(score, evidence)
         return api.DetectResult(
             score_ai=score, verdict=verdict, decided_by=decided_by,
             evidence=[api.EvidenceItem(**e.to_dict()) for e in evidence],
             threshold=self.card["threshold"], model=f"{self.card['name']}@{self.card['id']}",
             format=info.format, width=info.width, height=info.height,
+            **explained,
         )
 
     @app.post("/v1/scans", status_code=202, response_model=api.ScanStarted,
@@ -559,8 +588,12 @@ class Ingress:
             raise ApiError(413 if err.code == "too-large" else 400, err.code, err.detail) from None
 
     async def _score(self, pixels: np.ndarray) -> tuple[float, int]:
+        return await self._call(self.model.score.remote(pixels))
+
+    async def _call(self, response: Any) -> Any:
+        """Await a Model deployment call; overload and unavailability are 503s."""
         try:
-            return await self.model.score.remote(pixels)
+            return await response
         except BackPressureError:
             raise ApiError(503, "overloaded", "too many requests queued; retry shortly",
                            headers={"Retry-After": "1"}) from None

@@ -239,6 +239,26 @@ def test_consistency_checks_over_http_as_in_predict(base, predictor):
                  "invalid-request")
 
 
+def test_explain_adds_a_heatmap_and_leaves_the_score(base, predictor):
+    """`?explain=true`: the same answer plus a PNG at the input's aspect ratio, from the
+    pixels that were scored; two different images give two different heatmaps."""
+    wide, other = encode(scene(96, 48, seed=5), "PNG"), encode(scene(96, 48, seed=6), "PNG")
+    plain = post(base, wide).json()
+    explained = post(base, wide, params={"explain": "true"})
+    assert explained.status_code == 200, explained.text
+    body = explained.json()
+    assert body["explanation"] == "attention-rollout"
+    overlay = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"])))
+    assert overlay.format == "PNG" and overlay.size == (96, 48)
+    extras = ("heatmap_png", "explanation")
+    assert {k: v for k, v in body.items() if k not in extras} == \
+        {k: v for k, v in plain.items() if k not in extras}
+    assert "heatmap_png" not in plain and "explanation" not in plain
+    second = post(base, other, params={"explain": "true"}).json()
+    assert second["heatmap_png"] != body["heatmap_png"]
+    assert_error(post(base, wide, params={"explain": "yes"}), 422, "invalid-request")
+
+
 def test_multipart_upload(base, predictor):
     blob = IMAGES["JPEG"][1]()
     response = requests.post(f"{base}/v1/detect", files={"file": ("a.jpg", blob, "image/jpeg")},
@@ -467,6 +487,10 @@ def test_page_in_headless_chromium(base, predictor, tmp_path):
         kind = browser.wait_for(
             "['ai-generated','real','uncertain','error'].includes(result.className) "
             "&& result.className")
+        # The explanation shows beside the upload, a decoded PNG of the upload's shape.
+        shape = browser.wait_for("heatmap.complete && heatmap.naturalWidth > 0 && "
+                                 "[heatmap.naturalWidth, heatmap.naturalHeight]")
+        assert shape == [48, 40] and browser.evaluate("heatmap.title") == "attention-rollout"
         shot = browser.send("Page.captureScreenshot", format="png")["data"]
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "serve-page.png").write_bytes(base64.b64decode(shot))

@@ -107,6 +107,35 @@ def test_predict_cli_prints_a_line_per_file(trained_tiny, tmp_path, capsys):
     assert "error=" in lines[1] and "error=read-failed" in lines[2]
 
 
+def test_predict_explain_writes_overlays_without_changing_scores(trained_tiny, tmp_path,
+                                                                  capsys):
+    from PIL import Image
+
+    from detector.cli import main
+    from detector.sample import make_image
+
+    uri, _ = trained_tiny
+    paths = []
+    for i, size in enumerate([(96, 48), (40, 40)]):
+        path = tmp_path / f"in{i}.png"
+        Image.fromarray(make_image(i, np.random.default_rng(i), size)).save(path)
+        paths.append(str(path))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["predict", "--json", "--model", uri, *paths]) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    out = tmp_path / "explained"
+    assert main(["predict", "--json", "--model", uri, "--explain", str(out), *paths,
+                 str(bad)]) == 0
+    explained = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["score_ai"] for e in explained[:2]] == [p["score_ai"] for p in plain]
+    assert "explanation" not in explained[2] and explained[2]["error"] == "not-an-image"
+    overlays = [Image.open(e["explanation"]) for e in explained[:2]]
+    assert [o.format for o in overlays] == ["PNG", "PNG"]
+    assert overlays[0].size == (96, 48) and overlays[1].size == (40, 40)  # aspect kept
+    assert sorted(os.listdir(out)) == ["in0.explain.png", "in1.explain.png"]
+
+
 def test_bfloat16_predictor_computes_in_bfloat16_and_keeps_scores_and_verdicts(
         trained_tiny, sample_arrays):
     from detector.artifact import load_artifact
