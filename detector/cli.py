@@ -75,6 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(evaluate)
     evaluate.set_defaults(run=run_evaluate)
 
+    ensemble = commands.add_parser(
+        "ensemble", help="combine trained models into one evaluated ensemble artifact")
+    ensemble.add_argument("--models", required=True,
+                          type=lambda text: [uri for uri in text.split(",") if uri],
+                          help="member model URIs, comma-separated (each resolved to its "
+                          "version now)")
+    ensemble.add_argument("--weights", type=lambda text: [float(w) for w in text.split(",")],
+                          help="one weight per member, comma-separated (default: equal)")
+    ensemble.add_argument("--data", required=True, help="prepared shards URI: calibration, "
+                          "threshold and band on val, evaluation on test")
+    ensemble.add_argument("--out", required=True, help="models URI: publishes OUT/<name>/<id>/ "
+                          "and adds a row to OUT/comparison.md")
+    ensemble.add_argument("--name", default="ensemble")
+    ensemble.add_argument("--threshold-policy", default="balanced",
+                          help="balanced or target-fpr:X")
+    add_runtime_flags(ensemble)
+    ensemble.set_defaults(run=run_ensemble)
+
     export = commands.add_parser("export", help="add ONNX / OpenVINO int8 exports to a model")
     export.add_argument("--model", required=True, help="model artifact URI")
     export.add_argument("--int8", action="store_true",
@@ -132,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that start Ray or TensorFlow, so have chatter to hide.
-CHATTY_COMMANDS = ("prepare", "train", "evaluate", "export", "predict", "scan", "serve", "demo")
+CHATTY_COMMANDS = ("prepare", "train", "evaluate", "ensemble", "export", "predict", "scan",
+                   "serve", "demo")
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -307,6 +326,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     headline = evaluate_artifact(args.model, args.data, args.split, args.out,
                                  backend=args.backend, precision=args.precision)
     print(json.dumps(headline, indent=2))
+    return 0
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from detector import ensemble, storage
+    from detector.evaluate import parse_policy
+
+    parse_policy(args.threshold_policy)
+    row = ensemble.build(args.models, args.data, args.out, weights=args.weights,
+                         name=args.name, policy=args.threshold_policy, backend=args.backend,
+                         precision=args.precision)
+    print(f"{row['model']}@{row['id']} of {' + '.join(row['members'])}: test ROC AUC "
+          f"{row['roc_auc']:.4f}, accuracy {row['accuracy']:.4f} -> {row['artifact']}")
+    print(storage.read_bytes(storage.join(args.out, "comparison.md")).decode(), end="")
     return 0
 
 

@@ -48,8 +48,12 @@ class Explainer:
 
     @classmethod
     def from_uri(cls, uri: str) -> Explainer:
-        from detector.artifact import load_artifact
+        from detector.artifact import load_artifact, load_card
 
+        card = load_card(uri)
+        if card.architecture == "ensemble":  # explain the member that weighs most
+            top = max(card.config["members"], key=lambda member: member["weight"])
+            return cls.from_uri(top["uri"])
         model, card = load_artifact(uri)
         return cls(model, card.architecture)
 

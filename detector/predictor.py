@@ -51,6 +51,12 @@ class Predictor:
         (see `detector.runtimes`); `threads`: the CPUs reserved for it (None: all)."""
         uri = resolve(uri)  # one version, even if training publishes another meanwhile
         card = load_card(uri)
+        if card.architecture == "ensemble":  # members load here, each on its runtime
+            from detector.ensemble import members_forward
+
+            forward, runtime = members_forward(card, batch_size, backend, precision, threads)
+            log.info("model %s@%s runs on %s", card.name, card.id, runtime)
+            return cls(forward, card, batch_size=batch_size, runtime=runtime)
         choice = runtimes.resolve(card, backend, precision, uri)
         forward = runtimes.load(uri, choice, card, threads)
         log.info("model %s@%s runs on %s", card.name, card.id, choice)
