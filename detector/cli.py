@@ -215,6 +215,11 @@ def print_prepare_summary(manifest: dict, out: str) -> None:
     for split in ("train", "val", "test"):
         print(f"  {split:5s} real={counts[split]['real']:6d} fake={counts[split]['fake']:6d}")
     print(f"  skipped={len(manifest['skipped'])} duplicates={manifest['duplicates']}")
+    near = manifest.get("near_duplicates") or {}
+    if near.get("distance") is not None:
+        print(f"  near-duplicate groups={near['groups']} ({near['images']} images, pHash within "
+              f"{near['distance']} bits): {near['straddling_by_bytes']} would have straddled "
+              f"splits by byte hash; {near['moved']} images moved to their group's split")
     by_code: dict[str, int] = {}
     for item in manifest["skipped"]:
         by_code[item["error"]] = by_code.get(item["error"], 0) + 1

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from detector.duplicates import DEFAULT_DISTANCE
+
 BACKENDS = ("auto", "keras", "openvino", "onnxruntime")  # see detector.runtimes
 PRECISIONS = ("float32", "bfloat16", "int8")
 MAX_AUC_DROP = 0.005  # the largest test ROC AUC loss an int8 export may have
@@ -45,6 +47,9 @@ class PrepareConfig:
     image_size: int = _opt(224, "pixel size of the stored square images")
     rows_per_file: int = _opt(256, "rows per Parquet part (at most); a part is built in one "
                               "task's memory: 256 rows of 224 px are 38 MB of pixels")
+    near_duplicates: int = _opt(DEFAULT_DISTANCE, "keep images whose perceptual hashes differ "
+                                "in at most this many of 64 bits in one split (-1: byte hash "
+                                "only)")
 
 
 @dataclass(frozen=True)

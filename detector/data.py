@@ -63,6 +63,7 @@ SHARD_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("sha256", pa.string()),
+        ("phash", pa.string()),  # detector.duplicates.phash of the stored pixels
     ]
 )
 

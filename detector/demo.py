@@ -17,7 +17,7 @@ IMAGE_SIZE = 64
 
 
 def run(workdir: str) -> int:
-    from detector import cli, prepare
+    from detector import cli, ensemble, prepare
     from detector.config import PrepareConfig, TrainConfig
     from detector.sample import SampleSpec, write_sample
     from detector.train import train_models
@@ -47,6 +47,10 @@ def run(workdir: str) -> int:
     ))
     print(result["comparison"])
     cli.print_exports(result["models"])
+    row = ensemble.build([storage.join(models, name) for name in DEMO_MODELS], shards, models,
+                         backend="keras")
+    print(f"ensemble of both ({row['model']}@{row['id']}, added to comparison.md): test ROC "
+          f"AUC {row['roc_auc']:.4f}, accuracy {row['accuracy']:.4f}")
     first = result["models"][0]
     print(f"\n    robustness of {first['model']} on re-saved and resized test images "
           "(robustness.md):")

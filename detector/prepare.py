@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from detector import audit, listing, preprocess, storage
+from detector import audit, duplicates, listing, preprocess, storage
 from detector.config import PrepareConfig
 from detector.data import MANIFEST, SHARD_SCHEMA, SPLITS, fetch_many
 
@@ -41,7 +41,8 @@ ROW_SCHEMA = pa.schema(
     [
         ("image", pa.binary()), ("label", pa.int8()), ("source_uri", pa.string()),
         ("source_format", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-        ("sha256", pa.string()), ("size_bytes", pa.int64()), ("split", pa.string()),
+        ("sha256", pa.string()), ("phash", pa.string()), ("size_bytes", pa.int64()),
+        ("split", pa.string()),
         ("error", pa.string()), ("error_detail", pa.string()),
     ]
 )
@@ -151,7 +152,8 @@ def decode_batch(
                 row.update(error=err.code, error_detail=err.detail)
             else:
                 row.update(image=pixels.tobytes(), source_format=info.format,
-                           width=info.width, height=info.height)
+                           width=info.width, height=info.height,
+                           phash=duplicates.phash(pixels))
         for name in ROW_FIELDS:
             out[name].append(row[name])
     # An explicit schema: a batch without a single error must not infer `error` as null.
@@ -288,8 +290,10 @@ def _run(config: PrepareConfig, specs: list[dict], started: float) -> dict:
         tally.add(batch.to_pylist())
     if tally.objects == 0:
         raise ValueError("no objects found under the given --real/--fake URIs")
-    duplicates = duplicate_count(config.out, tally.parts, tally.written)
-    manifest = build_manifest(config, tally, duplicates, time.perf_counter() - started)
+    near = regroup_near_duplicates(config, tally, run_id)
+    repeated = duplicate_count(config.out, tally.parts, tally.written)
+    manifest = build_manifest(config, tally, repeated, time.perf_counter() - started)
+    manifest["near_duplicates"] = near
     storage.write_bytes(storage.join(config.out, MANIFEST), json.dumps(manifest, indent=2).encode())
     _remove_stale_parts(config.out, manifest)
     return manifest
@@ -317,6 +321,90 @@ def duplicate_count(out_uri: str, parts: dict[str, set[str]], written: int) -> i
     return written - hashes.groupby("sha256", num_partitions=partitions).count().count()
 
 
+def regroup_near_duplicates(config: PrepareConfig, tally: Tally, run_id: str) -> dict:
+    """Keep each group of near-duplicate images (perceptual hashes within
+    `config.near_duplicates` bits) in one split: the split of its member with the lowest
+    SHA-256, so a group's split is as stable as an image's. The rows of other splits move
+    there (their parts are rewritten without them, and they join new parts). Runs in one
+    Ray task, which holds ~100 bytes per image; the driver gets counts and part names."""
+    import ray
+
+    if config.near_duplicates < 0 or not tally.written:
+        return {"distance": None}
+    parts = {s: sorted(tally.parts[s]) for s in SPLITS}
+    result = ray.get(ray.remote(_regroup).options(num_cpus=1).remote(
+        config.out, parts, tuple(config.split), config.seed, config.near_duplicates, run_id))
+    for split in SPLITS:
+        for kind in ("real", "fake"):
+            tally.counts[split][kind] += result["count_changes"][split][kind]
+        tally.parts[split] -= set(result["parts_removed"][split])
+        tally.parts[split] |= set(result["parts_added"][split])
+    return {key: result[key] for key in ("distance", "groups", "images", "straddling_by_bytes",
+                                          "moved")}
+
+
+def _regroup(out_uri: str, parts: dict[str, list[str]], fractions: tuple[float, ...],
+             seed: int, distance: int, run_id: str) -> dict:
+    names, splits, shas, hashes, labels = [], [], [], [], []
+    for split in SPLITS:
+        for name in parts[split]:
+            fs, path = storage.resolve(storage.join(out_uri, name))
+            table = pq.read_table(path, filesystem=fs, columns=["sha256", "phash", "label"])
+            names += [name] * table.num_rows
+            splits += [split] * table.num_rows
+            shas += table.column("sha256").to_pylist()
+            hashes += table.column("phash").to_pylist()
+            labels += table.column("label").to_pylist()
+    grouped = duplicates.groups(duplicates.to_ints(hashes), distance)
+    # Each group's split: that of its lowest SHA-256 (the byte-hash split of that member).
+    lowest: dict[int, str] = {}
+    for index, group in enumerate(grouped.tolist()):
+        if group not in lowest or shas[index] < lowest[group]:
+            lowest[group] = shas[index]
+    sizes = np.bincount(grouped, minlength=len(grouped))
+    straddling = {g for g, s in zip(grouped.tolist(), splits, strict=True)
+                  if sizes[g] > 1 and s != splits[g]}
+    moves: dict[str, dict[int, str]] = {}  # part -> {row in part: target split}
+    changes = {s: {"real": 0, "fake": 0} for s in SPLITS}
+    offsets: dict[str, int] = {}
+    for index, (group, name, split) in enumerate(zip(grouped.tolist(), names, splits,
+                                                     strict=True)):
+        row = index - offsets.setdefault(name, index)
+        if sizes[group] < 2:
+            continue
+        target = split_of(lowest[group], fractions, seed)
+        if target != split:
+            moves.setdefault(name, {})[row] = target
+            kind = "fake" if labels[index] else "real"
+            changes[split][kind] -= 1
+            changes[target][kind] += 1
+    added, removed = {s: [] for s in SPLITS}, {s: [] for s in SPLITS}
+    moving: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
+    for name, rows in moves.items():
+        fs, path = storage.resolve(storage.join(out_uri, name))
+        table = pq.read_table(path, filesystem=fs)
+        for target in set(rows.values()):
+            moving[target].append(table.take([r for r, t in rows.items() if t == target]))
+        kept = table.filter(pa.array([r not in rows for r in range(table.num_rows)]))
+        if kept.num_rows:
+            pq.write_table(kept, path, filesystem=fs, compression="zstd")
+        else:
+            fs.delete_file(path)
+            removed[name.split("/", 1)[0]].append(name)
+    for target, tables in moving.items():
+        if tables:
+            name = f"{target}/part-{run_id}-near-{uuid.uuid4().hex[:12]}.parquet"
+            fs, path = storage.resolve(storage.join(out_uri, name))
+            if not storage.is_s3(out_uri):
+                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            pq.write_table(pa.concat_tables(tables), path, filesystem=fs, compression="zstd")
+            added[target].append(name)
+    return {"distance": distance, **duplicates.summary(grouped),
+            "straddling_by_bytes": len(straddling),
+            "moved": sum(len(rows) for rows in moves.values()),
+            "count_changes": changes, "parts_added": added, "parts_removed": removed}
+
+
 def read_hashes(batch: pa.Table) -> pa.Table:
     """Ray Data stage: the `sha256` column of each part named in the batch. Read with
     pyarrow directly: Ray's Parquet reader took 15 s for 281 small parts (pyarrow: 0.3 s)."""
@@ -327,7 +415,7 @@ def read_hashes(batch: pa.Table) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def build_manifest(config: PrepareConfig, tally: Tally, duplicates: int,
+def build_manifest(config: PrepareConfig, tally: Tally, repeated: int,
                    seconds: float) -> dict:
     """The shard set's manifest: counts, parts, skipped objects, duplicates, bias audit."""
     return {
@@ -343,7 +431,7 @@ def build_manifest(config: PrepareConfig, tally: Tally, duplicates: int,
         "objects": tally.objects,
         "written": tally.written,
         "counts": tally.counts,
-        "duplicates": duplicates,
+        "duplicates": repeated,
         "fingerprint": tally.fingerprint,
         "parts": {s: sorted(tally.parts[s]) for s in SPLITS},
         "skipped": sorted(tally.skipped, key=lambda r: r["uri"]),

@@ -317,6 +317,46 @@ def test_scan_via_serve_matches_data_and_the_http_endpoint(scan_bucket, model_ur
         (signed["verdict"], signed["decided_by"], signed["evidence"])
 
 
+def test_an_ensemble_scans_and_serves_as_predict_scores_it(scan_bucket, model_uri,
+                                                           other_model_uri, serve_app,
+                                                           tmp_path):
+    """An ensemble URI goes where a model URI goes: a scan's rows and an app's answers
+    equal `Predictor.predict_bytes` on it, and both name the ensemble's version."""
+    import requests
+    from ray import serve
+
+    from detector.ensemble import publish
+    from detector.predictor import Predictor
+    from detector.serve import ServeConfig, build_app_from_config
+
+    name = str(tmp_path / "models" / "ensemble")
+    publish([model_uri, other_model_uri], str(tmp_path / "models"), weights=[2, 1])
+    predictor = Predictor.from_uri(name)
+    label = f"ensemble@{predictor.card.id}"
+    out = "s3://scan/reports/ensemble"
+    prefix = f"{scan_bucket}/real/batch-01"
+    summary = scan(config(prefix, name, out), progress=False)
+    assert summary["model"] == label
+    rows = [r for r in dataset(out).to_table().to_pylist() if r["error"] is None][:8]
+    blobs = [storage.read_bytes(r["uri"]) for r in rows]
+    expected = [p.score_ai for p in predictor.predict_bytes(blobs)]
+    assert [r["score_ai"] for r in rows] == pytest.approx(expected, abs=1e-5)
+    assert {r["model"] for r in dataset(out).to_table().to_pylist()} == {label}
+
+    serve.run(build_app_from_config(ServeConfig(
+        model_uri=name, max_replicas=1, num_cpus=0.5, ingress_num_cpus=0.25)),
+        name="ensemble", route_prefix="/ensemble")
+    try:
+        for blob, score in zip(blobs[:4], expected, strict=False):
+            answer = requests.post(f"{serve_app}/ensemble/v1/detect", data=blob, timeout=60,
+                                   headers={"Content-Type": "application/octet-stream"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["score_ai"] == pytest.approx(score, abs=1e-5)
+            assert answer.json()["model"] == label
+    finally:
+        serve.delete("ensemble")
+
+
 def test_scan_never_labels_rows_with_a_model_it_did_not_use(scan_bucket, other_model_uri,
                                                             serve_app):
     """The app serves model A; a scan asked for model B scores with B or refuses."""
