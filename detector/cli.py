@@ -274,6 +274,11 @@ def print_scan_summary(summary: dict) -> None:
                               or "none"))
     print("  by error:   " + (", ".join(f"{k}={v}" for k, v in summary["by_error"].items())
                               or "none"))
+    near = summary.get("near_duplicates")
+    if near:
+        print(f"  near-duplicates: {near['groups']} groups holding {near['images']} objects "
+              f"({near['mixed_verdicts']} with mixed verdicts), listed in "
+              f"{summary['out']}/{near['listing']}")
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:

@@ -121,6 +121,9 @@ class ScanConfig:
     consistency: bool = _opt(False, "also score a JPEG-75 re-save and a 0.5x resize of every "
                              "image; uncertain where their verdicts disagree (3x the model "
                              "work; the evidence column says why)")
+    group_duplicates: bool = _opt(False, "after the scan, group near-duplicates (pHash within "
+                                  f"{DEFAULT_DISTANCE} bits): counts in the summary, "
+                                  "OUT/_near_duplicates.parquet lists every grouped object")
     partition_size: int = _opt(65536, "objects per report part: the unit of commit, resume "
                                "and retry (and one Parquet row group)")
     actors: int | None = _opt(None, "most scoring actors for --via data (default: as many as "

@@ -43,6 +43,7 @@ REPORT_SCHEMA = pa.schema(
         ("format", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("phash", pa.string()),  # detector.duplicates.phash of the scored pixels
         ("score_ai", pa.float64()),
         ("verdict", pa.string()),
         ("decided_by", pa.string()),  # provenance | classifier; see detector.verdict

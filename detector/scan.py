@@ -27,7 +27,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from detector import consistency, listing, provenance, report
+import numpy as np
+
+from detector import consistency, duplicates, listing, provenance, report, storage
 from detector.config import ScanConfig
 from detector.scan_stages import (
     NOTE_SCHEMA,
@@ -47,6 +49,7 @@ DEFAULT_CPUS_PER_ACTOR = 2.0
 DECODE_CPUS = 0.5  # per decode task: reads wait on storage part of the time
 BLOCK_BYTES = 2 * 1024 * 1024  # ~12k listed keys, or ~13 decoded images at 224 px
 REPORT_SCHEMA = report.REPORT_SCHEMA  # re-exported: the report's columns
+NEAR_DUPLICATES = "_near_duplicates.parquet"  # with --group-duplicates
 
 
 class ScanStalled(RuntimeError):
@@ -71,6 +74,9 @@ def scan(config: ScanConfig, progress: bool = True,
     existing = report.part_files(out)  # refuses a single-file report from older versions
     plan = _plan(config, out)
     report.uncommit(out)  # from here until the commit, `out` is not a report
+    if storage.exists(storage.join(out, NEAR_DUPLICATES)):  # an earlier scan's, now stale
+        fs, path = storage.resolve(storage.join(out, NEAR_DUPLICATES))
+        fs.delete_file(path)
     if not config.resume and existing:
         report.delete_parts(out, existing)
     committed = _committed_spans(out, existing) if config.resume else {}
@@ -111,8 +117,58 @@ def scan(config: ScanConfig, progress: bool = True,
     files = {meta["file"] for meta in ledger.committed.values()}
     report.delete_parts(out, [f for f in report.part_files(out) if f not in files])
     manifest = _manifest(config, ledger, run, via, started_at, time.perf_counter() - started)
+    if config.group_duplicates:  # before the commit: the listing is part of the report
+        manifest["near_duplicates"] = group_near_duplicates(out, sorted(files))
     report.write_json(out, report.MANIFEST, manifest)
     return summarize(manifest)
+
+
+def group_near_duplicates(out: str, files: list[str]) -> dict:
+    """Group the report's objects by pHash (in a Ray task, which holds ~100 bytes per
+    object; the driver gets counts), writing OUT/_near_duplicates.parquet: one row per
+    grouped object with its group (the group's first URI) and verdict."""
+    import ray
+
+    return ray.get(ray.remote(_group_report).options(num_cpus=1).remote(out, files))
+
+
+def _group_report(out: str, files: list[str]) -> dict:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = ["uri", "phash", "verdict"]
+    table = pa.concat_tables([report.read_part(out, name).select(columns) for name in files])
+    table = table.filter(pc.is_valid(table["phash"]))
+    labels = duplicates.groups(duplicates.to_ints(table.column("phash").to_pylist()))
+    sizes = np.bincount(labels, minlength=len(labels))
+    grouped = np.flatnonzero(sizes[labels] > 1)
+    uris = table.column("uri").to_pylist()
+    listing = pa.table({"uri": [uris[i] for i in grouped],
+                        "group": [uris[labels[i]] for i in grouped],
+                        "group_size": sizes[labels[grouped]].astype(np.int32),
+                        "verdict": table.column("verdict").take(pa.array(grouped)).to_pylist()})
+    storage.write_bytes(storage.join(out, NEAR_DUPLICATES), _parquet(listing.sort_by(
+        [("group", "ascending"), ("uri", "ascending")])))
+    verdicts = {}
+    for group, verdict in zip(listing.column("group").to_pylist(),
+                              listing.column("verdict").to_pylist(), strict=True):
+        verdicts.setdefault(group, set()).add(verdict)
+    largest = sorted(((int(sizes[labels[i]]), uris[labels[i]]) for i in set(labels[grouped])),
+                     reverse=True)[:5]
+    return {"distance": duplicates.DEFAULT_DISTANCE, **duplicates.summary(labels),
+            "mixed_verdicts": sum(len(v) > 1 for v in verdicts.values()),
+            "largest": [{"group": uri, "size": size} for size, uri in largest],
+            "listing": NEAR_DUPLICATES}
+
+
+def _parquet(table) -> bytes:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
 
 
 def _plan(config: ScanConfig, out: str) -> listing.Plan:
@@ -454,7 +510,9 @@ def summarize(manifest: dict) -> dict:
     """The scan's summary, from its commit manifest (never from reading the rows)."""
     keys = ("out", "objects", "scanned", "reused", "by_verdict", "by_error", "via",
             "seconds", "objects_per_second", "model", "threshold")
-    return {**{k: manifest[k] for k in keys}, "parts": len(manifest["parts"])}
+    extra = {"near_duplicates": manifest["near_duplicates"]} \
+        if "near_duplicates" in manifest else {}
+    return {**{k: manifest[k] for k in keys}, "parts": len(manifest["parts"]), **extra}
 
 
 def resolve_via(config: ScanConfig, model_id: str) -> str:

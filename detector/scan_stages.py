@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detector import consistency, data, preprocess, provenance, report
+from detector import consistency, data, duplicates, preprocess, provenance, report
 from detector.listing import ListingRange, iter_range
 from detector.partitions import Partition, Span, cut, partition_id
 from detector.threads import reserved_threads
@@ -151,7 +151,7 @@ def decode_objects(table: pa.Table, image_size: int, max_bytes: int) -> pa.Table
             row.update(error=err.code, error_detail=err.detail)
         else:
             row.update(pixels=pixels.tobytes(), format=info.format, width=info.width,
-                       height=info.height)
+                       height=info.height, phash=duplicates.phash(pixels))
     return _table(rows)
 
 

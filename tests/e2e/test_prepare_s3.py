@@ -158,3 +158,48 @@ def test_empty_source_is_a_clear_error(local_ray, tmp_path):
     with pytest.raises(ValueError, match="no objects under"):
         prepare_into(str(tmp_path / "out"), str(tmp_path / "src"),
                      fake=(str(tmp_path / "empty"),))
+
+
+def test_near_duplicate_copies_stay_in_one_split_and_are_counted(s3_server, local_ray):
+    """Resized and re-encoded copies of one image are a group: all of it lands in one
+    split (by bytes, most groups would straddle), and the manifest counts the groups."""
+    import io
+
+    import boto3
+    import numpy as np
+    from PIL import Image
+
+    from detector.sample import make_image
+
+    boto3.client("s3").create_bucket(Bucket="near")
+    rng = np.random.default_rng(11)
+    originals = 40
+    for label, kind in enumerate(("real", "fake")):
+        for k in range(originals // 2):
+            image = Image.fromarray(make_image(label, rng, (160, 120)))
+            for j, (size, fmt) in enumerate([((160, 120), "PNG"), ((80, 60), "JPEG"),
+                                             ((120, 90), "WEBP")]):
+                buffer = io.BytesIO()
+                image.resize(size).save(buffer, fmt)
+                storage.write_bytes(f"s3://near/{kind}/img-{k:03d}-copy{j}.{fmt.lower()}",
+                                    buffer.getvalue())
+    manifest = prepare_into("s3://near/shards", "s3://near")
+    near = manifest["near_duplicates"]
+    assert manifest["written"] == 3 * originals
+    assert near["groups"] == originals and near["images"] == 3 * originals, near
+    assert near["straddling_by_bytes"] > originals // 3 and near["moved"] > 0, near
+    where: dict[str, set[str]] = {}
+    for split in data.SPLITS:
+        table = data.read_split_local("s3://near/shards", split, ["source_uri", "phash"])
+        assert all(len(h) == 16 for h in table.column("phash").to_pylist())
+        for uri in table.column("source_uri").to_pylist():
+            where.setdefault(uri.rsplit("-copy", 1)[0], set()).add(split)
+    assert len(where) == originals and all(len(splits) == 1 for splits in where.values())
+    counts = {s: sum(manifest["counts"][s].values()) for s in data.SPLITS}
+    assert sum(counts.values()) == 3 * originals
+    assert counts == {s: data.read_split_local("s3://near/shards", s, ["sha256"]).num_rows
+                      for s in data.SPLITS}
+    assert {s: sorted(p) for s, p in manifest["parts"].items()} == {
+        s: sorted(f"{s}/{o.uri.rsplit('/', 1)[-1]}"
+                  for o in storage.list_objects(f"s3://near/shards/{s}"))
+        for s in data.SPLITS}

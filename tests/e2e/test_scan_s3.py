@@ -549,3 +549,35 @@ def test_consistency_scan_makes_flipping_rows_uncertain_like_predict(scan_bucket
     assert same >= len(uris) - 2  # only scores within float noise of the threshold may differ
     report_plan = json.loads(storage.read_bytes(f"{out}/_manifest.json"))
     assert report_plan["consistency"] == ["jpeg75", "resize0.5"]
+
+
+def test_group_duplicates_lists_near_copies_in_the_summary(scan_bucket, model_uri):
+    """`--group-duplicates`: resized and re-encoded copies of one image are one group in
+    the summary and in OUT/_near_duplicates.parquet; distinct images are in none."""
+    from detector.sample import make_image
+    from detector.scan import NEAR_DUPLICATES
+
+    rng = np.random.default_rng(21)
+    for k in range(6):
+        image = Image.fromarray(make_image(k % 2, rng, (160, 120)))
+        for j, (size, fmt) in enumerate([((160, 120), "PNG"), ((80, 60), "JPEG")][:1 + k % 2]):
+            buffer = io.BytesIO()
+            image.resize(size).save(buffer, fmt)
+            storage.write_bytes(f"s3://scan/dups/img-{k}-{j}.{fmt.lower()}", buffer.getvalue())
+    out = "s3://scan/reports/dups"
+    summary = scan(config("s3://scan/dups", model_uri, out, group_duplicates=True),
+                   progress=False)
+    near = summary["near_duplicates"]
+    assert (near["groups"], near["images"]) == (3, 6), near  # k = 1, 3, 5 have a copy
+    import pyarrow.parquet as pq
+
+    listing = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{NEAR_DUPLICATES}")))
+    groups = {}
+    for row in listing.to_pylist():
+        groups.setdefault(row["group"], set()).add(row["uri"].rsplit("/", 1)[1].rsplit("-", 1)[0])
+    assert sorted(groups.values(), key=sorted) == [{"img-1"}, {"img-3"}, {"img-5"}]
+    rows = dataset(out).to_table()
+    assert rows.num_rows == 9 and all(len(h) == 16 for h in rows.column("phash").to_pylist())
+    assert "near_duplicates" not in scan(config("s3://scan/dups", model_uri, out),
+                                         progress=False)
+    assert not storage.exists(f"{out}/{NEAR_DUPLICATES}")  # a stale listing is removed
