@@ -432,7 +432,7 @@ def build_manifest(config: PrepareConfig, tally: Tally, repeated: int,
         "written": tally.written,
         "counts": tally.counts,
         "duplicates": repeated,
-        "fingerprint": tally.fingerprint,
+        "fingerprint": shards_fingerprint(tally.fingerprint, config),
         "parts": {s: sorted(tally.parts[s]) for s in SPLITS},
         "skipped": sorted(tally.skipped, key=lambda r: r["uri"]),
         "audit": {**audit.bias_audit(tally.audit_rows()),
@@ -440,6 +440,14 @@ def build_manifest(config: PrepareConfig, tally: Tally, repeated: int,
         "seconds": round(seconds, 2),
         "images_per_second": round(tally.objects / seconds, 1) if seconds else None,
     }
+
+
+def shards_fingerprint(content: str, config: PrepareConfig) -> str:
+    """The shard set's identity: its content (images and labels) and what decides each
+    image's split (seed, fractions, near-duplicate distance). Feature caches and resumed
+    training runs key on it, so a set re-split another way never reuses their work."""
+    settings = f"{content}:{config.seed}:{list(config.split)}:{config.near_duplicates}"
+    return hashlib.blake2b(settings.encode(), digest_size=8).hexdigest()
 
 
 def _remove_stale_parts(out_uri: str, manifest: dict) -> None:

@@ -63,3 +63,18 @@ def test_resized_and_reencoded_copies_hash_close_and_other_scenes_far():
             [phash(preprocess.load_image(buffer.getvalue(), 48)[0])])[0])))
     assert max(near) <= DEFAULT_DISTANCE, near  # measured: 0-6
     assert min(far) > 3 * DEFAULT_DISTANCE, far  # measured: 26-34
+
+
+def test_the_shards_fingerprint_changes_with_what_decides_the_splits():
+    import dataclasses
+
+    from detector.config import PrepareConfig
+    from detector.prepare import shards_fingerprint
+
+    config = PrepareConfig(real=("r",), fake=("f",), out="o")
+    same = shards_fingerprint("abc", config)
+    assert same == shards_fingerprint("abc", dataclasses.replace(config, out="elsewhere"))
+    others = {shards_fingerprint("abd", config)} | {
+        shards_fingerprint("abc", dataclasses.replace(config, **change))
+        for change in ({"seed": 1}, {"split": (0.8, 0.1, 0.1)}, {"near_duplicates": -1})}
+    assert len(others) == 4 and same not in others
