@@ -32,6 +32,7 @@ class Explainer:
         self.model = model
         self.family = family
         self.method = "attention-rollout" if family == "vit" else "grad-cam"
+        self._compiled = None
         layers = [each for each in model.layers if not isinstance(each, keras.layers.InputLayer)]
         if self.method == "grad-cam":
             bases = [i for i, each in enumerate(layers) if isinstance(each, keras.Model)]
@@ -66,7 +67,16 @@ class Explainer:
     def _grad_cam(self, pixels: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
-        x = tf.convert_to_tensor(pixels, tf.float32)
+        if self._compiled is None:  # one graph (forward and backward), as scoring has
+            size = int(self.model.input.shape[1])
+            self._compiled = tf.function(
+                self._grad_cam_graph, reduce_retracing=True,
+                input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
+        return self._compiled(tf.convert_to_tensor(pixels, tf.float32)).numpy()
+
+    def _grad_cam_graph(self, x):
+        import tensorflow as tf
+
         for layer in self._layers[: self._base]:
             x = layer(x, training=False)
         maps = self._layers[self._base](x, training=False)
@@ -79,26 +89,35 @@ class Explainer:
             logit = tf.matmul(y, last.kernel) + last.bias  # saturates as P does
         grads = tape.gradient(logit, maps)
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-        return tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1)).numpy()
+        return tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1))
 
     def _rollout(self, pixels: np.ndarray) -> np.ndarray:
-        from keras import ops
+        import tensorflow as tf
 
-        states = self._inputs(np.asarray(pixels, np.float32), training=False)
+        if self._compiled is None:
+            size = int(self.model.input.shape[1])
+            self._compiled = tf.function(
+                self._rollout_graph, reduce_retracing=True,
+                input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
+        patches = self._compiled(tf.convert_to_tensor(pixels, tf.float32)).numpy()
+        side = math.isqrt(patches.shape[-1])
+        return patches.reshape(-1, side, side)
+
+    def _rollout_graph(self, x):
+        import tensorflow as tf
+
+        states = self._inputs(x, training=False)
         states = states if isinstance(states, list | tuple) else [states]
         rollout = None
         for attention, state in zip(self._attention, states, strict=True):
             query = attention._query_dense(state)  # (N, T, heads, key_dim)
             key = attention._key_dense(state)
-            logits = ops.einsum("nthd,nshd->nhts", query, key) / math.sqrt(query.shape[-1])
-            weights = np.asarray(ops.mean(ops.softmax(logits, axis=-1), axis=1))
-            tokens = weights.shape[-1]
-            weights = 0.5 * weights + 0.5 * np.eye(tokens, dtype=np.float32)  # residual
-            weights /= weights.sum(axis=-1, keepdims=True)
-            rollout = weights if rollout is None else weights @ rollout
-        patches = rollout[:, 0, 1:]  # the class token's attention over the patches
-        side = math.isqrt(patches.shape[-1])
-        return patches.reshape(-1, side, side)
+            logits = tf.einsum("nthd,nshd->nhts", query, key) / math.sqrt(query.shape[-1])
+            weights = tf.reduce_mean(tf.nn.softmax(logits, axis=-1), axis=1)
+            weights = 0.5 * weights + 0.5 * tf.eye(weights.shape[-1])  # the residual path
+            weights /= tf.reduce_sum(weights, axis=-1, keepdims=True)
+            rollout = weights if rollout is None else tf.matmul(weights, rollout)
+        return rollout[:, 0, 1:]  # the class token's attention over the patches
 
 
 def _normalise(maps: np.ndarray) -> np.ndarray:
