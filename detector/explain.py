@@ -60,19 +60,19 @@ class Explainer:
 
     def heatmaps(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, h, w) in [0, 1] (h, w: the model's grid)."""
-        if self.method == "grad-cam":
-            return _normalise(self._grad_cam(pixels))
-        return _normalise(self._rollout(pixels))
-
-    def _grad_cam(self, pixels: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
         if self._compiled is None:  # one graph (forward and backward), as scoring has
             size = int(self.model.input.shape[1])
+            graph = self._grad_cam_graph if self.method == "grad-cam" else self._rollout_graph
             self._compiled = tf.function(
-                self._grad_cam_graph, reduce_retracing=True,
+                graph, reduce_retracing=True,
                 input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
-        return self._compiled(tf.convert_to_tensor(pixels, tf.float32)).numpy()
+        maps = self._compiled(tf.convert_to_tensor(pixels, tf.float32)).numpy()
+        if self.method == "attention-rollout":  # the patch sequence back onto its grid
+            side = math.isqrt(maps.shape[-1])
+            maps = maps.reshape(-1, side, side)
+        return _normalise(maps)
 
     def _grad_cam_graph(self, x):
         import tensorflow as tf
@@ -90,18 +90,6 @@ class Explainer:
         grads = tape.gradient(logit, maps)
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         return tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1))
-
-    def _rollout(self, pixels: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
-
-        if self._compiled is None:
-            size = int(self.model.input.shape[1])
-            self._compiled = tf.function(
-                self._rollout_graph, reduce_retracing=True,
-                input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
-        patches = self._compiled(tf.convert_to_tensor(pixels, tf.float32)).numpy()
-        side = math.isqrt(patches.shape[-1])
-        return patches.reshape(-1, side, side)
 
     def _rollout_graph(self, x):
         import tensorflow as tf
