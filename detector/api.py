@@ -119,6 +119,5 @@ ERROR_MEANINGS = {
     415: "unsupported content type",
     422: "a request that does not match this schema",
     429: "too many scans running; retry later",
-    500: "internal error (details only in the server logs)",
     503: "overloaded or the model is unavailable; retry later",
 }

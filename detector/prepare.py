@@ -170,16 +170,22 @@ def write_parts(table: pa.Table, out_uri: str, run_id: str) -> pa.Table:
         rows = table.filter(mask)
         if rows.num_rows == 0:
             continue
-        name = f"{split}/part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
-        shard = rows.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-        fs, path = storage.resolve(storage.join(out_uri, name))
-        if not storage.is_s3(out_uri):
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(shard, path, filesystem=fs, compression="zstd")
+        name = write_shard(out_uri, split, run_id,
+                           rows.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
         for i, selected in enumerate(mask.to_pylist()):
             if selected:
                 parts[i] = name
     return table.drop_columns(["image"]).append_column("part", pa.array(parts, pa.string()))
+
+
+def write_shard(out_uri: str, split: str, run_id: str, shard: pa.Table) -> str:
+    """Write `shard` as a new part of `split`; returns its name (`split/part-...`)."""
+    name = f"{split}/part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
+    fs, path = storage.resolve(storage.join(out_uri, name))
+    if not storage.is_s3(out_uri):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(shard, path, filesystem=fs, compression="zstd")
+    return name
 
 
 # ------------------------------------------------------------------------------ driver
@@ -393,12 +399,7 @@ def _regroup(out_uri: str, parts: dict[str, list[str]], fractions: tuple[float, 
             removed[name.split("/", 1)[0]].append(name)
     for target, tables in moving.items():
         if tables:
-            name = f"{target}/part-{run_id}-near-{uuid.uuid4().hex[:12]}.parquet"
-            fs, path = storage.resolve(storage.join(out_uri, name))
-            if not storage.is_s3(out_uri):
-                fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            pq.write_table(pa.concat_tables(tables), path, filesystem=fs, compression="zstd")
-            added[target].append(name)
+            added[target].append(write_shard(out_uri, target, run_id, pa.concat_tables(tables)))
     return {"distance": distance, **duplicates.summary(grouped),
             "straddling_by_bytes": len(straddling),
             "moved": sum(len(rows) for rows in moves.values()),

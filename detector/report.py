@@ -29,6 +29,7 @@ from detector import storage
 
 MANIFEST = "_manifest.json"
 PLAN = "_plan.json"
+NEAR_DUPLICATES = "_near_duplicates.parquet"  # with --group-duplicates, committed with it
 PART_PREFIX = "part-"
 META_KEY = b"detector"
 FORMAT_VERSION = 3  # 3: decided_by and evidence
@@ -109,11 +110,10 @@ def part_metadata(out: str, names: Iterable[str]) -> dict[str, dict]:
 
 
 def uncommit(out: str) -> None:
-    """Remove the commit marker: from now until the next commit, `out` is not a report."""
-    uri = storage.join(out, MANIFEST)
-    if storage.exists(uri):
-        fs, path = storage.resolve(uri)
-        fs.delete_file(path)
+    """Remove the commit marker, and what was written with the commit: from now until the
+    next commit, `out` is not a report."""
+    for name in (MANIFEST, NEAR_DUPLICATES):
+        storage.delete_tree(storage.join(out, name))  # a missing file is fine
 
 
 def delete_parts(out: str, names: Iterable[str]) -> None:

@@ -49,7 +49,7 @@ DEFAULT_CPUS_PER_ACTOR = 2.0
 DECODE_CPUS = 0.5  # per decode task: reads wait on storage part of the time
 BLOCK_BYTES = 2 * 1024 * 1024  # ~12k listed keys, or ~13 decoded images at 224 px
 REPORT_SCHEMA = report.REPORT_SCHEMA  # re-exported: the report's columns
-NEAR_DUPLICATES = "_near_duplicates.parquet"  # with --group-duplicates
+NEAR_DUPLICATES = report.NEAR_DUPLICATES  # re-exported
 
 
 class ScanStalled(RuntimeError):
@@ -74,9 +74,6 @@ def scan(config: ScanConfig, progress: bool = True,
     existing = report.part_files(out)  # refuses a single-file report from older versions
     plan = _plan(config, out)
     report.uncommit(out)  # from here until the commit, `out` is not a report
-    if storage.exists(storage.join(out, NEAR_DUPLICATES)):  # an earlier scan's, now stale
-        fs, path = storage.resolve(storage.join(out, NEAR_DUPLICATES))
-        fs.delete_file(path)
     if not config.resume and existing:
         report.delete_parts(out, existing)
     committed = _committed_spans(out, existing) if config.resume else {}
@@ -153,8 +150,8 @@ def _group_report(out: str, files: list[str]) -> dict:
     for group, verdict in zip(listing.column("group").to_pylist(),
                               listing.column("verdict").to_pylist(), strict=True):
         verdicts.setdefault(group, set()).add(verdict)
-    largest = sorted(((int(sizes[labels[i]]), uris[labels[i]]) for i in set(labels[grouped])),
-                     reverse=True)[:5]
+    roots = np.unique(labels[grouped])  # a group's label is its first member's index
+    largest = sorted(((int(sizes[root]), uris[root]) for root in roots), reverse=True)[:5]
     return {"distance": duplicates.DEFAULT_DISTANCE, **duplicates.summary(labels),
             "mixed_verdicts": sum(len(v) > 1 for v in verdicts.values()),
             "largest": [{"group": uri, "size": size} for size, uri in largest],

@@ -689,13 +689,17 @@ def run(
     """
     key = os.environ.get(config.api_key_env) or None
     config = dataclasses.replace(config, model_uri=resolve(config.model_uri))  # say which
-    serving = f"detector serving {config.model_uri} on http://{host}:{port}/ (docs at /docs)"
-    if not blocking:
+
+    def start() -> None:
         console.quiet_ray_loggers()  # Serve's driver-side loggers (set up on import)...
         serve.start(http_options={"host": host, "port": port})
         console.quiet_ray_loggers()  # ...and those serve.start adds
         serve.run(build_app_from_config(config, api_key=key), name=APP_NAME, route_prefix="/")
-        print(serving)
+        print(f"detector serving {config.model_uri} on http://{host}:{port}/ (docs at /docs)",
+              flush=True)
+
+    if not blocking:
+        start()
         return
 
     def stop(signum, frame):  # SIGTERM (kubectl, systemd, docker stop) as Ctrl-C
@@ -704,11 +708,7 @@ def run(
     # Before anything starts: a SIGTERM while the app deploys stops it just the same.
     signal.signal(signal.SIGTERM, stop)
     try:
-        console.quiet_ray_loggers()
-        serve.start(http_options={"host": host, "port": port})
-        console.quiet_ray_loggers()
-        serve.run(build_app_from_config(config, api_key=key), name=APP_NAME, route_prefix="/")
-        print(serving, flush=True)
+        start()
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -122,11 +122,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if end.improved:
             trained.save_weights(best_path)
         metrics = {k: v for k, v in end.metrics.items() if isinstance(v, int | float)}
-        if rank == 0:
-            console.say(relay, epoch_line(name, cfg.epochs, end))
         if rank != 0:
             ray.train.report(metrics)
             return
+        console.say(relay, epoch_line(name, cfg.epochs, end))
         with tempfile.TemporaryDirectory() as directory:
             trained.save_weights(os.path.join(directory, CURRENT_WEIGHTS))
             shutil.copy(best_path, os.path.join(directory, BEST_WEIGHTS))
