@@ -29,7 +29,10 @@ def test_grad_cam_is_highest_where_the_trace_is():
     from detector.explain import Explainer
     from detector.models import build_model
 
-    x, y = images(160, seed=1)
+    # 320 a class: with 160 the trace, a quarter of each fake, was learnt or not depending
+    # on the CPU's kernels (0.82 test accuracy on a Zen 4 EPYC); 320 learnt it on every
+    # seed tried there (0.96-1.00, Grad-CAM inside/outside 2.1-3.4x).
+    x, y = images(320, seed=1)
     test_x, test_y = images(40, seed=2)
     keras.utils.set_random_seed(0)
     model = build_model("resnet50v2_tiny", image_size=SIZE)
