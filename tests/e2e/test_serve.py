@@ -338,6 +338,61 @@ def test_model_card_health_and_docs(base, predictor):
                 assert "$ref" in schema, (method, path, status, schema)
 
 
+def test_a_running_app_keeps_its_version_while_a_new_one_is_published(serve_port, tmp_path):
+    """Training publishes OUT/<name>/<id>/ and moves latest.json: an app built from the
+    name keeps scoring with the version it pinned, replicas started after the publish
+    included, and every answer's model and threshold are that version's; building the
+    app again moves it to the new version."""
+    import keras
+    from ray import serve
+
+    from detector.artifact import ModelCard, publish_version
+    from detector.models import build_model
+    from detector.predictor import Predictor
+
+    name_uri = str(tmp_path / "models" / "vit_tiny")
+
+    def publish(seed: int, threshold: float) -> tuple[str, ModelCard]:
+        keras.utils.set_random_seed(seed)
+        card = ModelCard(name="vit_tiny", architecture="vit", image_size=SIZE,
+                         preprocess_version=preprocess.PREPROCESS_VERSION,
+                         threshold=threshold, uncertain_margin=0.0)
+        return publish_version(build_model("vit_tiny", image_size=SIZE), card, name_uri), card
+
+    first_uri, first = publish(1, 0.5)
+    config = ServeConfig(model_uri=name_uri, min_replicas=1, max_replicas=1,
+                         num_cpus=0.25, ingress_num_cpus=0.25,
+                         api_key_env="DETECTOR_SERVE_TEST_UNSET")
+    url = f"http://127.0.0.1:{serve_port}/versions"
+    blob = IMAGES["PNG"][1]()
+
+    def answer() -> dict:
+        response = post(url, blob)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def assert_served(uri: str, card: ModelCard) -> None:
+        body, expected = answer(), Predictor.from_uri(uri).predict_bytes([blob])[0]
+        assert body["model"] == f"vit_tiny@{card.id}" and body["threshold"] == card.threshold
+        assert body["score_ai"] == pytest.approx(expected.score_ai, abs=1e-6)
+        assert requests.get(f"{url}/v1/model", timeout=30).json()["id"] == card.id
+
+    app = build_app_from_config(config)
+    try:
+        serve.run(app, name="versions", route_prefix="/versions")
+        assert_served(first_uri, first)
+        second_uri, second = publish(2, 0.3)
+        assert Predictor.from_uri(name_uri).card.id == second.id  # the name moved on...
+        assert_served(first_uri, first)  # ...the running app did not
+        serve.delete("versions")  # replicas that start after the publish: still pinned
+        serve.run(app, name="versions", route_prefix="/versions")
+        assert_served(first_uri, first)
+        serve.run(build_app_from_config(config), name="versions", route_prefix="/versions")
+        assert_served(second_uri, second)  # told to: built again, it pins the new one
+    finally:
+        serve.delete("versions")
+
+
 def test_openapi_contract_holds_under_schemathesis(serve_port, model_uri, tmp_path):
     """`st run --checks all` against a running app with a key and a scan allow-list finds
     nothing: every status is documented, every body matches its schema, schema-valid
