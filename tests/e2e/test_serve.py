@@ -366,13 +366,10 @@ def test_a_running_app_keeps_its_version_while_a_new_one_is_published(serve_port
     url = f"http://127.0.0.1:{serve_port}/versions"
     blob = IMAGES["PNG"][1]()
 
-    def answer() -> dict:
+    def assert_served(uri: str, card: ModelCard) -> None:
         response = post(url, blob)
         assert response.status_code == 200, response.text
-        return response.json()
-
-    def assert_served(uri: str, card: ModelCard) -> None:
-        body, expected = answer(), Predictor.from_uri(uri).predict_bytes([blob])[0]
+        body, expected = response.json(), Predictor.from_uri(uri).predict_bytes([blob])[0]
         assert body["model"] == f"vit_tiny@{card.id}" and body["threshold"] == card.threshold
         assert body["score_ai"] == pytest.approx(expected.score_ai, abs=1e-6)
         assert requests.get(f"{url}/v1/model", timeout=30).json()["id"] == card.id
