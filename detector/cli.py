@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", required=True, help="model artifact URI")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--min-replicas", type=int, default=1)
-    srv.add_argument("--max-replicas", type=int, default=2)
+    srv.add_argument("--min-replicas", type=int, default=cfg.ServeConfig.min_replicas)
+    srv.add_argument("--max-replicas", type=int, default=cfg.ServeConfig.max_replicas)
     add_runtime_flags(srv)
     srv.add_argument("--scan-allow", nargs="*", default=[],
                      help="URI prefixes POST /v1/scans may read and write (default: none)")
@@ -308,11 +308,11 @@ def run_export(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     import ray
 
-    from detector.serve import ServeConfig, run
+    from detector.serve import run
 
     init_ray()
     try:
-        run(ServeConfig(model_uri=args.model, min_replicas=args.min_replicas,
+        run(cfg.ServeConfig(model_uri=args.model, min_replicas=args.min_replicas,
                         max_replicas=args.max_replicas, backend=args.backend,
                         precision=args.precision,
                         scan_allow=tuple(args.scan_allow)),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from detector.duplicates import DEFAULT_DISTANCE
+from detector.preprocess import DEFAULT_MAX_PIXELS
 
 BACKENDS = ("auto", "keras", "openvino", "onnxruntime")  # see detector.runtimes
 PRECISIONS = ("float32", "bfloat16", "int8")
@@ -142,6 +143,79 @@ class ScanConfig:
             raise ValueError("give a SOURCE prefix to scan, or --manifest")
         if self.partition_size < 1:
             raise ValueError("--partition-size must be at least 1")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`detector.serve:build_app`: everything the Serve app accepts; every field is also a
+    `key=value` for `serve run` (defaults for one machine; `deploy.SERVE` is the cluster's)."""
+
+    model_uri: str = ""
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 16.0  # per Model replica: about half a full batch
+    max_batch_size: int = 32
+    backend: str = "auto"  # see detector.runtimes
+    precision: str = "float32"
+    batch_wait_timeout_s: float = 0.01
+    max_ongoing_requests: int | None = None  # per Model replica; see model_max_ongoing
+    max_queued_requests: int = 256  # per caller; beyond it the ingress answers 503
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+    look_back_period_s: float = 30.0
+    metrics_interval_s: float | None = None  # None keeps Serve's default (10 s)
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    api_key_env: str = "DETECTOR_API_KEY"
+    num_cpus: float = 2.0  # per Model replica; on CPU also its model's thread count
+    num_gpus: float = 0.0  # per Model replica
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 0.5  # decoding happens here
+    # Per ingress replica; each decode peaks under 10 bytes per pixel of max_pixels
+    # (~480 MiB at 50 MP), so this bounds the ingress's decode memory.
+    max_concurrent_decodes: int = 4
+    ingress_max_ongoing_requests: int = 256
+    # URI prefixes POST /v1/scans may read from and write to; empty = scans are refused.
+    scan_allow: tuple[str, ...] = ()
+    max_running_scans: int = 2  # more POST /v1/scans get 429 until one finishes
+    keep_finished_scans_s: float = 3600.0  # then GET /v1/scans/{id} says 404; reports stay
+
+    def model_max_ongoing(self) -> int:
+        # A replica must hold one full batch plus the next one filling up; and never so few
+        # that callers spin in the router's back-off instead of queueing at the replica.
+        return self.max_ongoing_requests or max(2 * self.max_batch_size, 16)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> ServeConfig:
+        """`build_app` args -> ServeConfig. `serve run key=value` passes strings: coerced."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - names)
+        if unknown:
+            raise ValueError(f"unknown serve args {unknown}; known: {sorted(names)}")
+        hints = typing.get_type_hints(cls)
+        config = cls(**{key: _coerce(value, hints[key]) for key, value in args.items()})
+        if not config.model_uri:
+            raise ValueError("model_uri is required (e.g. model_uri=s3://bucket/models/vit)")
+        if config.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+        if config.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
+        return config
+
+    def to_args(self) -> dict[str, Any]:
+        """The `build_app` args that give back this config (YAML-safe: lists, no Nones)."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items() if value is not None}
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    if typing.get_origin(hint) is tuple:  # "a,b" from `serve run`, a list from YAML
+        parts = value.split(",") if isinstance(value, str) else value
+        return tuple(str(p).strip() for p in parts if str(p).strip())
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+        return None if type(None) in typing.get_args(hint) else value
+    return kinds[0](value) if isinstance(value, str) else value
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

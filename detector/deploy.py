@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from detector.config import ServeConfig
+
 RAY_VERSION = "2.60.0"
 KUBERAY_VERSION = "1.7.0"
 BASE_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"  # cluster/Dockerfile builds FROM this
@@ -173,34 +175,17 @@ def entrypoint(argv: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------- Serve
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    """`detector.serve:build_app` args for the cluster (field names are ServeConfig's).
-    Model replicas take one GPU each, so `max_replicas` is the GPU group's maximum."""
-
-    min_replicas: int = 1
-    max_replicas: int = 4
-    target_ongoing_requests: float = 32.0  # half of a full batch in flight per replica
-    max_batch_size: int = 64
-    backend: str = "auto"  # on a GPU: ONNX Runtime's CUDA provider where installed, else Keras
-    precision: str = "float32"
-    batch_wait_timeout_s: float = 0.01
-    max_ongoing_requests: int = 128  # a full batch running plus the next one filling up
-    max_queued_requests: int = 512  # beyond it callers get 503, not an unbounded queue
-    upscale_delay_s: float = 10.0
-    downscale_delay_s: float = 300.0  # a GPU replica is slow to come back: keep it a while
-    look_back_period_s: float = 30.0
-    max_body_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    api_key_env: str = "DETECTOR_API_KEY"
-    num_cpus: float = 2.0
-    num_gpus: float = 1.0
-    ingress_replicas: int = 2  # on different nodes (max_replicas_per_node below)
-    ingress_num_cpus: float = 1.0  # decoding happens in the ingress
-    ingress_max_ongoing_requests: int = 256
-
-
-SERVE = ServeSettings()
+# The cluster's Serve app: ServeConfig's defaults (the one place they live) but for these.
+SERVE = ServeConfig(
+    max_replicas=4,  # model replicas take one GPU each: the GPU group's maximum
+    target_ongoing_requests=32.0,  # half of a full batch in flight per replica
+    max_batch_size=64,  # so 128 ongoing per replica: a full batch plus the next filling up
+    max_queued_requests=512,  # beyond it callers get 503, not an unbounded queue
+    downscale_delay_s=300.0,  # a GPU replica is slow to come back: keep it a while
+    num_gpus=1.0,  # backend auto: ONNX Runtime's CUDA provider where installed, else Keras
+    ingress_replicas=2,  # on different nodes (max_replicas_per_node below)
+    ingress_num_cpus=1.0,  # decoding happens in the ingress
+)
 HEALTH_CHECK = {"health_check_period_s": 10.0, "health_check_timeout_s": 30.0}
 
 
@@ -209,11 +194,11 @@ def serve_config(
 ) -> dict[str, Any]:
     """The Serve config (`serve deploy` file, RayService `serveConfigV2`) for `model_uri`.
 
-    `overrides` replace ServeSettings fields (unknown names raise TypeError). The
+    `overrides` replace `SERVE`'s fields (unknown names raise TypeError). The
     `deployments` section repeats what `build_app` sets from the same args, so the config
     shows the resources and bounds a platform engineer plans capacity with.
     """
-    s = dataclasses.replace(SERVE, **overrides)
+    s = dataclasses.replace(SERVE, model_uri=model_uri, **overrides)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": host, "port": port},
@@ -221,7 +206,7 @@ def serve_config(
             "name": APP_NAME,
             "route_prefix": "/",
             "import_path": "detector.serve:build_app",
-            "args": {"model_uri": model_uri, **dataclasses.asdict(s)},
+            "args": s.to_args(),
             "deployments": [
                 {
                     "name": "Ingress",
@@ -240,7 +225,7 @@ def serve_config(
                         "downscale_delay_s": s.downscale_delay_s,
                         "look_back_period_s": s.look_back_period_s,
                     },
-                    "max_ongoing_requests": s.max_ongoing_requests,
+                    "max_ongoing_requests": s.model_max_ongoing(),
                     "max_queued_requests": s.max_queued_requests,
                     "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
                     **HEALTH_CHECK,  # Model.check_health runs a forward pass

@@ -64,10 +64,19 @@ def write_int8(onnx_path: str, calibration: np.ndarray, path: str) -> None:
     """OpenVINO int8 of an ONNX model, quantized by NNCF on `calibration` pixels."""
     import nncf
     import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     model = ov.Core().read_model(onnx_path)
     batches = [calibration[i : i + 1].astype(np.float32) for i in range(len(calibration))]
-    quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+    # Activation ranges from the whole calibration set's extremes, not NNCF's default mean
+    # of each image's: the strongest responses come from the few images with a trace, and
+    # clipping them is what moved scores. Measured on the tiny test model: largest score
+    # change 0.18 -> 0.09, mean 0.011 -> 0.005, same speed (the same int8 operations).
+    ranges = AdvancedQuantizationParameters(
+        activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+    quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
+                              advanced_parameters=ranges)
     ov.save_model(quantized, path)
 
 

@@ -28,7 +28,7 @@ import requests
 from PIL import Image
 
 from detector import preprocess
-from detector.serve import ServeConfig, build_app, build_app_from_config, config_from_args
+from detector.serve import ServeConfig, build_app, build_app_from_config
 
 pytestmark = pytest.mark.e2e
 
@@ -178,16 +178,19 @@ def hammer(call: Callable[[], requests.Response], threads: int, per_thread: int)
 # --------------------------------------------------------------------------- contract
 
 
-def test_config_from_args_coerces_and_rejects_unknown():
-    config = config_from_args({"model_uri": "m", "max_batch_size": "8", "num_gpus": "0.5",
-                               "max_ongoing_requests": "none"})
+def test_serve_config_from_args_coerces_round_trips_and_rejects_unknown():
+    config = ServeConfig.from_args({"model_uri": "m", "max_batch_size": "8", "num_gpus": "0.5",
+                                    "max_ongoing_requests": "none", "scan_allow": "s3://a,/b"})
     assert (config.max_batch_size, config.num_gpus, config.max_ongoing_requests) == (8, 0.5, None)
+    assert config.scan_allow == ("s3://a", "/b")
     assert config.model_max_ongoing() == 16
-    assert config_from_args({"model_uri": "m", "max_batch_size": "32"}).model_max_ongoing() == 64
+    config = ServeConfig.from_args({"model_uri": "m", "max_batch_size": "32"})
+    assert config.model_max_ongoing() == 64
+    assert ServeConfig.from_args(config.to_args()) == config  # what a YAML config carries
     with pytest.raises(ValueError, match="unknown serve args"):
-        config_from_args({"model_uri": "m", "max_batchsize": 8})
+        ServeConfig.from_args({"model_uri": "m", "max_batchsize": 8})
     with pytest.raises(ValueError, match="model_uri is required"):
-        config_from_args({})
+        ServeConfig.from_args({})
 
 
 @pytest.mark.parametrize("fmt", sorted(IMAGES))

@@ -62,7 +62,7 @@ def test_runtimes_score_from_many_threads_at_once(exported, sample_arrays):
 
 
 # precision -> bounds on |score - Keras score|: (largest, 90th percentile, mean)
-SCORE_BOUNDS = {"bfloat16": (0.02, 0.01, 0.005), "int8": (0.25, 0.05, 0.02)}
+SCORE_BOUNDS = {"bfloat16": (0.02, 0.01, 0.005), "int8": (0.15, 0.03, 0.01)}
 
 
 def test_int8_and_bfloat16_stay_close_and_agree(exported, sample_arrays):
@@ -80,11 +80,10 @@ def test_int8_and_bfloat16_stay_close_and_agree(exported, sample_arrays):
         assert not np.array_equal(scores, reference)  # really another path
         difference = np.abs(scores - reference)
         # bfloat16 stays within 0.02. int8 of this 48 px tiny model (small layers, so
-        # rounding weighs more) moves a few mid-range scores: up to 0.05 on a Sapphire
-        # Rapids, 0.19 (0.69 -> 0.88, verdict kept) on a Zen 4 EPYC, whose float32
-        # kernels train a slightly different model; nncf's presets, full bias correction
-        # and a float head did not change that. What must hold: few move, and the
-        # ranking and the verdicts stay.
+        # rounding weighs more) moves a few mid-range scores: up to 0.09 (mean 0.005) on
+        # a Zen 4 EPYC with the calibration set's activation extremes (0.19 with NNCF's
+        # default ranges); NNCF's accuracy control got it to 0.05 only with eight layers
+        # back in float. What must hold: few move, and the ranking and verdicts stay.
         largest, p90, mean = SCORE_BOUNDS[precision]
         assert difference.max() <= largest, (precision, difference.max())
         assert np.quantile(difference, 0.9) <= p90, precision
