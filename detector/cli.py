@@ -187,6 +187,7 @@ def init_ray() -> None:
     import ray.data  # sets up its loggers, which console then quiets
 
     console.quiet_ray_loggers()
+    console.quiet_raylet_messages()
 
 
 def _local_cluster_running() -> bool:

@@ -67,6 +67,25 @@ def quiet_ray_loggers() -> None:
                 handler.setStream(log)
 
 
+def quiet_raylet_messages() -> None:
+    """Send the warnings raylets push to the driver ("(raylet) WARNING: 8 PYTHON worker
+    processes have been started ...") to the log file. Ray prints them on stdout even with
+    `log_to_driver` off, from a listener thread that looks its printer up on each message,
+    so replacing that module function is enough; a failure that matters still reaches the
+    person as the job's own error."""
+    log: TextIO | None = _state["log"]
+    if log is None:
+        return
+    from ray._private import worker
+
+    def to_log(data: dict, ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", ()):
+            log.write(f"({data.get('pid', 'ray')}) {line}\n")
+
+    if hasattr(worker, "print_to_stdstream"):  # a Ray without it prints as it likes
+        worker.print_to_stdstream = to_log
+
+
 class Relay:
     """Lines from Ray workers, printed by the driver (`with Relay() as relay:` around the
     job, `relay.handle` passed to the workers, `say(handle, text)` there)."""

@@ -268,9 +268,11 @@ def test_ensemble_of_both_trained_models_is_evaluated_and_loads_like_a_model(sha
 
 
 def test_resume_continues_a_stopped_job(cluster, shards):
+    epochs = 20  # ~2 s each here: the stop lands well before the first job could finish
     out_dir = shards / "resumed"
     args = ["jobs/train.py", "--data", str(shards / "shards"), "--model", "vit_tiny", "--out",
-            str(out_dir), "--workers", "2", "--epochs", "40", "--lr", "2e-3", "--patience", "40"]
+            str(out_dir), "--workers", "2", "--epochs", str(epochs), "--lr", "2e-3",
+            "--patience", str(epochs)]
     submitted = submit(cluster, *args, wait=False)
     job_id = next(line.split("'")[1] for line in submitted.splitlines()
                   if "submitted successfully" in line)
@@ -285,17 +287,18 @@ def test_resume_continues_a_stopped_job(cluster, shards):
     assert epoch >= 1
     history = json.loads((version(out_dir / "vit_tiny") / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
-    assert len(history) == 40
+    assert len(history) == epochs
     # Adam's step count carried on through the stop: it never went back to zero.
     steps = [h["optimizer_steps"] for h in history]
-    assert steps == [steps[0] * epoch for epoch in range(1, 41)], steps
+    assert steps == [steps[0] * epoch for epoch in range(1, epochs + 1)], steps
 
 
 def test_frozen_base_trains_on_cached_features_reused_across_runs(cluster, shards):
     """resnet50v2_tiny_frozen (a frozen base, like resnet50v2): the base's features are
-    computed once and the head trains on them; the same run without the cache reaches the
-    same held-out accuracy; a re-applied job with other settings starts fresh and reuses
-    the cache, whose key does not include them."""
+    computed once and the head trains on them to a held-out accuracy; --no-feature-cache
+    trains on pixels instead (that both paths train the same model is a unit test); a
+    re-applied job with other settings starts fresh and reuses the cache, whose key does
+    not include them."""
     def args(out: str, *extra: str) -> list[str]:
         return ["jobs/train.py", "--data", str(shards / "shards"), "--model",
                 "resnet50v2_tiny_frozen", "--weights", "none", "--out", str(shards / out),
@@ -304,16 +307,17 @@ def test_frozen_base_trains_on_cached_features_reused_across_runs(cluster, shard
 
     cached = submit(cluster, *args("cached", "--epochs", "20"))
     assert "Feature cache for resnet50v2_tiny_frozen: computing" in cached, cached[-3000:]
-    full = submit(cluster, *args("full", "--epochs", "20", "--no-feature-cache"))
-    assert "Feature cache" not in full
-    metrics = {name: json.loads((version(shards / name / "resnet50v2_tiny_frozen")
-                                 / "metrics.json").read_text()) for name in ("cached", "full")}
-    for name, values in metrics.items():
-        assert values["accuracy"] > 0.75 and values["roc_auc"] > 0.8, (name, values)
-    assert abs(metrics["cached"]["roc_auc"] - metrics["full"]["roc_auc"]) < 0.08, metrics
     first = version(shards / "cached" / "resnet50v2_tiny_frozen")
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert metrics["accuracy"] > 0.75 and metrics["roc_auc"] > 0.8, metrics
     card = json.loads((first / "detector.json").read_text())
     assert card["config"]["feature_cache"] is True and card["image_size"] == SIZE
+    full = submit(cluster, *args("full", "--epochs", "2", "--no-feature-cache"))
+    assert "Feature cache" not in full
+    uncached = version(shards / "full" / "resnet50v2_tiny_frozen")
+    assert json.loads((uncached / "detector.json").read_text())["config"]["feature_cache"] \
+        is False
+    assert len(list((shards / "shards" / "_features").iterdir())) == 1  # no second cache
 
     again = submit(cluster, *args("cached", "--epochs", "2", "--lr", "1e-3", "--resume"))
     assert "had other lr; starting fresh" in again, again[-3000:]
