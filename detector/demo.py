@@ -129,8 +129,9 @@ def _scan_over_http(url: str, bucket: str, report: str) -> dict:
         state = requests.get(f"{url}{started['status_url']}", timeout=60).json()
         if state["status"] != "running":
             break
-        if state["progress"]:
-            print(f"    {state['progress']['done']}/{state['progress']['total']} objects")
+        if progress := state["progress"]:  # the total grows until the listing is done
+            listing = " (listing still running)" if progress["listing"] == "running" else ""
+            print(f"    {progress['done']}/{progress['total']} objects{listing}")
         time.sleep(2)
     if state["status"] != "succeeded":
         raise RuntimeError(f"scan failed: {state['error']}")
