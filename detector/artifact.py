@@ -182,8 +182,6 @@ def load_artifact(uri: str):
 
     uri = resolve(uri)
     card = load_card(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, MODEL_FILE)
-        storage.download_file(storage.join(uri, MODEL_FILE), local)
-        model = keras.saving.load_model(local, safe_mode=True, compile=False)
+    with storage.local_copy(storage.join(uri, MODEL_FILE)) as path:
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
     return model, card

@@ -195,10 +195,8 @@ def _write_initial_weights(name: str, image_size: int, weights: str, seed: int,
 
 def load_weights(model, uri: str) -> None:
     """Load weights stored at `uri` (any storage) into `model`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, os.path.basename(uri))
-        storage.download_file(uri, local)
-        model.load_weights(local)
+    with storage.local_copy(uri) as path:
+        model.load_weights(path)
 
 
 class FeatureExtractor:

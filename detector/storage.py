@@ -225,6 +225,19 @@ def download_dir(uri: str, local_dir: str) -> None:
             shutil.copyfileobj(src, dst)
 
 
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local path to read `uri` from: the file itself when it is local, else a download
+    into a temporary directory, removed on exit (the file keeps its name)."""
+    if not is_s3(uri):
+        yield local_path(uri)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, posixpath.basename(uri.rstrip("/")))
+        download_file(uri, local)
+        yield local
+
+
 def download_file(uri: str, local_file: str) -> None:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as src, open(local_file, "wb") as dst:

@@ -6,9 +6,6 @@ Inputs are RGB pixels in 0..255 (what `detector.preprocess` produces); scaling t
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import keras
 from keras import layers
 from keras.src.applications import resnet  # the stack builders behind keras.applications
@@ -57,18 +54,9 @@ def build_base(image_size: int, weights: str = "none", stacks: str = "resnet50v2
         input_shape=(image_size, image_size, 3),
     )
     if weights not in ("imagenet", "none", "", None):
-        _load_weights_file(base, weights)
+        with storage.local_copy(weights) as path:
+            base.load_weights(path)
     return base
-
-
-def _load_weights_file(model, uri: str) -> None:
-    if storage.is_s3(uri):
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, os.path.basename(uri))
-            storage.download_file(uri, local)
-            model.load_weights(local)
-    else:
-        model.load_weights(storage.local_path(uri))
 
 
 def build_transfer_model(
