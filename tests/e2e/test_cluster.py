@@ -92,7 +92,7 @@ def test_rayservice_serve_config_is_deploy_serve_config():
 
 
 @pytest.mark.unit
-def test_import_paths_resolve_and_accept_their_args():
+def test_import_paths_resolve_and_accept_their_args(model_uri):
     (service,) = documents("RayService")
     for app in yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]:
         module_name, _, attr = app["import_path"].partition(":")
@@ -102,18 +102,20 @@ def test_import_paths_resolve_and_accept_their_args():
             pytest.fail(f"import_path {app['import_path']}: {err}")
         builder = getattr(module, attr, None)
         assert callable(builder), f"{app['import_path']} is not a callable in the code"
-        builder(app["args"])  # unknown or invalid args raise here, not on the cluster
+        # Unknown or invalid args raise here, not on the cluster. The model is a real one
+        # on disk: building pins the version the name points at.
+        builder({**app["args"], "model_uri": model_uri})
 
 
 @pytest.mark.unit
-def test_serve_config_deployments_match_what_the_app_binds():
+def test_serve_config_deployments_match_what_the_app_binds(model_uri):
     """The config's `deployments` overrides repeat what build_app sets from the same
     args; a mismatch would mean Kubernetes and `detector serve` run different settings."""
     from ray.serve.deployment import Application
 
     from detector import serve
 
-    app_config = deploy.serve_config("s3://bucket/model")["applications"][0]
+    app_config = deploy.serve_config(model_uri)["applications"][0]
     assert app_config["name"] == serve.APP_NAME
 
     def bound(app: Application) -> Iterator:
