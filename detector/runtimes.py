@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,11 +91,9 @@ def load(uri: str, choice: Choice, card: ModelCard, threads: int | None = None
             limit_threads(threads)
         model, _ = load_artifact(uri)
         return keras_forward(model, card.image_size, choice.precision)
-    with tempfile.TemporaryDirectory() as tmp:
-        kind = kind_for(choice.precision)
-        for name in files_of(kind):
-            storage.download_file(storage.join(uri, name), os.path.join(tmp, name))
-        path = os.path.join(tmp, INT8_FILE if kind == "int8" else ONNX_FILE)
+    kind = kind_for(choice.precision)
+    with storage.local_files(uri, files_of(kind)) as directory:
+        path = os.path.join(directory, INT8_FILE if kind == "int8" else ONNX_FILE)
         if choice.backend == "openvino":
             return openvino_forward(path, choice.precision, threads)
         return onnxruntime_forward(path, threads)

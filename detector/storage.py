@@ -226,16 +226,25 @@ def download_dir(uri: str, local_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def local_copy(uri: str) -> Iterator[str]:
-    """A local path to read `uri` from: the file itself when it is local, else a download
-    into a temporary directory, removed on exit (the file keeps its name)."""
-    if not is_s3(uri):
-        yield local_path(uri)
+def local_files(directory: str, names: Iterable[str]) -> Iterator[str]:
+    """A local directory holding the files `names` of `directory`: the directory itself
+    when it is local (read in place), else a download of those files into a temporary
+    directory, removed on exit."""
+    if not is_s3(directory):
+        yield local_path(directory)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, posixpath.basename(uri.rstrip("/")))
-        download_file(uri, local)
-        yield local
+        for name in names:
+            download_file(join(directory, name), os.path.join(tmp, name))
+        yield tmp
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local path to read the file at `uri` from (see `local_files`)."""
+    parent, name = posixpath.split(uri.rstrip("/"))
+    with local_files(parent, [name]) as directory:
+        yield os.path.join(directory, name)
 
 
 def download_file(uri: str, local_file: str) -> None:

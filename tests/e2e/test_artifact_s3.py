@@ -41,4 +41,3 @@ def test_a_published_version_on_s3_scores_as_on_local_disk(bucket, tmp_path):
         np.testing.assert_array_equal(
             remote.score(pixels),
             Predictor.from_uri(local, backend=backend, precision=precision).score(pixels))
-
