@@ -254,13 +254,13 @@ def print_exports(models: list[dict]) -> None:
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    from detector.scan import ScanStalled, scan
+    from detector.scan import ScanCannotFit, ScanStalled, scan
 
     config = cfg.from_args(cfg.ScanConfig, args)
     init_ray()
     try:
         print_scan_summary(scan(config))
-    except ScanStalled as exc:
+    except (ScanStalled, ScanCannotFit) as exc:
         print(f"detector scan: error: {exc}", file=sys.stderr)
         return 1
     return 0

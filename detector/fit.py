@@ -204,7 +204,9 @@ def _update(state: FitState, metrics: dict, settings: FitSettings) -> bool:
 
 
 def _as_images(images):
-    return np.asarray(images, dtype=np.float32)
+    """Pixels (uint8) as float32; inputs already in floating point (features) as they are."""
+    images = np.asarray(images)
+    return images if np.issubdtype(images.dtype, np.floating) else images.astype(np.float32)
 
 
 def _as_labels(labels):

@@ -177,14 +177,50 @@ def bf16_hardware(gpu_ok: bool = True) -> bool:
     return features["amx_bf16"] or features["avx512_bf16"]
 
 
+# oneDNN's ISA levels in order, as its ONEDNN_MAX_CPU_ISA setting names them (aliases at
+# the same rank), each with the features it is the first to use.
+ONEDNN_ISA_LEVELS = (
+    ("SSE41",), ("AVX",), ("AVX2",), ("AVX2_VNNI", "AVX2_VNNI_2"), ("AVX512_CORE",),
+    ("AVX512_CORE_VNNI",), ("AVX512_CORE_BF16",), ("AVX10_1_512", "AVX512_CORE_FP16"),
+    ("AVX10_1_512_AMX", "AVX512_CORE_AMX"),
+)
+FEATURE_FROM_LEVEL = {"avx2": 2, "avx_vnni": 3, "avx512f": 4, "avx512_vnni": 5,
+                      "avx512_bf16": 6, "amx_bf16": 8, "amx_int8": 8}
+
+
 def cpu_features() -> dict[str, bool]:
     """The CPU's inference features (also for benchmarks to print, so their numbers can
-    be read on other machines)."""
+    be read on other machines). A cap set with oneDNN's ONEDNN_MAX_CPU_ISA (which
+    TensorFlow's kernels obey) hides what lies above it: bfloat16 under a cap of AVX2 is
+    emulated, as on an AVX2-only CPU."""
     try:
         with open("/proc/cpuinfo") as handle:
             flags = set(handle.read().split())
     except OSError:
         flags = set()
-    return {"amx_bf16": "amx_bf16" in flags, "amx_int8": "amx_int8" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "avx512_vnni": "avx512_vnni" in flags,
-            "avx_vnni": "avx_vnni" in flags}
+    cap = isa_cap()
+    return {name: name in flags and (cap is None or level <= cap)
+            for name, level in FEATURE_FROM_LEVEL.items()}
+
+
+def isa_cap() -> int | None:
+    """The rank in ONEDNN_ISA_LEVELS of ONEDNN_MAX_CPU_ISA, or None when it sets no cap."""
+    asked = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    for rank, names in enumerate(ONEDNN_ISA_LEVELS):
+        if asked in names:
+            return rank
+    return None  # unset, ALL/DEFAULT, or a level above every feature named here
+
+
+def cpu_name() -> str:
+    """The CPU's model name, e.g. "AMD EPYC 7B12" (for benchmark lines)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -56,6 +56,10 @@ class ScanStalled(RuntimeError):
     """Nothing could be scheduled for too long, and no node is on its way."""
 
 
+class ScanCannotFit(RuntimeError):
+    """The cluster cannot add nodes and has no room for the scan's actors."""
+
+
 def scan(config: ScanConfig, progress: bool = True,
          on_progress: Callable[[dict], None] | None = None) -> dict:
     """Scan `config.source` into a committed report at `config.out`; returns the summary.
@@ -71,6 +75,8 @@ def scan(config: ScanConfig, progress: bool = True,
     label = f"{card.name}@{card.id}"
     out = config.out.rstrip("/")
     via = resolve_via(config, card.id)
+    if via == "data":  # sized once, before anything is written: no room fails here
+        config = dataclasses.replace(config, cpus_per_actor=scoring_cpus(config))
     existing = report.part_files(out)  # refuses a single-file report from older versions
     plan = _plan(config, out)
     report.uncommit(out)  # from here until the commit, `out` is not a report
@@ -239,7 +245,7 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
             num_cpus=0.1,  # I/O-bound: the replicas do the compute
         )
     else:
-        cpus = scoring_cpus(config)
+        cpus = config.cpus_per_actor  # sized by `scan` (scoring_cpus)
         scored = decoded.map_batches(
             ScoreWithPredictor,
             fn_constructor_args=(config.model, run["threshold"], config.backend,
@@ -269,27 +275,111 @@ def _reblocked(dataset, rows: int):
     return reblocked
 
 
+MIN_SCORING_CPUS = 0.5  # the smallest scoring actor worth starting (one thread)
+
+
 def scoring_cpus(config: ScanConfig) -> float:
     """CPUs per scoring actor: as asked, or by default 2 (also its thread count) unless
-    no node has room for that and a decode task beside it, when it takes what fits."""
-    if config.cpus_per_actor is not None:
-        return config.cpus_per_actor
-    if config.gpus_per_actor:
+    no node has room for that and a decode task beside it, when it takes what fits.
+
+    Room is what is free when the cluster cannot add nodes (another app's replicas hold
+    the rest: waiting for them would be waiting for nothing), and a node's size when an
+    autoscaler can add one. Where not even the smallest actor fits, ScanCannotFit says
+    so at once and names what holds the CPUs."""
+    if config.gpus_per_actor and config.cpus_per_actor is None:
         return 1.0
-    largest = _largest_node_cpus()
-    if largest and largest < DEFAULT_CPUS_PER_ACTOR + DECODE_CPUS:
-        fitted = max(DECODE_CPUS, largest - DECODE_CPUS)
-        log.info("scoring actors reserve %.1f CPUs: the largest node has %.1f, and decoding "
-                 "needs %.1f beside them", fitted, largest, DECODE_CPUS)
-        return fitted
-    return DEFAULT_CPUS_PER_ACTOR  # also on a cluster scaling from zero nodes
+    status = _cluster_status()
+    grows = status is None or can_grow(status)
+    totals, free = _node_cpus(status) if status is not None else ({}, {})
+    if not totals:  # no status, or no node yet (scaling from zero)
+        return config.cpus_per_actor or DEFAULT_CPUS_PER_ACTOR
+    room, kind = (max(totals.values()), "has") if grows else (max(free.values()), "has free")
+    if config.cpus_per_actor is not None:
+        if not grows and config.cpus_per_actor + DECODE_CPUS > room:
+            raise ScanCannotFit(_cannot_fit(f"--cpus-per-actor {config.cpus_per_actor:g}",
+                                            totals, free))
+        return config.cpus_per_actor
+    if room >= DEFAULT_CPUS_PER_ACTOR + DECODE_CPUS:
+        return DEFAULT_CPUS_PER_ACTOR
+    fitted = room - DECODE_CPUS
+    if fitted < MIN_SCORING_CPUS:
+        if grows:
+            return DEFAULT_CPUS_PER_ACTOR  # a node the autoscaler adds will have room
+        raise ScanCannotFit(_cannot_fit(f"a scoring actor ({MIN_SCORING_CPUS:g} CPU at "
+                                        "least)", totals, free))
+    log.info("scoring actors reserve %.1f CPUs: the largest node %s %.1f, and decoding "
+             "needs %.1f beside them", fitted, kind, room, DECODE_CPUS)
+    return fitted
 
 
-def _largest_node_cpus() -> float:
+def can_grow(status) -> bool:
+    """Whether nodes are on their way or an autoscaler runs: v2 reports its state to the
+    GCS; v1 publishes a status whose node types are its config's, where a cluster without
+    one (`ray start`) shows each node as a type of its own, "node_<id>"."""
+    if status.pending_launches or status.pending_nodes:
+        return True
+    if (status.stats.autoscaler_version or "0") != "0":
+        return True
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        report = json.loads(_internal_kv_get(DEBUG_AUTOSCALING_STATUS) or "{}")
+        types = report.get("autoscaler_report", {}).get("node_type_mapping") or {}
+    except Exception:  # no v1 monitor, or a status of another shape
+        return False
+    return any(kind != f"node_{node}" for node, kind in types.items())
+
+
+def _node_cpus(status) -> tuple[dict[str, float], dict[str, float]]:
+    """(total, free) CPUs of each live node, by node id."""
+    totals, free = {}, {}
+    for node in status.active_nodes + status.idle_nodes:
+        for usage in node.resource_usage.usage if node.resource_usage else ():
+            if usage.resource_name == "CPU":
+                totals[node.node_id] = usage.total
+                free[node.node_id] = usage.total - usage.used
+    return totals, free
+
+
+def _cannot_fit(what: str, totals: dict[str, float], free: dict[str, float]) -> str:
+    return (f"{what} and a decode task ({DECODE_CPUS:g} CPU) fit on no node, and this "
+            f"cluster cannot add nodes (no autoscaler): {sum(free.values()):g} of "
+            f"{sum(totals.values()):g} CPUs are free, the most on one node "
+            f"{max(free.values()):g}. Holding CPUs: {cpu_holders() or 'unknown'}. Stop or "
+            "shrink those (a Serve app: `serve shutdown`, or fewer/smaller replicas), "
+            "lower --cpus-per-actor, or run the scan through that app with --via serve "
+            "when it serves this model.")
+
+
+def cpu_holders(most: int = 6) -> str:
+    """What holds CPUs on the cluster, largest first: live actors grouped by class (and
+    Serve app), e.g. "3 x ServeReplica:detector:Model (1.5 CPU)"."""
+    import asyncio
+
     import ray
 
-    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]),
-               default=0.0)
+    try:
+        gcs = ray._private.worker.global_worker.gcs_client
+        actors = asyncio.run(_actor_infos(gcs))
+    except Exception:  # the GCS API is private: without it the message loses its detail
+        return ""
+    held: Counter = Counter()
+    count: Counter = Counter()
+    for info in actors.values():
+        cpus = dict(info.required_resources).get("CPU", 0.0)
+        if info.state == ALIVE and cpus > 0:
+            held[info.class_name] += cpus
+            count[info.class_name] += 1
+    return ", ".join(f"{count[name]} x {name} ({cpus:g} CPU)"
+                     for name, cpus in held.most_common(most))
+
+
+ALIVE = 2  # ActorTableData.ActorState.ALIVE
+
+
+async def _actor_infos(gcs):
+    return await gcs.async_get_all_actor_info(timeout=10)
 
 
 # ------------------------------------------------------------------------------ watching
@@ -322,7 +412,8 @@ def _iterate_watched(dataset, stall_timeout: float, ledger: Ledger):
                 if idle > stall_timeout and not nodes_on_the_way():
                     raise ScanStalled(f"nothing could be scheduled for {idle:.0f} s: work "
                                       f"waits for {waiting} and no node is being added. "
-                                      "Lower --cpus-per-actor/--gpus-per-actor, or add "
+                                      f"Holding CPUs: {cpu_holders() or 'unknown'}. Lower "
+                                      "--cpus-per-actor/--gpus-per-actor, or add "
                                       "nodes.") from None
             continue
         if item is done:

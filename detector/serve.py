@@ -235,7 +235,29 @@ app = FastAPI(
     title="AI-generated image detector",
     description="POST an image, get P(AI-generated) (`score_ai`) and a verdict.",
     version="1",
+    # Served by the Ingress itself (`openapi_`, `docs_`): the document depends on whether
+    # this app has a key, which FastAPI's own route cannot know.
+    openapi_url=None, docs_url=None, redoc_url=None,
 )
+
+
+def openapi_document(fastapi_app: FastAPI, root_path: str, auth: bool) -> dict[str, Any]:
+    """The app's OpenAPI document as configured: bearer auth and its 401s only when it
+    has a key (a document that demands a key nobody checks is a contract it breaks), and
+    the prefix the app is served under as its server, as FastAPI's own route gives it."""
+    from fastapi.openapi.utils import get_openapi
+
+    document = get_openapi(
+        title=fastapi_app.title, version=fastapi_app.version,
+        description=fastapi_app.description, routes=fastapi_app.routes,
+        servers=[{"url": root_path}] if root_path else None)
+    if not auth:
+        document.get("components", {}).pop("securitySchemes", None)
+        for operations in document["paths"].values():
+            for operation in operations.values():
+                operation.pop("security", None)
+                operation["responses"].pop("401", None)
+    return document
 
 
 @app.exception_handler(ApiError)
@@ -349,6 +371,7 @@ class Ingress:
         self.card = await model.card.remote()
         self.model_card = ModelCard(**self.card)  # its verdict rule, the one rule
         self.page = _render_page(self.card, auth=self._key is not None)
+        self._openapi: dict[str, dict] = {}  # by the prefix the app is served under
         self.decoding = asyncio.Semaphore(config.max_concurrent_decodes)
         self.requests = Counter(
             "detector_requests", "POST /v1/detect requests by outcome", tag_keys=("status", "code")
@@ -361,6 +384,20 @@ class Ingress:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page_(self) -> HTMLResponse:
         return HTMLResponse(self.page)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_(self, request: Request) -> JSONResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        if root not in self._openapi:
+            self._openapi[root] = openapi_document(request.app, root, self._key is not None)
+        return JSONResponse(self._openapi[root])
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs_(self, request: Request) -> HTMLResponse:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=request.app.title)
 
     @app.get("/healthz", response_model=api.Health, responses=api.errors(503))
     async def healthz(self) -> JSONResponse:

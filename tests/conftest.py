@@ -12,6 +12,18 @@ import pytest
 TINY_SIZE = 48
 
 
+def pytest_runtest_setup(item):
+    """`@pytest.mark.requires_bf16`: skipped, naming what is missing, on a CPU without
+    native bfloat16 (AMX or AVX512-BF16), where the product refuses bfloat16. Simulate
+    such a CPU anywhere with ONEDNN_MAX_CPU_ISA=AVX2."""
+    if item.get_closest_marker("requires_bf16"):
+        from detector.runtimes import bf16_hardware, cpu_features
+
+        if not bf16_hardware(gpu_ok=False):
+            has = ", ".join(k for k, v in cpu_features().items() if v) or "none of them"
+            pytest.skip(f"needs a CPU with AMX or AVX512-BF16 (this one has: {has})")
+
+
 @pytest.fixture(scope="session")
 def sample_arrays():
     """(train_x, train_y, test_x, test_y): `detector sample` images decoded through the one

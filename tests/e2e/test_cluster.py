@@ -404,6 +404,66 @@ def test_scan_rayjob_entrypoint_runs_under_ray_job_submit(head, model_uri, tmp_p
 
 
 @pytest.mark.e2e
+def test_a_scan_beside_a_serve_app_of_another_model_fits_in_what_is_free(model_uri, tmp_path):
+    """`detector serve --model B` holds 2.5 of the 4 CPUs a local Ray gets here, and this
+    cluster cannot add nodes. `detector scan --model A` sizes its scoring actor from the
+    1.5 that are free and scores every object with A (it once asked for 2, waited 600 s
+    and failed). Asked for more than is free, it fails within seconds and names what
+    holds the CPUs."""
+    import pandas as pd
+    import requests
+
+    from detector.artifact import ModelCard, load_card, save_artifact
+    from detector.models import build_model
+    from detector.sample import SampleSpec, write_sample
+
+    source = tmp_path / "bucket"
+    write_sample(str(source), SampleSpec(per_class=150, size=48, seed=5))
+    other = save_artifact(build_model("vit_tiny", image_size=SIZE),
+                          ModelCard(name="other", architecture="vit", image_size=SIZE,
+                                    preprocess_version=load_card(model_uri).preprocess_version),
+                          str(tmp_path / "other"))
+    scorer = load_card(model_uri)
+    with ray_head(tmp_path, num_cpus=4) as cluster:
+        env = client_env() | {"RAY_ADDRESS": cluster["gcs"]}
+        port, log = free_port(), tmp_path / "serve.log"
+        with open(log, "w") as out:
+            server = subprocess.Popen(
+                [str(BIN / "detector"), "serve", "--model", other, "--port", str(port)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/healthz",
+                                          timeout=5).status_code == 200,
+                     timeout=240, what="detector serve", alive=server, log=log)
+
+            def scan(out: str, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
+                started = time.monotonic()
+                done = subprocess.run(
+                    [str(BIN / "detector"), "scan", str(source), "--model", model_uri,
+                     "--out", str(tmp_path / out), *flags],
+                    env=env, capture_output=True, text=True, timeout=300)
+                return done, time.monotonic() - started
+
+            refused, seconds = scan("refused", "--cpus-per-actor", "2")
+            assert refused.returncode == 1 and seconds < 30, (seconds, refused.stderr[-3000:])
+            assert "cannot add nodes" in refused.stderr
+            assert "ServeReplica:detector:Model (2 CPU)" in refused.stderr, refused.stderr[-3000:]
+            assert not (tmp_path / "refused" / "_manifest.json").exists()
+
+            result, _ = scan("report")
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            assert "scoring actors reserve 1.0 CPUs: the largest node has free 1.5" \
+                in result.stderr
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    frame = pd.read_parquet(tmp_path / "report")
+    assert len(frame) == frame["uri"].nunique() == 300
+    assert set(frame["model"]) == {f"{scorer.name}@{scorer.id}"}
+    assert frame["score_ai"].notna().all()
+
+
+@pytest.mark.e2e
 def test_scan_with_default_flags_completes_on_a_two_cpu_cluster(model_uri, tmp_path):
     """`ray start --head --num-cpus 2`, no autoscaler: the scoring actor must leave room
     for decoding (it once reserved both CPUs and the scan waited forever)."""

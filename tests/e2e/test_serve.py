@@ -393,26 +393,34 @@ def test_a_running_app_keeps_its_version_while_a_new_one_is_published(serve_port
         serve.delete("versions")
 
 
-def test_openapi_contract_holds_under_schemathesis(serve_port, model_uri, tmp_path):
-    """`st run --checks all` against a running app with a key and a scan allow-list finds
-    nothing: every status is documented, every body matches its schema, schema-valid
-    requests are accepted and invalid ones refused, auth is enforced, 405s name the
+@pytest.mark.parametrize("key", [API_KEY, None], ids=["with-key", "default-no-key"])
+def test_openapi_contract_holds_under_schemathesis(serve_port, model_uri, tmp_path, key):
+    """`st run --checks all` against a running app, with a key and a scan allow-list and
+    as `detector serve` starts it by default (no key), finds nothing: every status is
+    documented, every body matches its schema, schema-valid requests are accepted and
+    invalid ones refused, auth is declared exactly when it is enforced, 405s name the
     allowed methods. (tests/e2e/schemathesis.toml says why a 400 for undecodable bytes is
     a valid answer to a schema-valid image body.)"""
     from ray import serve
 
     config = ServeConfig(model_uri=model_uri, max_replicas=1, max_body_bytes=MAX_BODY,
                          max_pixels=MAX_PIXELS, num_cpus=0.5, ingress_num_cpus=0.25,
-                         scan_allow=(str(tmp_path / "allowed"),))
-    serve.run(build_app_from_config(config, api_key=API_KEY), name="typed",
+                         scan_allow=(str(tmp_path / "allowed"),),
+                         api_key_env="DETECTOR_SERVE_TEST_UNSET")
+    serve.run(build_app_from_config(config, api_key=key), name="typed",
               route_prefix="/typed")
+    spec = requests.get(f"http://127.0.0.1:{serve_port}/typed/openapi.json", timeout=30).json()
+    secured = {path: sorted(ops) for path, ops in spec["paths"].items()
+               if any("security" in op for op in ops.values())}
+    assert bool(secured) == (key is not None), secured
+    assert ("401" in spec["paths"]["/v1/detect"]["post"]["responses"]) == (key is not None)
     here = Path(__file__).parent
     run = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "--config-file",
          str(here / "schemathesis.toml"), "run",
          f"http://127.0.0.1:{serve_port}/typed/openapi.json", "--checks", "all",
          "--max-time", "45", "--workers", "2", "--seed", "1",
-         "-H", f"Authorization: Bearer {API_KEY}"],
+         *(["-H", f"Authorization: Bearer {key}"] if key else [])],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     serve.delete("typed")
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]

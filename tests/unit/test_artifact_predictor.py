@@ -136,6 +136,7 @@ def test_predict_explain_writes_overlays_without_changing_scores(trained_tiny, t
     assert sorted(os.listdir(out)) == ["in0.explain.png", "in1.explain.png"]
 
 
+@pytest.mark.requires_bf16
 def test_bfloat16_predictor_computes_in_bfloat16_and_keeps_scores_and_verdicts(
         trained_tiny, sample_arrays):
     from detector.artifact import load_artifact
@@ -160,6 +161,24 @@ def test_bfloat16_predictor_computes_in_bfloat16_and_keeps_scores_and_verdicts(
     assert ((a > 0.5) == (b > 0.5))[confident].all()
 
 
+def test_bfloat16_is_refused_with_its_reason_where_the_cpu_lacks_it(trained_tiny,
+                                                                   monkeypatch):
+    """An AVX2-only CPU (simulated by capping oneDNN, which TensorFlow obeys): bfloat16
+    would be emulated and slower than float32, so every runtime refuses it and says why;
+    float32 and int8 are unaffected."""
+    from detector.predictor import Predictor
+    from detector.runtimes import RuntimeUnavailable, training_policy
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    for backend in ("keras", "openvino", "auto"):
+        with pytest.raises(RuntimeUnavailable, match="AMX or AVX512-BF16"):
+            Predictor.from_uri(trained_tiny[0], backend=backend, precision="bfloat16")
+    with pytest.raises(RuntimeUnavailable, match="train in float32"):
+        training_policy(gpus=0)
+    assert Predictor.from_uri(trained_tiny[0], backend="keras").runtime == "keras/float32"
+
+
+@pytest.mark.requires_bf16  # emulated elsewhere, and refused (oneDNN capped at AVX2 cannot)
 def test_vit_runs_in_bfloat16_too():
     from detector.artifact import ModelCard
     from detector.models import build_model
