@@ -19,6 +19,22 @@ def save_json(path: str, results: dict) -> None:
         json.dump(results, handle, indent=2)
 
 
+def machine() -> dict:
+    """The CPU every figure came from: its name, cores and inference features (so a number
+    in the README can be read against another machine's)."""
+    from detector.runtimes import cpu_features, cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "cpu_features": cpu_features()}
+
+
+def print_machine(info: dict) -> None:
+    features = info["cpu_features"]
+    print(f"CPU: {info['cpu']}, {info['cores']} cores; has "
+          + (", ".join(name for name, has in features.items() if has) or "none")
+          + "; lacks " + (", ".join(name for name, has in features.items() if not has)
+                          or "none"), flush=True)
+
+
 def report(result: dict) -> None:
     """Called in the child: one marked line, since Ray may print to stdout too."""
     print("RESULT " + json.dumps(result), flush=True)

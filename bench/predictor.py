@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
-from _measure import save_json
+from _measure import machine, print_machine, save_json
 from _model import sample_pixels, untrained_artifact
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banners
@@ -57,15 +56,14 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join(HERE, "results", "predictor.json"))
     args = parser.parse_args()
 
-    from detector.runtimes import RuntimeUnavailable, cpu_features
+    from detector.runtimes import RuntimeUnavailable
     from detector.threads import limit_threads
 
     limit_threads(args.threads)  # TensorFlow's pools, before any model is built
-    features = cpu_features()
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          + ", ".join(f"{name} {'yes' if has else 'no'}" for name, has in features.items()))
+    info = machine()
+    print_machine(info)
     results: dict = {"model": args.model, "image_size": args.image_size,
-                     "threads": args.threads, "cpu_features": features, "runtimes": {}}
+                     "threads": args.threads, **info, "runtimes": {}}
     pixels = sample_pixels(args.images, args.image_size, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()

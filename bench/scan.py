@@ -23,7 +23,7 @@ import tempfile
 import time
 
 import numpy as np
-from _measure import report, run_child, save_json
+from _measure import machine, print_machine, report, run_child, save_json
 from _model import untrained_artifact
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banners
@@ -144,9 +144,11 @@ def main() -> None:
     from detector.sample import SampleSpec, write_sample
 
     runtime = (args.backend, args.precision)
+    info = machine()
+    print_machine(info)
     results: dict = {"model": args.model, "image_size": args.image_size,
                      "backend": args.backend, "precision": args.precision,
-                     "cpus": os.cpu_count()}
+                     "cpus": os.cpu_count(), **info}
     with tempfile.TemporaryDirectory() as tmp:
         model_uri = untrained_artifact(tmp, args.model, args.image_size, exports=True)
         small, large = f"{tmp}/small", f"{tmp}/large"
