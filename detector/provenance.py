@@ -1,8 +1,11 @@
 """Provenance evidence read from an image's own bytes, beside the pixel classifier.
 
-    c2pa        a C2PA manifest (c2pa-python): the active manifest's actions and their
-                IPTC digital source type, the claim generator, the signature's validation
-                state (trust anchors from DETECTOR_C2PA_TRUST_ANCHORS, a PEM bundle)
+    c2pa        a C2PA manifest store (c2pa-python): the active manifest and, through
+                ingredients, those it was made from; each one's IPTC digital source types,
+                vendor AI assertions, claim generator and software agents, and its
+                validation (an integrity failure never decides; a credential-only one,
+                such as an expired certificate, leaves the claim intact; trust anchors
+                from DETECTOR_C2PA_TRUST_ANCHORS, a PEM bundle)
     xmp         IPTC `Iptc4xmpExt:DigitalSourceType`, `xmp:CreatorTool`
     png-text    generator parameters: A1111 `parameters`, ComfyUI `prompt` / `workflow`
     exif        `Software` naming a known generator, A1111's `UserComment`, camera
@@ -29,15 +32,31 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 STRONG, WEAK, INFO = "strong", "weak", "info"
-AI_KINDS = ("ai-source-type", "generator-metadata", "generator-software")
+AI_KINDS = ("ai-source-type", "ai-assertion", "generator-metadata", "generator-software")
 TRUST_ANCHORS_ENV = "DETECTOR_C2PA_TRUST_ANCHORS"
-IPTC_TYPES = "http://cv.iptc.org/newscodes/digitalsourcetype/"
-# IPTC digital source types that say a model made (some of) the image...
-AI_SOURCE_TYPES = frozenset({"trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia",
-                             "algorithmicMedia", "compositeSynthetic"})
-# ...and those that say a camera or scanner did. Shown only: anyone can write them.
+REQUIRE_TRUSTED_ENV = "DETECTOR_C2PA_REQUIRE_TRUSTED"
+# IPTC's Digital Source Type codes (cv.iptc.org/newscodes/digitalsourcetype/), compared
+# as bare codes: files spell the URI with http or https, padded, in any case.
+# A trained model made (some of) the image: decisive inside an intact claim.
+AI_SOURCE_TYPES = frozenset({"trainedAlgorithmicMedia", "compositeWithTrainedAlgorithmicMedia"})
+# Made or changed by an algorithm that is not a trained model (or may not be): shown only.
+SYNTHETIC_SOURCE_TYPES = frozenset({"algorithmicMedia", "compositeSynthetic",
+                                    "algorithmicallyEnhanced"})
+# A camera or scanner made it. Shown only: claims of "real" are what a forger writes.
 CAPTURE_SOURCE_TYPES = frozenset({"digitalCapture", "computationalCapture", "negativeFilm",
                                   "positiveFilm", "print", "compositeCapture"})
+IPTC_CODES = {code.lower(): code for code in
+              AI_SOURCE_TYPES | SYNTHETIC_SOURCE_TYPES | CAPTURE_SOURCE_TYPES}
+# Vendors' own AI assertions (early Adobe Firefly writes this and no source type).
+AI_ASSERTIONS = frozenset({"com.adobe.generative-ai"})
+# Claim generators and software agents that are image generators and nothing else.
+AI_SERVICES = re.compile(
+    r"\b(adobe[\s_-]?firefly|openai|dall[-·\s]?e|chatgpt|sora|microsoft designer|"
+    r"microsoft responsible ai|"
+    r"(bing|microsoft) image creator|google gemini|gemini|imagen|midjourney|stability ai|"
+    r"stable[\s-]?diffusion|dreamstudio|leonardo\.ai|ideogram|flux\.1)\b", re.I)
+AI_DESCRIPTION = re.compile(r"\bAI[\s-]+generated\b|\bgenerated\s+(by|with|using)\s+(an?\s+)?"
+                            r"AI\b|\bgenerative\s+AI\b", re.I)
 # Names in Software / CreatorTool that only image generators write.
 GENERATORS = re.compile(
     r"\b(midjourney|dall[-·\s]?e|stable[\s-]?diffusion|sdxl|comfyui|automatic1111|novelai|"
@@ -45,7 +64,7 @@ GENERATORS = re.compile(
 DETAIL_CHARS = 200  # evidence details are summaries, never whole prompts or manifests
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Bumped when a rule above changes what is found: a resumed scan then re-reads every row.
-RULES_VERSION = 1
+RULES_VERSION = 2
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +72,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Evidence:
     source: str  # c2pa | xmp | png-text | exif | metadata
-    kind: str  # ai-source-type | capture-source-type | generator-metadata |
-    #            generator-software | camera | remote-manifest | error
+    kind: str  # ai-source-type | ai-assertion | generator-metadata | generator-software |
+    #            synthetic-source-type | camera | remote-manifest | error
     strength: str  # strong | weak | info
     detail: str
 
@@ -99,7 +118,7 @@ def rules_id() -> str:
     resumed scan reuses a row's evidence only under the same id."""
     anchors = os.environ.get(TRUST_ANCHORS_ENV, "")
     suffix = f"+anchors:{hashlib.sha1(anchors.encode()).hexdigest()[:8]}" if anchors else ""
-    return f"{RULES_VERSION}{suffix}"
+    return f"{RULES_VERSION}{suffix}{'+trusted-only' if require_trusted() else ''}"
 
 
 def decisive(evidence: Iterable[Evidence]) -> Evidence | None:
@@ -114,6 +133,9 @@ def check_settings() -> None:
     """Read the C2PA settings now (trust anchors included): the processes that will read
     provenance call this at start, so a bad DETECTOR_C2PA_TRUST_ANCHORS fails them there,
     with its name, rather than every image later."""
+    if require_trusted() and not _anchors():
+        raise ValueError(f"{REQUIRE_TRUSTED_ENV} asks for trusted signers, but "
+                         f"{TRUST_ANCHORS_ENV} names no trust anchors")
     _c2pa_context()
 
 
@@ -148,48 +170,155 @@ def _c2pa(blob: bytes, mime: str) -> list[Evidence]:
         if reader is None:
             return []
         with reader:
-            state = reader.get_validation_state()
-            manifest = reader.get_active_manifest() or {}
-            results = (reader.get_validation_results() or {}).get("activeManifest", {})
+            store = json.loads(reader.json())
     except c2pa.C2paError.NotSupported:
         return []  # a format C2PA does not define (BMP, ...)
     except c2pa.C2paError as err:
         # A manifest stored elsewhere is named, not fetched. c2pa-python 0.38 raises the
         # plain C2paError for it, with the library's "Remote: ..." message.
         if isinstance(err, c2pa.C2paError.RemoteManifest) or str(err).startswith("Remote"):
-            return [Evidence("c2pa", "remote-manifest", INFO, _clip(f"not fetched: {err}"))]
+            return [Evidence("c2pa", "remote-manifest", INFO,
+                             _clip(f"remote manifest, not fetched: {err}"))]
         return [Evidence("c2pa", "error", INFO, _clip(f"unreadable manifest: {err}"))]
-    return list(_c2pa_evidence(manifest, state, results))
+    return list(dict.fromkeys(c2pa_evidence(store)))
 
 
-def _c2pa_evidence(manifest: dict, state: str | None, results: dict) -> Iterator[Evidence]:
-    failures = [f.get("code", "") for f in results.get("failure", [])]
-    untrusted = "signingCredential.untrusted" in failures
+def c2pa_evidence(store: dict) -> Iterator[Evidence]:
+    """Findings in a manifest store (c2pa-python's `Reader.json()`): the active manifest
+    and, through their ingredients, the manifests it was made from (a service that
+    re-encodes its output carries the generation step's claim as an ingredient)."""
+    manifests = store.get("manifests") or {}
+    active = store.get("active_manifest")
+    results = (store.get("validation_results") or {}).get("activeManifest") or {}
+    # (label, how it is reached, its own failure codes, any integrity failure on the way)
+    queue = [(active, "active manifest", _codes(results), False)]
+    seen: set = set()
+    while queue and len(seen) < MAX_MANIFESTS:
+        label, path, failures, broken_above = queue.pop(0)
+        manifest = manifests.get(label) if isinstance(label, str) else None
+        if not isinstance(manifest, dict) or label in seen:
+            continue
+        seen.add(label)
+        broken = broken_above or any(not _credential_only(code) for code in failures)
+        yield from _manifest_evidence(manifest, path, failures, broken)
+        if path.count("ingredient of") >= MAX_INGREDIENT_DEPTH:
+            continue
+        for ingredient in manifest.get("ingredients") or []:
+            if isinstance(ingredient, dict) and ingredient.get("active_manifest"):
+                inner = (ingredient.get("validation_results") or {}).get("activeManifest")
+                queue.append((ingredient["active_manifest"],
+                              f"ingredient {_clip(str(ingredient.get('title', '?')))[:60]} "
+                              f"of the {path}", _codes(inner or {}), broken))
+
+
+MAX_MANIFESTS = 16  # manifests read from one store, ingredients' included
+MAX_INGREDIENT_DEPTH = 4
+# Validation failures of the credential alone: the claim and its hashes are intact, but
+# the certificate has expired (with no trusted timestamp), is not on the trust list, or
+# lacks a usage C2PA asks for. Every other failure code means the claim, an assertion,
+# an ingredient or the image changed after signing, or the store cannot be read.
+CREDENTIAL_CODES = ("signingCredential.", "timeStamp.")
+
+
+CREDENTIAL_WORDS = {
+    "signingCredential.untrusted": "untrusted signer",
+    "signingCredential.expired": "certificate expired, no trusted timestamp",
+    "signingCredential.invalid": "certificate not valid for C2PA signing",
+    "signingCredential.revoked": "certificate revoked",
+}
+
+
+def _credential_only(code: str) -> bool:
+    return code.startswith(CREDENTIAL_CODES)
+
+
+def _codes(results: dict) -> list[str]:
+    return [str(f.get("code", "")) for f in results.get("failure") or [] if isinstance(f, dict)]
+
+
+def _manifest_evidence(manifest: dict, path: str, failures: list[str],
+                       broken: bool) -> Iterator[Evidence]:
     signer = (manifest.get("signature_info") or {}).get("issuer") or "unknown signer"
-    generator = ", ".join(g.get("name", "") for g in manifest.get("claim_generator_info") or [])
-    validity = {"Trusted": f"signed by {signer} (trusted)",
-                "Valid": f"signed by {signer} ({'untrusted signer' if untrusted else 'valid'})"
-                }.get(state, f"validation {state}: {', '.join(failures) or 'failed'}")
-    for source_type in _source_types(manifest):
-        name = source_type.removeprefix(IPTC_TYPES)
-        detail = _clip(f"{name} from {generator or 'an unnamed generator'}; {validity}")
-        if name in AI_SOURCE_TYPES:
-            # An intact manifest that admits AI is decisive: nobody signs that falsely to
-            # pass as real. One that fails validation was changed after signing: shown.
-            strength = STRONG if state in ("Valid", "Trusted") else WEAK
-            yield Evidence("c2pa", "ai-source-type", strength, detail)
-        elif name in CAPTURE_SOURCE_TYPES:
-            yield Evidence("c2pa", "capture-source-type", INFO, detail)
+    generator = ", ".join(str(g.get("name", "")) for g in manifest.get("claim_generator_info")
+                          or [] if isinstance(g, dict)) or str(manifest.get("claim_generator")
+                                                               or "")
+    credential = [c for c in failures if _credential_only(c)]
+    if broken:
+        state = f"validation failed: {', '.join(failures) or 'an ingredient'} (changed after " \
+                "signing: never decides)"
+    elif credential:  # the claim is intact: say what is wrong with its credential
+        state = f"signed by {signer} ({', '.join(CREDENTIAL_WORDS.get(c, c) for c in credential)})"
+    else:
+        state = f"signed by {signer} ({'trusted' if _anchors() else 'valid'})"
+    trusted = not broken and not credential and bool(_anchors())
+    decides = not broken and (trusted or not require_trusted())
+    where = f"in the {path}" + (f" from {generator}" if generator else "")
+    actions = list(_actions(manifest))
+    for source_type in dict.fromkeys(_source_type(a) for a in actions):
+        if not source_type:
+            continue
+        detail = _clip(f"{source_type} {where}; {state}")
+        if source_type in AI_SOURCE_TYPES:
+            yield Evidence("c2pa", "ai-source-type", STRONG if decides else WEAK, detail)
+        elif source_type in SYNTHETIC_SOURCE_TYPES:
+            yield Evidence("c2pa", "synthetic-source-type", INFO, detail)
+        elif source_type in CAPTURE_SOURCE_TYPES:
+            yield Evidence("c2pa", "camera", INFO, detail)
+    for signal in _vendor_signals(manifest, actions, generator):
+        yield Evidence("c2pa", "ai-assertion", STRONG if decides else WEAK,
+                       _clip(f"{signal} {where}; {state}"))
 
 
-def _source_types(manifest: dict) -> list[str]:
-    types = []
+def _actions(manifest: dict) -> Iterator[dict]:
     for assertion in manifest.get("assertions") or []:
-        if assertion.get("label") in ("c2pa.actions", "c2pa.actions.v2"):
+        if isinstance(assertion, dict) and str(assertion.get("label", "")).startswith(
+                "c2pa.actions"):
             for action in (assertion.get("data") or {}).get("actions") or []:
-                if isinstance(action, dict) and action.get("digitalSourceType"):
-                    types.append(str(action["digitalSourceType"]))
-    return list(dict.fromkeys(types))
+                if isinstance(action, dict):
+                    yield action
+
+
+def _source_type(action: dict) -> str:
+    """An action's IPTC digital source type as its bare code, whatever the spelling:
+    http or https, padded, any case ("" when there is none)."""
+    return source_type_code(action.get("digitalSourceType"))
+
+
+def source_type_code(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        return ""
+    code = value.strip().rstrip("/").rsplit("/", 1)[-1].strip()
+    return IPTC_CODES.get(code.lower(), code)
+
+
+def _vendor_signals(manifest: dict, actions: list[dict], generator: str) -> Iterator[str]:
+    """AI named by a vendor's own assertion or words rather than a source type: early
+    Adobe Firefly's `com.adobe.generative-ai`, a claim generator or an action's software
+    agent that only image generators are, an action described as AI generated."""
+    for assertion in manifest.get("assertions") or []:
+        label = str(assertion.get("label", "")) if isinstance(assertion, dict) else ""
+        if label.split(".v")[0] in AI_ASSERTIONS:
+            yield f"assertion {label}"
+    if generator and AI_SERVICES.search(generator):
+        yield f"claim generator {generator}"
+    for action in actions:
+        agent = action.get("softwareAgent")
+        agent = agent.get("name", "") if isinstance(agent, dict) else str(agent or "")
+        if agent and AI_SERVICES.search(agent):
+            yield f"{action.get('action', 'action')} by {agent}"
+        text = str(action.get("description") or "")
+        if AI_DESCRIPTION.search(text):
+            yield f"{action.get('action', 'action')} described as {text!r}"
+
+
+def _anchors() -> bool:
+    return bool(os.environ.get(TRUST_ANCHORS_ENV))
+
+
+def require_trusted() -> bool:
+    """DETECTOR_C2PA_REQUIRE_TRUSTED=1: a C2PA claim decides only when its signer chains
+    to the configured trust anchors (needs DETECTOR_C2PA_TRUST_ANCHORS)."""
+    return os.environ.get(REQUIRE_TRUSTED_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 # ------------------------------------------------------------------------------ metadata
@@ -236,12 +365,14 @@ def _xmp_evidence(xmp: dict | Exception) -> Iterator[Evidence]:
     if isinstance(xmp, Exception):
         yield Evidence("xmp", "error", INFO, _clip(f"unreadable XMP: {xmp}"))
         return
-    for value in dict.fromkeys(_walk(xmp, "DigitalSourceType")):
-        name = value.strip().removeprefix(IPTC_TYPES)
+    for name in dict.fromkeys(map(source_type_code, _walk(xmp, "DigitalSourceType"))):
         if name in AI_SOURCE_TYPES:
             yield Evidence("xmp", "ai-source-type", STRONG, f"IPTC DigitalSourceType {name}")
+        elif name in SYNTHETIC_SOURCE_TYPES:
+            yield Evidence("xmp", "synthetic-source-type", INFO,
+                           f"IPTC DigitalSourceType {name} (not a trained model)")
         elif name in CAPTURE_SOURCE_TYPES:
-            yield Evidence("xmp", "capture-source-type", INFO, f"IPTC DigitalSourceType {name}")
+            yield Evidence("xmp", "camera", INFO, f"IPTC DigitalSourceType {name}")
     for tool in dict.fromkeys(_walk(xmp, "CreatorTool")):
         if GENERATORS.search(tool):
             yield Evidence("xmp", "generator-software", STRONG, _clip(f"CreatorTool {tool}"))

@@ -34,8 +34,10 @@ class Chain:
     key_pem: bytes
 
 
-def test_chain() -> Chain:
-    """A root CA and an ES256 signing certificate with the extensions C2PA requires."""
+def test_chain(expired: bool = False) -> Chain:
+    """A root CA and an ES256 signing certificate with the extensions C2PA requires;
+    `expired`: the signing certificate expires seconds after signing (as a short-lived
+    service certificate has by the time its file is read), no timestamp to rescue it."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -56,17 +58,20 @@ def test_chain() -> Chain:
                            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Detector Tests")])
     root = (x509.CertificateBuilder().subject_name(root_name).issuer_name(root_name)
             .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_before(now - dt.timedelta(days=20))
             .not_valid_after(now + dt.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(usage(key_cert_sign=True, crl_sign=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()),
                            critical=False)
             .sign(root_key, hashes.SHA256()))
+    # c2pa-rs refuses to sign with an expired certificate: `expired` makes one that ends
+    # two seconds from now, and its files are read after that.
+    ends = now + (dt.timedelta(seconds=2) if expired else dt.timedelta(days=30))
     leaf = (x509.CertificateBuilder().subject_name(leaf_name).issuer_name(root_name)
             .public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=30))
+            .not_valid_before(now - dt.timedelta(days=10))
+            .not_valid_after(ends)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(usage(digital_signature=True), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]),
@@ -82,21 +87,42 @@ def test_chain() -> Chain:
                                         serialization.NoEncryption()))
 
 
-def c2pa_signed(image: bytes, mime: str, source_type: str, chain: Chain,
-                generator: str = "Test Image Generator") -> bytes:
-    """`image` with a signed C2PA manifest whose c2pa.created action declares
-    `source_type` (no thumbnail, no timestamp authority: offline and small)."""
+def c2pa_signed(image: bytes, mime: str, source_type: str | None, chain: Chain,
+                generator: str = "Test Image Generator", actions: list | None = None,
+                assertions: list | None = None, parent: bytes | None = None,
+                claim_version: int = 2) -> bytes:
+    """`image` with a signed C2PA manifest, written the way c2pa-python's Builder writes
+    it (no thumbnail, no timestamp authority: offline and small). By default one
+    c2pa.created action declaring `source_type`; `actions` and `assertions` replace or add
+    to that; `parent`, a signed file this one was made from (as a service that re-encodes
+    its generator's output does), becomes the parentOf ingredient that a c2pa.opened
+    action names, with its manifest carried along. `claim_version=1` writes a claim as
+    tools before C2PA 2.0 did (early Adobe Firefly, Bing Image Creator), where a
+    c2pa.created action need not name a source type."""
     import c2pa
 
+    if actions is None:
+        created = {"action": "c2pa.created"}
+        if source_type is not None:
+            created["digitalSourceType"] = source_type
+        actions = [created]
+    if parent is not None:
+        actions = [{"action": "c2pa.opened", "parameters": {"ingredientIds": ["parent"]}},
+                   *actions]
     manifest = {"claim_generator_info": [{"name": generator, "version": "1.0"}],
-                "title": "fixture", "assertions": [{"label": "c2pa.actions", "data": {
-                    "actions": [{"action": "c2pa.created", "digitalSourceType": source_type}]}}]}
+                "claim_version": claim_version, "title": "fixture", "assertions": [
+                    {"label": "c2pa.actions", "data": {"actions": actions}},
+                    *(assertions or [])]}
     signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(
         c2pa.C2paSigningAlg.ES256, chain.leaf_pem, chain.key_pem, None))
     context = c2pa.Context(c2pa.Settings.from_dict({"builder": {"thumbnail": {"enabled": False}}}))
+    builder = c2pa.Builder(manifest, context)
+    if parent is not None:
+        builder.add_ingredient({"title": "generated.jpg", "relationship": "parentOf",
+                                "label": "parent"}, mime, io.BytesIO(parent))
     out = io.BytesIO()
     # sign() returns the manifest bytes; the signed asset is what it writes to `out`.
-    c2pa.Builder(manifest, context).sign(signer, mime, io.BytesIO(image), out)
+    builder.sign(signer, mime, io.BytesIO(image), out)
     return out.getvalue()
 
 

@@ -41,7 +41,8 @@ def test_c2pa_ai_manifest_is_strong_evidence_and_names_its_signer(chain, trust):
         [evidence] = inspect(signed)
         assert (evidence.source, evidence.kind, evidence.strength) == \
             ("c2pa", "ai-source-type", "strong")
-        assert "trainedAlgorithmicMedia from Acme Diffusion" in evidence.detail
+        assert "trainedAlgorithmicMedia in the active manifest from Acme Diffusion" \
+            in evidence.detail
         assert "untrusted signer" in evidence.detail  # no trust anchors configured
     trust(chain.root_pem)
     [evidence] = inspect(signed)
@@ -54,7 +55,9 @@ def test_c2pa_capture_claim_is_shown_but_the_classifier_decides(chain):
 
     signed = fx.c2pa_signed(fx.photo(), "image/jpeg", fx.CAPTURE, chain)
     evidence = inspect(signed)
-    assert [(e.kind, e.strength) for e in evidence] == [("capture-source-type", "info")]
+    assert [(e.kind, e.strength) for e in evidence] == [("camera", "info")]
+    assert "digitalCapture in the active manifest" in evidence[0].detail
+    assert "signed by Detector Tests (untrusted signer)" in evidence[0].detail
     card = ModelCard(name="m", architecture="vit", image_size=32, preprocess_version=1)
     assert card.decide(0.97, evidence) == ("ai-generated", "classifier")
     assert card.decide(0.03, evidence) == ("real", "classifier")
@@ -72,7 +75,7 @@ def test_an_ai_claim_decides_whatever_the_score(chain):
 
 def test_metadata_sources():
     assert findings(fx.iptc_xmp_jpeg()) == [("xmp", "ai-source-type", "strong")]
-    assert findings(fx.iptc_xmp_jpeg(fx.CAPTURE)) == [("xmp", "capture-source-type", "info")]
+    assert findings(fx.iptc_xmp_jpeg(fx.CAPTURE)) == [("xmp", "camera", "info")]
     assert findings(fx.a1111_png()) == [("png-text", "generator-metadata", "strong")]
     assert findings(fx.comfyui_png()) == [("png-text", "generator-metadata", "strong")] * 2
     assert findings(fx.photo(xmp=fx.xmp_packet(
@@ -196,3 +199,103 @@ def test_metadata_is_read_without_decoding_pixels():
 def test_deeply_nested_json_loses_no_other_finding():
     assert findings(fx.png_with_text(prompt="[" * 200_000, parameters=(
         "cat\nSteps: 20, Sampler: Euler a"))) == [("png-text", "generator-metadata", "strong")]
+
+
+# ------------------------------------------------------------- what real services write
+
+
+def test_an_ai_claim_in_an_ingredient_decides_and_says_which_manifest_made_it(chain):
+    """ChatGPT / DALL-E via Bing re-encode what the generator made: the delivered file's
+    active manifest only converts; the generation step's claim is its ingredient's."""
+    from detector.provenance import inspect
+
+    made = fx.c2pa_signed(fx.photo(), "image/jpeg", fx.AI, chain, generator="Image Model")
+    delivered = fx.c2pa_signed(fx.photo(seed=2), "image/jpeg", None, chain,
+                               generator="Acme Web App", parent=made,
+                               actions=[{"action": "c2pa.converted"}])
+    evidence = inspect(delivered)
+    [claim] = [e for e in evidence if e.kind == "ai-source-type"]
+    assert claim.strength == "strong"
+    assert "in the ingredient generated.jpg of the active manifest from Image Model" \
+        in claim.detail
+    # Twice removed (an edit of the delivered file) still finds it, bounded in depth.
+    edited = fx.c2pa_signed(fx.photo(seed=3), "image/jpeg", None, chain, parent=delivered,
+                            actions=[{"action": "c2pa.edited"}])
+    assert any(e.kind == "ai-source-type" and e.strength == "strong" for e in inspect(edited))
+
+
+def test_vendor_assertions_agents_and_descriptions_name_ai_without_a_source_type(chain):
+    """Early Adobe Firefly (`com.adobe.generative-ai`, claim v1, no source type), Bing
+    Image Creator (an AI software agent, "AI Generated Image"): strong inside an intact
+    claim; a camera app's claim generator is nothing."""
+    from detector.provenance import inspect
+
+    firefly = fx.c2pa_signed(fx.photo(), "image/jpeg", None, chain, generator="Adobe_Firefly",
+                             claim_version=1, assertions=[{
+                                 "label": "com.adobe.generative-ai",
+                                 "data": {"description": "Adobe Firefly", "version": "1.0.0"}}])
+    kinds = {(e.kind, e.strength, e.detail.split(" in the")[0]) for e in inspect(firefly)}
+    assert kinds == {("ai-assertion", "strong", "assertion com.adobe.generative-ai"),
+                     ("ai-assertion", "strong", "claim generator Adobe_Firefly")}
+    bing = fx.c2pa_signed(fx.photo(), "image/jpeg", None, chain, claim_version=1,
+                          generator="Microsoft Responsible AI Image Provenance", actions=[{
+                              "action": "c2pa.created", "description": "AI Generated Image",
+                              "softwareAgent": "Bing Image Creator"}])
+    details = [e.detail for e in inspect(bing)]
+    assert any("c2pa.created by Bing Image Creator" in d for d in details)
+    assert any("described as 'AI Generated Image'" in d for d in details)
+    camera = fx.c2pa_signed(fx.photo(), "image/jpeg", None, chain, claim_version=1,
+                            generator="Acme Camera App", actions=[{"action": "c2pa.created"}])
+    assert inspect(camera) == []
+    tampered = bytearray(firefly)
+    tampered[-200] ^= 0xFF
+    assert {e.strength for e in inspect(bytes(tampered)) if e.source == "c2pa"} == {"weak"}
+
+
+@pytest.mark.parametrize("uri", [
+    "https://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia",
+    "  http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia\n",
+    "http://cv.iptc.org/newscodes/digitalsourcetype/TRAINEDALGORITHMICMEDIA/",
+    "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia",
+])
+def test_source_type_uris_in_every_spelling(chain, uri):
+    assert findings(fx.c2pa_signed(fx.photo(), "image/jpeg", uri, chain)) == \
+        [("c2pa", "ai-source-type", "strong")]
+    assert findings(fx.iptc_xmp_jpeg(uri)) == [("xmp", "ai-source-type", "strong")]
+
+
+def test_algorithmic_media_is_shown_and_never_decides(chain):
+    """IPTC's algorithmicMedia is made by an algorithm that is not a trained model."""
+    from detector.artifact import ModelCard
+    from detector.provenance import inspect
+
+    uri = "http://cv.iptc.org/newscodes/digitalsourcetype/algorithmicMedia"
+    evidence = inspect(fx.c2pa_signed(fx.photo(), "image/jpeg", uri, chain))
+    assert [(e.kind, e.strength) for e in evidence] == [("synthetic-source-type", "info")]
+    card = ModelCard(name="m", architecture="vit", image_size=32, preprocess_version=1)
+    assert card.decide(0.03, evidence) == ("real", "classifier")
+    assert findings(fx.iptc_xmp_jpeg(uri)) == [("xmp", "synthetic-source-type", "info")]
+
+
+def test_an_expired_certificate_leaves_the_claim_intact_and_deciding(trust, monkeypatch):
+    """A short-lived service certificate that has expired since (no trusted timestamp):
+    the claim and its hashes are intact, so it decides, with the credential state shown.
+    Requiring trusted signers (DETECTOR_C2PA_REQUIRE_TRUSTED) then demotes it."""
+    import time
+
+    from detector import provenance
+    from detector.provenance import inspect
+
+    expiring = fx.test_chain(expired=True)
+    signed = fx.c2pa_signed(fx.photo(), "image/jpeg", fx.AI, expiring)
+    time.sleep(3)  # past the certificate's end
+    trust(expiring.root_pem)
+    [evidence] = inspect(signed)
+    assert (evidence.kind, evidence.strength) == ("ai-source-type", "strong")
+    assert "certificate expired, no trusted timestamp" in evidence.detail
+    monkeypatch.setenv(provenance.REQUIRE_TRUSTED_ENV, "1")
+    assert [e.strength for e in inspect(signed)] == ["weak"]
+    assert provenance.rules_id().endswith("+trusted-only")
+    monkeypatch.delenv(provenance.TRUST_ANCHORS_ENV)
+    with pytest.raises(ValueError, match="names no trust anchors"):
+        provenance.check_settings()
