@@ -60,7 +60,11 @@ AI_DESCRIPTION = re.compile(r"\bAI[\s-]+generated\b|\bgenerated\s+(by|with|using
 # Names in Software / CreatorTool that only image generators write.
 GENERATORS = re.compile(
     r"\b(midjourney|dall[-·\s]?e|stable[\s-]?diffusion|sdxl|comfyui|automatic1111|novelai|"
-    r"invokeai|fooocus|adobe firefly|leonardo\.ai|ideogram|imagen \d|flux\.1)\b", re.I)
+    r"invokeai|fooocus|adobe firefly|leonardo\.ai|ideogram|imagen \d|flux\.1|draw things|"
+    r"sd\.next)\b", re.I)
+# Credit lines naming AI (Google writes photoshop:Credit "Made with Google AI").
+AI_CREDIT = re.compile(r"\b(made|created|generated|edited)\s+(with|by|using)\s+(\S+\s+){0,2}AI\b",
+                       re.I)
 DETAIL_CHARS = 200  # evidence details are summaries, never whole prompts or manifests
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Bumped when a rule above changes what is found: a resumed scan then re-reads every row.
@@ -376,19 +380,55 @@ def _xmp_evidence(xmp: dict | Exception) -> Iterator[Evidence]:
     for tool in dict.fromkeys(_walk(xmp, "CreatorTool")):
         if GENERATORS.search(tool):
             yield Evidence("xmp", "generator-software", STRONG, _clip(f"CreatorTool {tool}"))
+    for credit in dict.fromkeys(_walk(xmp, "Credit")):  # photoshop:Credit
+        if AI_CREDIT.search(credit):
+            yield Evidence("xmp", "generator-software", STRONG, _clip(f"Credit {credit}"))
 
 
 def _png_text(info: dict) -> Iterator[Evidence]:
+    """Generator parameters in PNG text chunks, as each front-end writes them."""
     parameters = info.get("parameters")
-    if isinstance(parameters, str) and "Steps:" in parameters:
+    if isinstance(parameters, str) and "Steps:" in parameters:  # A1111, SD.Next, Forge
         settings = parameters[parameters.rfind("Steps:"):]
         yield Evidence("png-text", "generator-metadata", STRONG,
                        _clip(f"A1111 parameters: {settings}"))
+    elif "fooocus_scheme" in info or _json_keys(parameters) & FOOOCUS_KEYS:
+        yield Evidence("png-text", "generator-metadata", STRONG,
+                       _clip(f"Fooocus parameters ({info.get('fooocus_scheme') or 'json'})"))
     for key in ("prompt", "workflow"):
         text = info.get(key)
         if isinstance(text, str) and _is_json_object(text):
             yield Evidence("png-text", "generator-metadata", STRONG,
                            f"ComfyUI {key} ({len(text)} characters of graph)")
+    for key in INVOKEAI_KEYS:
+        text = info.get(key)
+        dream = key == "Dream" and isinstance(text, str) and bool(text.strip())
+        if dream or (isinstance(text, str) and _is_json_object(text)):
+            yield Evidence("png-text", "generator-metadata", STRONG,
+                           f"InvokeAI {key} ({len(text)} characters)")
+    software = info.get("Software")
+    if isinstance(software, str) and GENERATORS.search(software):  # NovelAI
+        source = info.get("Source")
+        yield Evidence("png-text", "generator-software", STRONG, _clip(
+            f"Software {software}" + (f" ({source})" if isinstance(source, str) else "")))
+    if _json_keys(info.get("Comment")) >= {"steps", "sampler"}:  # NovelAI's settings
+        yield Evidence("png-text", "generator-metadata", STRONG, "generation settings in "
+                       "Comment (steps, sampler, ...)")
+
+
+FOOOCUS_KEYS = frozenset({"base_model", "guidance_scale", "performance", "styles"})
+INVOKEAI_KEYS = ("invokeai_metadata", "invokeai_graph", "sd-metadata", "Dream")
+
+
+def _json_keys(text) -> set[str]:
+    """The keys of a JSON object held in `text` (a bounded string), else none."""
+    if not isinstance(text, str) or not text.lstrip().startswith("{"):
+        return set()
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return set()
+    return {str(k).lower() for k in value} if isinstance(value, dict) else set()
 
 
 def _exif(exif) -> Iterator[Evidence]:
@@ -399,21 +439,41 @@ def _exif(exif) -> Iterator[Evidence]:
         comment = _text(exif.get_ifd(0x8769).get(0x9286))  # Exif IFD: UserComment
     except Exception:  # (a broken Exif IFD is only a missing comment)
         comment = ""
-    if "Steps:" in comment and "Sampler:" in comment:
+    if "Steps:" in comment and "Sampler:" in comment:  # A1111 and Forge in JPEG / WebP
         yield Evidence("exif", "generator-metadata", STRONG,
                        _clip(f"A1111 parameters: {comment[comment.rfind('Steps:'):]}"))
-    make, model = _text(exif.get(0x010F)), _text(exif.get(0x0110))
+    elif _json_keys(comment) & FOOOCUS_KEYS:
+        yield Evidence("exif", "generator-metadata", STRONG, "Fooocus parameters in UserComment")
+    # ComfyUI's WebP writer stores its graphs as "prompt:{json}" in Model and
+    # "workflow:{json}" in Make (then ImageDescription...): no camera made those.
+    graphs = [tag for tag in (0x010F, 0x0110, 0x010E)
+              if re.match(r"\s*(prompt|workflow):\s*\{", _text(exif.get(tag)), re.I)]
+    if graphs:
+        names = ", ".join(_text(exif.get(t)).split(":", 1)[0].strip() for t in graphs)
+        yield Evidence("exif", "generator-metadata", STRONG,
+                       f"ComfyUI graph in EXIF ({names})")
+    make, model = ("" if 0x010F in graphs else _text(exif.get(0x010F)),
+                   "" if 0x0110 in graphs else _text(exif.get(0x0110)))
     if make or model:
         camera = model if make and model.startswith(make) else f"{make} {model}".strip()
         yield Evidence("exif", "camera", WEAK, _clip(f"camera {camera} (EXIF is easily copied)"))
 
 
 def _text(value) -> str:
+    """An EXIF value as text. UserComment starts with an 8-byte character code; A1111
+    writes "UNICODE\0" then UTF-16 big-endian (piexif), other tools little-endian."""
     if isinstance(value, bytes):
-        # UserComment starts with an 8-byte character code ("ASCII\0\0\0", "UNICODE\0").
-        body = value[8:] if value[:8] in (b"ASCII\0\0\0", b"UNICODE\0", b"\0" * 8) else value
-        encoding = "utf-16-be" if value[:8] == b"UNICODE\0" else "utf-8"
-        value = body.decode(encoding, errors="replace")
+        code, body = value[:8], value[8:]
+        if code == b"UNICODE\0":
+            if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                value = body.decode("utf-16", errors="replace")
+            else:  # no BOM: text is mostly ASCII, whose zero byte comes first in BE
+                zeros_first = body[0:40:2].count(0) >= body[1:40:2].count(0)
+                value = body.decode("utf-16-be" if zeros_first else "utf-16-le",
+                                    errors="replace")
+        else:
+            body = body if code in (b"ASCII\0\0\0", b"\0" * 8) else value
+            value = body.decode("utf-8", errors="replace")
     return value.strip("\0 \t\r\n") if isinstance(value, str) else ""
 
 

@@ -186,3 +186,60 @@ def ztxt_bomb_png() -> bytes:
     chunk = (len(data)).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
     head = png.index(b"IDAT") - 4  # before the first IDAT: read by Image.open itself
     return png[:head] + chunk + png[head:]
+
+
+A1111_PARAMETERS = ("a lighthouse at dusk, oil painting\nNegative prompt: blurry\nSteps: 30, "
+                    "Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234, Size: 512x512, "
+                    "Model: sd_xl_base_1.0")
+
+
+def user_comment(text: str, byte_order: str = "be") -> bytes:
+    """EXIF UserComment as piexif.helper.UserComment.dump(text, encoding="unicode") writes
+    it for A1111 (the UNICODE code, then UTF-16 big-endian), or little-endian as some
+    other writers do."""
+    return b"UNICODE\0" + text.encode("utf-16-be" if byte_order == "be" else "utf-16-le")
+
+
+def a1111_exif(fmt: str = "JPEG", byte_order: str = "be") -> bytes:
+    """A1111 saving JPEG or WebP: its parameters in the Exif IFD's UserComment."""
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = user_comment(A1111_PARAMETERS, byte_order)
+    return photo(fmt, exif=exif)
+
+
+def comfyui_webp() -> bytes:
+    """ComfyUI's SaveAnimatedWEBP: "prompt:{json}" in Model (0x0110) and each extra
+    pnginfo entry, the workflow first, as "key:{json}" from Make (0x010F) downwards."""
+    graph = {"3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 20}}}
+    exif = Image.Exif()
+    exif[0x0110] = "prompt:" + json.dumps(graph)
+    exif[0x010F] = "workflow:" + json.dumps({"nodes": [], "links": []})
+    return photo("WEBP", exif=exif)
+
+
+def fooocus_png() -> bytes:
+    """Fooocus's metadata scheme: `parameters` as a JSON object and `fooocus_scheme`."""
+    return png_with_text(parameters=json.dumps({
+        "prompt": "a lighthouse", "negative_prompt": "", "styles": "['Fooocus V2']",
+        "performance": "Speed", "resolution": "(1024, 1024)", "guidance_scale": 4,
+        "base_model": "juggernautXL_v8Rundiffusion.safetensors", "version": "Fooocus v2.5.5"}),
+        fooocus_scheme="fooocus")
+
+
+def invokeai_png(key: str = "invokeai_metadata") -> bytes:
+    """InvokeAI 3+ (`invokeai_metadata`, `invokeai_graph`), 2.x (`sd-metadata`), 1.x
+    (`Dream`, its command line)."""
+    if key == "Dream":
+        return png_with_text(Dream='"a lighthouse" -s 50 -S 1234 -W 512 -H 512 -C 7.5 -A k_lms')
+    return png_with_text(**{key: json.dumps({"positive_prompt": "a lighthouse", "seed": 1,
+                                             "steps": 30, "model": {"name": "sdxl"}})})
+
+
+def novelai_png() -> bytes:
+    """NovelAI: `Software` NovelAI, `Source` the model, `Comment` the settings as JSON."""
+    return png_with_text(Title="NovelAI generated image", Software="NovelAI",
+                         Source="NovelAI Diffusion V4 4F6B4A8B",
+                         Description="a lighthouse at dusk",
+                         Comment=json.dumps({"prompt": "a lighthouse", "steps": 28,
+                                             "sampler": "k_euler_ancestral", "seed": 1,
+                                             "scale": 5.0}))

@@ -299,3 +299,49 @@ def test_an_expired_certificate_leaves_the_claim_intact_and_deciding(trust, monk
     monkeypatch.delenv(provenance.TRUST_ANCHORS_ENV)
     with pytest.raises(ValueError, match="names no trust anchors"):
         provenance.check_settings()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fx.a1111_exif("JPEG"), lambda: fx.a1111_exif("WEBP"),
+    lambda: fx.a1111_exif("JPEG", byte_order="le"),
+], ids=["a1111-jpeg", "a1111-webp", "utf16-le-jpeg"])
+def test_a1111_parameters_in_exif_user_comment(make):
+    from detector.provenance import inspect
+
+    [evidence] = inspect(make())
+    assert (evidence.source, evidence.kind, evidence.strength) == \
+        ("exif", "generator-metadata", "strong")
+    assert "Steps: 30, Sampler: DPM++ 2M Karras" in evidence.detail
+
+
+def test_comfyui_graphs_in_webp_exif_are_generator_metadata_not_a_camera():
+    evidence = findings(fx.comfyui_webp())
+    assert evidence == [("exif", "generator-metadata", "strong")]
+
+
+@pytest.mark.parametrize("make, source, kind", [
+    (fx.fooocus_png, "png-text", "generator-metadata"),
+    (fx.invokeai_png, "png-text", "generator-metadata"),
+    (lambda: fx.invokeai_png("sd-metadata"), "png-text", "generator-metadata"),
+    (lambda: fx.invokeai_png("Dream"), "png-text", "generator-metadata"),
+    (fx.novelai_png, "png-text", "generator-software"),
+], ids=["fooocus", "invokeai", "invokeai-2", "invokeai-dream", "novelai"])
+def test_front_ends_metadata_decides(make, source, kind):
+    from detector.artifact import ModelCard
+    from detector.provenance import inspect
+
+    evidence = inspect(make())
+    assert (source, kind, "strong") in {(e.source, e.kind, e.strength) for e in evidence}
+    card = ModelCard(name="m", architecture="vit", image_size=32, preprocess_version=1)
+    assert card.decide(0.01, evidence) == ("ai-generated", "provenance")
+
+
+def test_credit_lines_naming_ai_decide_and_ordinary_ones_do_not():
+    def credit(text: str):
+        return findings(fx.photo(xmp=fx.xmp_packet(
+            f'<photoshop:Credit xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/">{text}'
+            "</photoshop:Credit>")))
+
+    assert credit("Made with Google AI") == [("xmp", "generator-software", "strong")]
+    assert credit("Edited with Google AI") == [("xmp", "generator-software", "strong")]
+    assert credit("Reuters / Jane Doe") == credit("Made with love in Lisbon") == []
