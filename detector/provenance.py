@@ -51,9 +51,9 @@ IPTC_CODES = {code.lower(): code for code in
 AI_ASSERTIONS = frozenset({"com.adobe.generative-ai"})
 # Claim generators and software agents that are image generators and nothing else.
 AI_SERVICES = re.compile(
-    r"\b(adobe[\s_-]?firefly|openai|dall[-·\s]?e|chatgpt|sora|microsoft designer|"
-    r"microsoft responsible ai|"
-    r"(bing|microsoft) image creator|google gemini|gemini|imagen|midjourney|stability ai|"
+    r"\b(adobe[\s_-]?firefly|openai|dall[-·\s]?e|chatgpt|gpt-4o|gpt-image|sora|"
+    r"microsoft designer|microsoft[\s_]responsible[\s_]ai|(bing |microsoft )?image creator|"
+    r"google gemini|gemini|imagen|midjourney|stability ai|"
     r"stable[\s-]?diffusion|dreamstudio|leonardo\.ai|ideogram|flux\.1)\b", re.I)
 AI_DESCRIPTION = re.compile(r"\bAI[\s-]+generated\b|\bgenerated\s+(by|with|using)\s+(an?\s+)?"
                             r"AI\b|\bgenerative\s+AI\b", re.I)
@@ -221,7 +221,7 @@ MAX_INGREDIENT_DEPTH = 4
 # the certificate has expired (with no trusted timestamp), is not on the trust list, or
 # lacks a usage C2PA asks for. Every other failure code means the claim, an assertion,
 # an ingredient or the image changed after signing, or the store cannot be read.
-CREDENTIAL_CODES = ("signingCredential.", "timeStamp.")
+CREDENTIAL_CODES = ("signingCredential.", "timeStamp.", "claimSignature.outsideValidity")
 
 
 CREDENTIAL_WORDS = {
@@ -435,8 +435,8 @@ def _exif(exif) -> Iterator[Evidence]:
     software = _text(exif.get(0x0131))
     if software and GENERATORS.search(software):
         yield Evidence("exif", "generator-software", STRONG, _clip(f"Software {software}"))
-    try:
-        comment = _text(exif.get_ifd(0x8769).get(0x9286))  # Exif IFD: UserComment
+    try:  # UserComment: in the Exif IFD (A1111, piexif), or in IFD0 (Fooocus, Pillow)
+        comment = _text(exif.get_ifd(0x8769).get(0x9286)) or _text(exif.get(0x9286))
     except Exception:  # (a broken Exif IFD is only a missing comment)
         comment = ""
     if "Steps:" in comment and "Sampler:" in comment:  # A1111 and Forge in JPEG / WebP
@@ -461,12 +461,15 @@ def _exif(exif) -> Iterator[Evidence]:
 
 def _text(value) -> str:
     """An EXIF value as text. UserComment starts with an 8-byte character code; A1111
-    writes "UNICODE\0" then UTF-16 big-endian (piexif), other tools little-endian."""
+    writes "UNICODE\0" then UTF-16 big-endian (piexif), other tools little-endian or
+    even UTF-8."""
     if isinstance(value, bytes):
         code, body = value[:8], value[8:]
         if code == b"UNICODE\0":
             if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
                 value = body.decode("utf-16", errors="replace")
+            elif 0 not in body[:40]:  # no UTF-16 at all: some writers put UTF-8 here
+                value = body.decode("utf-8", errors="replace")
             else:  # no BOM: text is mostly ASCII, whose zero byte comes first in BE
                 zeros_first = body[0:40:2].count(0) >= body[1:40:2].count(0)
                 value = body.decode("utf-16-be" if zeros_first else "utf-16-le",

@@ -196,8 +196,9 @@ A1111_PARAMETERS = ("a lighthouse at dusk, oil painting\nNegative prompt: blurry
 def user_comment(text: str, byte_order: str = "be") -> bytes:
     """EXIF UserComment as piexif.helper.UserComment.dump(text, encoding="unicode") writes
     it for A1111 (the UNICODE code, then UTF-16 big-endian), or little-endian as some
-    other writers do."""
-    return b"UNICODE\0" + text.encode("utf-16-be" if byte_order == "be" else "utf-16-le")
+    other writers do (or even UTF-8)."""
+    encoding = {"be": "utf-16-be", "le": "utf-16-le", "utf8": "utf-8"}[byte_order]
+    return b"UNICODE\0" + text.encode(encoding)
 
 
 def a1111_exif(fmt: str = "JPEG", byte_order: str = "be") -> bytes:
@@ -224,6 +225,16 @@ def fooocus_png() -> bytes:
         "performance": "Speed", "resolution": "(1024, 1024)", "guidance_scale": 4,
         "base_model": "juggernautXL_v8Rundiffusion.safetensors", "version": "Fooocus v2.5.5"}),
         fooocus_scheme="fooocus")
+
+
+def fooocus_jpeg() -> bytes:
+    """Fooocus saving JPEG/WebP: its JSON parameters as UserComment, its version as
+    Software and the scheme as MakerNote, all in IFD0 (as Pillow writes a plain Exif)."""
+    exif = Image.Exif()
+    exif[0x9286] = json.dumps({"prompt": "a lighthouse", "base_model": "juggernautXL.safetensors",
+                               "guidance_scale": 4, "performance": "Speed"})
+    exif[0x0131], exif[0x927C] = "Fooocus v2.5.5", "fooocus"
+    return photo(exif=exif)
 
 
 def invokeai_png(key: str = "invokeai_metadata") -> bytes:

@@ -304,7 +304,8 @@ def test_an_expired_certificate_leaves_the_claim_intact_and_deciding(trust, monk
 @pytest.mark.parametrize("make", [
     lambda: fx.a1111_exif("JPEG"), lambda: fx.a1111_exif("WEBP"),
     lambda: fx.a1111_exif("JPEG", byte_order="le"),
-], ids=["a1111-jpeg", "a1111-webp", "utf16-le-jpeg"])
+    lambda: fx.a1111_exif("WEBP", byte_order="utf8"),
+], ids=["a1111-jpeg", "a1111-webp", "utf16-le-jpeg", "utf8-webp"])
 def test_a1111_parameters_in_exif_user_comment(make):
     from detector.provenance import inspect
 
@@ -321,11 +322,12 @@ def test_comfyui_graphs_in_webp_exif_are_generator_metadata_not_a_camera():
 
 @pytest.mark.parametrize("make, source, kind", [
     (fx.fooocus_png, "png-text", "generator-metadata"),
+    (fx.fooocus_jpeg, "exif", "generator-metadata"),
     (fx.invokeai_png, "png-text", "generator-metadata"),
     (lambda: fx.invokeai_png("sd-metadata"), "png-text", "generator-metadata"),
     (lambda: fx.invokeai_png("Dream"), "png-text", "generator-metadata"),
     (fx.novelai_png, "png-text", "generator-software"),
-], ids=["fooocus", "invokeai", "invokeai-2", "invokeai-dream", "novelai"])
+], ids=["fooocus", "fooocus-jpeg", "invokeai", "invokeai-2", "invokeai-dream", "novelai"])
 def test_front_ends_metadata_decides(make, source, kind):
     from detector.artifact import ModelCard
     from detector.provenance import inspect
