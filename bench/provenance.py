@@ -5,7 +5,9 @@ Pillow headers, EXIF, XMP, PNG text chunks, and a C2PA manifest lookup). This me
 that cost against `preprocess.load_image` at 224 px, in one run, on:
 - ordinary photos without metadata (640x480 JPEG q90): the common case, aim < 10%;
 - the same photos with camera EXIF;
-- small JPEGs with a signed C2PA manifest (the manifest is parsed and validated).
+- small JPEGs with a signed C2PA manifest (the manifest is parsed and validated);
+- 640x480 PNGs without metadata (the stealth pnginfo check inflates their first rows),
+  and with A1111's parameters hidden in the alpha channel's low bits.
 
     .venv/bin/python bench/provenance.py [--images 200]
 """
@@ -53,11 +55,15 @@ def main() -> None:
     chain = fx.test_chain()
     signed = [fx.c2pa_signed(fx.photo(size=(640, 480), seed=i, quality=90), "image/jpeg",
                              fx.AI, chain) for i in range(max(10, args.images // 10))]
+    pngs = [fx.photo("PNG", size=(640, 480), seed=i) for i in range(max(10, args.images // 4))]
+    stealth = [fx.stealth_png(size=(640, 480))] * max(10, args.images // 4)
     results = {}
     print(f"{'images':34s} {'decode ms':>9s} {'provenance ms':>13s} {'ratio':>7s}")
     for name, blobs in (("640x480 JPEG, no metadata", plain),
                         ("640x480 JPEG, camera EXIF", camera),
-                        ("640x480 JPEG, signed C2PA manifest", signed)):
+                        ("640x480 JPEG, signed C2PA manifest", signed),
+                        ("640x480 PNG, no metadata", pngs),
+                        ("640x480 PNG, stealth pnginfo", stealth)):
         decode = per_image_ms(lambda b: preprocess.load_image(b, 224), blobs)
         inspect = per_image_ms(provenance.inspect, blobs)
         results[name] = {"decode_ms": decode, "provenance_ms": inspect,

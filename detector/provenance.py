@@ -10,6 +10,8 @@
     png-text    generator parameters: A1111 `parameters`, ComfyUI `prompt` / `workflow`
     exif        `Software` naming a known generator, A1111's `UserComment`, camera
                 `Make` / `Model`
+    stealth     A1111's "stealth pnginfo": parameters hidden in a PNG's low bits (alpha
+                or RGB), found from the first pixel rows alone
     metadata    a metadata block Pillow refuses (a text chunk inflating past 1 MB)
 
 Each finding is an `Evidence` (source, kind, strength, detail). Strength `strong` is
@@ -75,7 +77,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Evidence:
-    source: str  # c2pa | xmp | png-text | exif | metadata
+    source: str  # c2pa | xmp | png-text | exif | stealth | metadata
     kind: str  # ai-source-type | ai-assertion | generator-metadata | generator-software |
     #            synthetic-source-type | camera | remote-manifest | error
     strength: str  # strong | weak | info
@@ -97,7 +99,7 @@ def inspect(blob: bytes) -> list[Evidence]:
             # listed: without one, the C2PA reader (0.1 ms) need not look.
             c2pa_possible = image.format != "JPEG" or any(
                 marker == "APP11" for marker, _ in getattr(image, "applist", []))
-            found = list(_metadata(image))
+            found = list(_metadata(image)) + list(_stealth(blob, image))
     except ValueError as exc:
         if not blob.startswith(PNG_SIGNATURE):
             return []  # not an image Pillow reads: decoding reports it
@@ -478,6 +480,97 @@ def _text(value) -> str:
             body = body if code in (b"ASCII\0\0\0", b"\0" * 8) else value
             value = body.decode("utf-8", errors="replace")
     return value.strip("\0 \t\r\n") if isinstance(value, str) else ""
+
+
+# ------------------------------------------------------------------------------ stealth
+
+# The stealth pnginfo extension (and NovelAI) write "stealth_" + png|rgb + info|comp,
+# then the payload's length in bits (32, big-endian), then the payload (gzip for comp),
+# one bit per pixel in the alpha channel's lowest bit (png) or three in R, G and B's
+# (rgb), visiting pixels column by column. The signature and the length fill the first
+# 152 pixels of the first column at most: only those rows are inflated and unfiltered.
+STEALTH_SIGNATURES = {
+    "alpha": (b"stealth_pnginfo", b"stealth_pngcomp"),
+    "rgb": (b"stealth_rgbinfo", b"stealth_rgbcomp"),
+}
+STEALTH_PIXELS = 120 + 32  # alpha: one bit per pixel
+STEALTH_SMALL_IMAGE = 1 << 20  # pixels: fully decoded when the first column is too short
+
+
+def _stealth(blob: bytes, image) -> Iterator[Evidence]:
+    if image.format != "PNG" or image.mode not in ("RGB", "RGBA"):
+        return
+    import numpy as np
+
+    # RGB holds only the rgb variants: signature and length in 51 pixels of 3 bits.
+    pixels = _png_first_column(blob, STEALTH_PIXELS if image.mode == "RGBA" else 51)
+    if pixels is None and image.width * image.height <= STEALTH_SMALL_IMAGE:
+        try:  # short columns (or an interlaced file): small enough to decode whole
+            whole = np.asarray(image.convert(image.mode))
+        except Exception:  # (broken pixels: decoding reports them)
+            return
+        pixels = whole.transpose(1, 0, 2).reshape(-1, whole.shape[2])[:STEALTH_PIXELS]
+    if pixels is None:
+        return
+    for mode, signatures in STEALTH_SIGNATURES.items():
+        if mode == "alpha" and pixels.shape[1] < 4:
+            continue
+        bits = (pixels[:, 3] if mode == "alpha" else pixels[:, :3].reshape(-1)) & 1
+        if len(bits) < 152:  # 120 bits of signature, 32 of length
+            continue
+        signature = np.packbits(bits[:120]).tobytes()
+        if signature in signatures:
+            size = int("".join(map(str, bits[120:152].tolist())), 2) // 8
+            yield Evidence("stealth", "generator-metadata", STRONG,
+                           f"A1111 stealth pnginfo in the {mode} channel's low bits "
+                           f"({signature.decode()}, {size:,} bytes)")
+
+
+def _png_first_column(blob: bytes, rows: int):
+    """The first `rows` pixels of column 0 of an 8-bit, non-interlaced RGB(A) PNG, as a
+    (rows, channels) uint8 array, inflating only those rows; None for any other PNG.
+    A row's first pixel has no left neighbour, so each filter needs only the pixel above
+    it: Sub and None add nothing, Up and Paeth add the pixel above, Average half of it."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    if len(blob) < 33 or blob[12:16] != b"IHDR":
+        return None
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", blob[16:29])
+    if depth != 8 or color not in (2, 6) or interlace or height < rows:
+        return None
+    channels = 3 if color == 2 else 4
+    stride = 1 + width * channels
+    wanted = rows * stride
+    inflate, raw, at = zlib.decompressobj(), bytearray(), 8
+    try:
+        while at + 8 <= len(blob) and len(raw) < wanted:
+            length, kind = struct.unpack(">I4s", blob[at:at + 8])
+            if kind == b"IDAT":  # bounded: never more than the rows asked for
+                raw += inflate.decompress(blob[at + 8:at + 8 + length], wanted - len(raw))
+            elif kind == b"IEND":
+                break
+            at += 12 + length
+    except zlib.error:
+        return None
+    if len(raw) < wanted:
+        return None
+    out, above = [], [0] * channels  # plain ints: 152 tiny rows cost more in numpy
+    for row in range(rows):
+        kind, start = raw[row * stride], row * stride + 1
+        value = raw[start:start + channels]
+        if kind in (2, 4):
+            above = [(v + a) & 0xFF for v, a in zip(value, above, strict=True)]
+        elif kind == 3:
+            above = [(v + a // 2) & 0xFF for v, a in zip(value, above, strict=True)]
+        elif kind in (0, 1):
+            above = list(value)
+        else:
+            return None
+        out.append(above)
+    return np.array(out, dtype=np.uint8)
 
 
 def _is_json_object(text: str) -> bool:

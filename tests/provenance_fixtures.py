@@ -5,6 +5,7 @@ camera EXIF, and malformed metadata."""
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import io
 import json
 import zlib
@@ -254,3 +255,33 @@ def novelai_png() -> bytes:
                          Comment=json.dumps({"prompt": "a lighthouse", "steps": 28,
                                              "sampler": "k_euler_ancestral", "seed": 1,
                                              "scale": 5.0}))
+
+
+def stealth_png(mode: str = "alpha", compressed: bool = True, size: tuple[int, int] = (200, 180),
+                interlaced: bool = False) -> bytes:
+    """A1111's stealth pnginfo extension (ashen-sensored/sd_webui_stealth_pnginfo): the
+    signature, the payload's length in bits (32, big-endian) and the payload (gzip when
+    `compressed`), bit by bit into the alpha channel's lowest bit after putalpha(255)
+    ("alpha") or into R, G and B's ("rgb"), visiting pixels column by column; no text
+    chunks left. `size` (width, height); a short image spills into the next columns."""
+    signature = f"stealth_{'png' if mode == 'alpha' else 'rgb'}{'comp' if compressed else 'info'}"
+    text = A1111_PARAMETERS.encode()
+    payload = gzip.compress(text) if compressed else text
+    bits = "".join(format(byte, "08b") for byte in signature.encode())
+    bits += format(len(payload) * 8, "032b")
+    bits += "".join(format(byte, "08b") for byte in payload)
+    width, height = size
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+    pixels[..., 3] = 255
+    per_pixel = 1 if mode == "alpha" else 3
+    assert len(bits) <= width * height * per_pixel, "image too small for the payload"
+    for index in range(0, len(bits), per_pixel):
+        x, y = divmod(index // per_pixel, height)
+        for channel, bit in enumerate(bits[index:index + per_pixel]):
+            target = 3 if mode == "alpha" else channel
+            pixels[y, x, target] = (pixels[y, x, target] & 0xFE) | int(bit)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGBA").save(buffer, "PNG", optimize=not interlaced,
+                                         interlace=interlaced)
+    return buffer.getvalue()

@@ -347,3 +347,43 @@ def test_credit_lines_naming_ai_decide_and_ordinary_ones_do_not():
     assert credit("Made with Google AI") == [("xmp", "generator-software", "strong")]
     assert credit("Edited with Google AI") == [("xmp", "generator-software", "strong")]
     assert credit("Reuters / Jane Doe") == credit("Made with love in Lisbon") == []
+
+
+@pytest.mark.parametrize("mode, compressed, size, interlaced", [
+    ("alpha", True, (200, 180), False),  # the extension's default
+    ("alpha", False, (200, 180), False),
+    ("rgb", True, (200, 180), False),
+    ("rgb", False, (64, 30), False),  # short columns: the whole (small) image is read
+    ("alpha", True, (300, 60), False),
+    ("alpha", True, (200, 180), True),  # interlaced: likewise
+], ids=["alpha-comp", "alpha-info", "rgb-comp", "rgb-info-short", "alpha-short", "interlaced"])
+def test_a1111_stealth_pnginfo_in_the_low_bits(mode, compressed, size, interlaced):
+    from detector.provenance import inspect
+
+    [evidence] = inspect(fx.stealth_png(mode, compressed, size, interlaced))
+    assert (evidence.source, evidence.kind, evidence.strength) == \
+        ("stealth", "generator-metadata", "strong")
+    assert f"stealth_{'png' if mode == 'alpha' else 'rgb'}" in evidence.detail
+
+
+def test_ordinary_pngs_have_no_stealth_finding_and_the_read_is_bounded():
+    """Random low bits, a plain RGBA PNG, a 16-bit one: nothing; the first-column reader
+    inflates only the rows it needs from a PNG whose pixels would fill 64 MB."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from detector.provenance import _png_first_column
+
+    assert findings(fx.photo("PNG")) == []
+    rgba = io.BytesIO()
+    Image.fromarray(np.full((200, 200, 4), 255, np.uint8)).save(rgba, "PNG")
+    assert findings(rgba.getvalue()) == []
+    wide = io.BytesIO()
+    Image.new("RGBA", (4096, 4096), (9, 8, 7, 255)).save(wide, "PNG")
+    column = _png_first_column(wide.getvalue(), 152)
+    assert column.shape == (152, 4) and (column == (9, 8, 7, 255)).all()
+    for blob in (fx.stealth_png(), fx.photo("PNG", size=(64, 160)), fx.stealth_png("rgb")):
+        whole = np.asarray(Image.open(io.BytesIO(blob)))  # every filter type, unfiltered
+        assert (_png_first_column(blob, 152) == whole[:152, 0]).all()
