@@ -73,6 +73,8 @@ def scan_bucket(s3_server, local_ray):
     s3.put_object(Bucket="scan", Key="photos/odd/signed ai.jpg", Body=fx.c2pa_signed(
         fx.photo(), "image/jpeg", fx.AI, fx.test_chain()))
     s3.put_object(Bucket="scan", Key="photos/odd/camera.jpg", Body=fx.camera_jpeg())
+    s3.put_object(Bucket="scan", Key="photos/odd/comfy.webp", Body=fx.comfyui_webp())
+    s3.put_object(Bucket="scan", Key="photos/odd/stealth.png", Body=fx.stealth_png())
     s3.put_object(Bucket="scan", Key="photos/top level.png",
                   Body=storage.read_bytes(selected("s3://scan/photos/real")[0]))
     return "s3://scan/photos"
@@ -136,7 +138,11 @@ def test_report_is_a_committed_dataset_with_one_row_per_selected_object(scan_buc
         [("c2pa", "ai-source-type", "strong")]
     assert camera["decided_by"] == "classifier"
     assert [e["strength"] for e in camera["evidence"]] == ["weak"]
-    assert sum(1 for r in rows.values() if r["evidence"]) == 2
+    for key, source in (("comfy.webp", "exif"), ("stealth.png", "stealth")):
+        row = rows[f"s3://scan/photos/odd/{key}"]
+        assert (row["verdict"], row["decided_by"]) == ("ai-generated", "provenance")
+        assert [(e["source"], e["strength"]) for e in row["evidence"]] == [(source, "strong")]
+    assert sum(1 for r in rows.values() if r["evidence"]) == 4
     assert any("ü" in u for u in uris)
 
     sample_uris = [u for u in uris if rows[u]["error"] is None][:25]
@@ -492,15 +498,24 @@ def test_clear_errors_for_an_empty_prefix_and_a_missing_bucket(scan_bucket, mode
 
 def test_a_scan_that_cannot_be_scheduled_fails_with_the_missing_resources(scan_bucket,
                                                                           model_uri):
-    """A private local Ray cannot add nodes: an actor larger than any node must end the
-    scan with a message naming what waits, not hang."""
-    result = subprocess.run(
-        [sys.executable, "-m", "detector", "scan", f"{scan_bucket}/real/batch-01",
-         "--model", model_uri, "--out", "s3://scan/reports/stalled", "--via", "data",
-         "--cpus-per-actor", "64", "--stall-timeout", "15"],
-        capture_output=True, text=True, timeout=300, env=os.environ | {"RAY_ADDRESS": ""})
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "nothing could be scheduled" in result.stderr and "'CPU': 64.0" in result.stderr
+    """A private local Ray cannot add nodes: an actor larger than any node ends the scan
+    at once, naming what is free; work that waits for a resource no node has (a GPU)
+    ends it after --stall-timeout, naming what waits. Neither hangs."""
+    def scan(*flags: str) -> tuple[subprocess.CompletedProcess, float]:
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "detector", "scan", f"{scan_bucket}/real/batch-01",
+             "--model", model_uri, "--out", "s3://scan/reports/stalled", "--via", "data",
+             *flags], capture_output=True, text=True, timeout=300,
+            env=os.environ | {"RAY_ADDRESS": ""})
+        assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+        return result, time.monotonic() - started
+
+    too_big, seconds = scan("--cpus-per-actor", "64")
+    assert "--cpus-per-actor 64 and a decode task (0.5 CPU) fit on no node" in too_big.stderr
+    assert "cannot add nodes" in too_big.stderr and seconds < 60, seconds
+    no_gpu, _ = scan("--gpus-per-actor", "1", "--stall-timeout", "15")
+    assert "nothing could be scheduled" in no_gpu.stderr and "'GPU': 1.0" in no_gpu.stderr
 
 
 def test_consistency_scan_makes_flipping_rows_uncertain_like_predict(scan_bucket, model_uri,

@@ -214,12 +214,27 @@ def test_valid_image_scores_like_the_predictor(base, predictor, fmt):
 
 
 def test_provenance_decides_over_http_as_in_predict(base, predictor):
-    """A signed C2PA manifest declaring AI decides; camera EXIF is shown, never decides."""
+    """AI provenance decides, as real services and tools write it; camera EXIF is shown,
+    never decides; HTTP answers what predict answers."""
     import provenance_fixtures as fx
 
-    signed = fx.c2pa_signed(fx.photo(), "image/jpeg", fx.AI, fx.test_chain())
-    for blob, decided_by in ((signed, "provenance"), (fx.camera_jpeg(), "classifier")):
-        body = post(base, blob, "image/jpeg").json()
+    chain = fx.test_chain()
+    signed = fx.c2pa_signed(fx.photo(), "image/jpeg", fx.AI, chain)
+    # What real services and front-ends write: an AI claim carried in an ingredient, a
+    # vendor assertion, A1111 in EXIF and in the alpha channel's low bits, ComfyUI in WebP.
+    in_ingredient = fx.c2pa_signed(fx.photo(seed=2), "image/jpeg", None, chain, parent=signed,
+                                   actions=[{"action": "c2pa.converted"}])
+    firefly = fx.c2pa_signed(fx.photo(), "image/jpeg", None, chain, claim_version=1,
+                             assertions=[{"label": "com.adobe.generative-ai",
+                                          "data": {"description": "Adobe Firefly"}}])
+    cases = [(signed, "image/jpeg", "provenance"), (in_ingredient, "image/jpeg", "provenance"),
+             (firefly, "image/jpeg", "provenance"),
+             (fx.a1111_exif("JPEG"), "image/jpeg", "provenance"),
+             (fx.stealth_png(), "image/png", "provenance"),
+             (fx.comfyui_webp(), "image/webp", "provenance"),
+             (fx.camera_jpeg(), "image/jpeg", "classifier")]
+    for blob, content_type, decided_by in cases:
+        body = post(base, blob, content_type).json()
         expected = predictor.predict_bytes([blob])[0]
         assert (body["verdict"], body["decided_by"]) == (expected.verdict, decided_by)
         assert body["evidence"] == expected.evidence
