@@ -116,7 +116,7 @@ ERROR_MEANINGS = {
     403: "a URI outside the scan allow-list",
     404: "no such resource",
     413: "too many bytes or pixels",
-    415: "unsupported content type",
+    415: "unsupported content type, or an image format refused on purpose (PSD, EPS, ...)",
     422: "a request that does not match this schema",
     429: "too many scans running; retry later",
     503: "overloaded or the model is unavailable; retry later",

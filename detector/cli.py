@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from detector import config as cfg
 from detector import console
+from detector.selection import NotSelected
 
 log = logging.getLogger("detector")
 
@@ -259,14 +260,14 @@ def run_scan(args: argparse.Namespace) -> int:
     config = cfg.from_args(cfg.ScanConfig, args)
     init_ray()
     try:
-        print_scan_summary(scan(config))
+        print_scan_summary(scan(config), explain=config.explain_selection)
     except (ScanStalled, ScanCannotFit) as exc:
         print(f"detector scan: error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def print_scan_summary(summary: dict) -> None:
+def print_scan_summary(summary: dict, explain: bool = False) -> None:
     print(f"\nScanned {summary['objects']} objects into {summary['out']} "
           f"({summary['parts']} parts) via {summary['via']} with {summary['model']}: "
           f"{summary['scanned']} scored now ({summary['objects_per_second']} objects/s), "
@@ -275,6 +276,11 @@ def print_scan_summary(summary: dict) -> None:
                               or "none"))
     print("  by error:   " + (", ".join(f"{k}={v}" for k, v in summary["by_error"].items())
                               or "none"))
+    not_read = summary.get("not_scanned") or {}
+    print("  not read:   " + NotSelected(not_read).summary())
+    for reason, entry in (not_read.get("by_reason") or {}).items() if explain else ():
+        for uri in entry["examples"]:
+            print(f"    {reason}: {uri}")
     near = summary.get("near_duplicates")
     if near:
         print(f"  near-duplicates: {near['groups']} groups holding {near['images']} objects "

@@ -106,7 +106,12 @@ class ScanConfig:
                                 "prefix of files (columns uri, or bucket+key; optional "
                                 "size, etag), e.g. an S3 Inventory report, instead of "
                                 "listing SOURCE")
-    include: tuple[str, ...] = _opt(IMAGE_PATTERNS, "file-name globs to select, case-insensitive")
+    include: tuple[str, ...] = _opt((), "file-name globs to select by name instead of by "
+                                    "content (default: every object is read and identified "
+                                    "by its bytes, except known non-image and video "
+                                    "extensions), case-insensitive")
+    exclude: tuple[str, ...] = _opt((), "file-name globs never to read, case-insensitive")
+    explain_selection: bool = _opt(False, "print the first few objects not read, by reason")
     via: str = _opt("auto", "scoring path: serve (shared Serve replicas, which must serve "
                     "--model), data (own actor pool) or auto (serve when the running "
                     "Serve app serves --model)", choices=("auto", "serve", "data"))

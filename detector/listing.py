@@ -16,15 +16,14 @@ file, so listing costs no LIST calls at all.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
-import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from detector import storage
+from detector.selection import NotSelected, Selection
 
 PLAN_LIST_CALLS = 32  # delimiter listings the driver may spend on planning
 PLAN_MAX_RANGES = 16  # listing parallelism to spare; more would only cut smaller parts
@@ -164,11 +163,12 @@ def _manifest_ranges(manifest: str) -> list[ListingRange]:
 # ------------------------------------------------------------------------------ listing
 
 
-def iter_range(rng: ListingRange, include: Iterable[str] | None = None,
-               after: str | None = None, last: str | None = None) -> Iterator[Listed]:
-    """The selected objects of one range in key order, optionally only keys in
-    (`after`, `last`] (used to list one partition again)."""
-    patterns = [p.lower() for p in include] if include else None
+def iter_range(rng: ListingRange, selection: Selection | None = None,
+               after: str | None = None, last: str | None = None,
+               not_selected: NotSelected | None = None) -> Iterator[Listed]:
+    """The objects of one range to read, in key order (`selection`'s rules; every object
+    without one), optionally only keys in (`after`, `last`] (to list one partition
+    again). Objects the rules leave out are counted into `not_selected`."""
     if rng.manifest:
         objects = _iter_manifest(rng)
     elif storage.is_s3(rng.prefix):
@@ -180,8 +180,10 @@ def iter_range(rng: ListingRange, include: Iterable[str] | None = None,
             continue
         if last is not None and obj.key > last:
             return
-        name = posixpath.basename(obj.uri).lower()
-        if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        reason = selection.reason(obj.uri) if selection is not None else None
+        if reason is not None:
+            if not_selected is not None:
+                not_selected.add(reason, obj.uri)
             continue
         yield obj
 

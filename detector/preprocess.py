@@ -11,6 +11,7 @@ through untouched, which keeps the high-frequency traces detectors look for.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,9 +26,14 @@ PREPROCESS_VERSION = 1
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 50_000_000  # ~8K x 6K; above every camera, below decompression bombs
 
-# Formats whose decoders we trust with untrusted bytes. Pillow can open more (EPS calls
-# Ghostscript, PSD and friends are rarely fuzzed); those are refused, not guessed at.
-SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"})
+# Formats whose decoders we trust with untrusted bytes, as Pillow names them: the one list
+# predict, serve, scan and prepare accept. MPO is a multi-picture JPEG, APNG is a PNG and
+# GIF may animate: the first frame is scored. HEIF (HEIC, iPhones) comes from pillow-heif
+# and JXL from pillow-jxl-plugin (`register_formats`); AVIF and JPEG 2000 are Pillow's own.
+# Pillow can open more (EPS calls Ghostscript; PSD, TGA and friends are rarely fuzzed):
+# those are refused with `unsupported-format`, naming the format, not guessed at.
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF",
+                               "AVIF", "JXL", "JPEG2000"})
 
 # EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose)
 _TRANSPOSES = {
@@ -93,6 +99,18 @@ def load_image(
     return _center_square(rgb, size), info
 
 
+@functools.cache
+def register_formats() -> None:
+    """Register the decoders Pillow lacks, once per process (on first use, so importing
+    `detector` registers nothing): HEIF/HEIC through pillow-heif (primary image only, no
+    thumbnails) and JPEG XL through pillow-jxl-plugin. Their pixels are bounded like every
+    other format's: `open_image` checks the header's size before anything is decoded."""
+    import pillow_heif
+    import pillow_jxl  # noqa: F401  (registers JXL on import)
+
+    pillow_heif.register_heif_opener(thumbnails=False)
+
+
 def open_image(
     data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[Image.Image, ImageInfo]:
@@ -100,6 +118,7 @@ def open_image(
 
     (A PNG is then decoded here, where Pillow would decode it anyway to look for EXIF.)
     """
+    register_formats()
     if not data:
         raise ImageError("empty", "the file has no bytes")
     if len(data) > max_bytes:

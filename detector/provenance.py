@@ -92,6 +92,9 @@ def inspect(blob: bytes) -> list[Evidence]:
     for bytes that are no image (decoding reports those)."""
     from PIL import Image
 
+    from detector.preprocess import register_formats
+
+    register_formats()  # HEIC / JPEG XL carry XMP and EXIF too
     try:
         with Image.open(io.BytesIO(blob)) as image:  # headers only: no pixels decoded
             mime = Image.MIME.get(image.format or "", "image/jpeg")

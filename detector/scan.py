@@ -40,6 +40,7 @@ from detector.scan_stages import (
     decode_objects,
     list_partitions,
 )
+from detector.selection import NotSelected, Selection
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def scan(config: ScanConfig, progress: bool = True,
         run["consistency"] = list(consistency.CHECKS)
     report.write_json(out, report.PLAN, {
         "source": config.source, "manifest": config.manifest, "include": list(config.include),
+        "exclude": list(config.exclude),
         "partition_size": config.partition_size, "started_at": started_at, **run,
         "ranges": [r.to_dict() for r in plan.ranges]})
     log.info("scan %s -> %s: %d listing ranges (%d LIST calls to plan), %d committed parts "
@@ -115,8 +117,8 @@ def scan(config: ScanConfig, progress: bool = True,
                            f"{MAX_PASSES} passes; the {len(ledger.committed)} written parts "
                            "are kept: run the scan again with --resume")
     if ledger.objects() == 0:
-        raise ValueError(f"no objects under {config.manifest or config.source} match "
-                         f"--include {','.join(config.include)}")
+        raise ValueError(f"no objects under {config.manifest or config.source} to read; "
+                         f"not read: {ledger.not_selected.summary()}")
     files = {meta["file"] for meta in ledger.committed.values()}
     report.delete_parts(out, [f for f in report.part_files(out) if f not in files])
     manifest = _manifest(config, ledger, run, via, started_at, time.perf_counter() - started)
@@ -225,7 +227,8 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
     items = [{"spec": json.dumps(s)} for s in specs]
     listed = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         list_partitions, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"include": tuple(config.include), "partition_size": config.partition_size,
+        fn_kwargs={"selection": Selection(tuple(config.include), tuple(config.exclude)),
+                   "partition_size": config.partition_size,
                    "out": out, **run},
         compute=ray.data.TaskPoolStrategy(size=min(listing.LISTING_TASKS, len(items))), num_cpus=0,
     )
@@ -466,6 +469,7 @@ class Ledger:
         self.started, self.callback, self.ranges = started, callback, ranges
         self.wall_started = time.time() - (time.perf_counter() - started)
         self.ranges_done: set[str] = set()
+        self.not_selected = NotSelected()  # bounded: counts by reason and extension
         self.last_listed_at = 0.0
         self.listing_finished_at: float | None = None  # wall clock, in the listing tasks
         self.first_part_at: float | None = None  # wall clock, in the writer
@@ -482,6 +486,7 @@ class Ledger:
                 self.listed[note["partition"]] = info
             elif note["status"] == "range_done":
                 self.ranges_done.add(info["range"])
+                self.not_selected.merge(info.get("not_selected") or {})
                 self.last_listed_at = max(self.last_listed_at, info["listed_at"])
                 if len(self.ranges_done) == self.ranges and self.listing_finished_at is None:
                     self.listing_finished_at = self.last_listed_at
@@ -574,6 +579,9 @@ def _manifest(config: ScanConfig, ledger: Ledger, run: dict, via: str, started_a
         "format_version": report.FORMAT_VERSION,
         "source": config.manifest or config.source,
         "include": list(config.include),
+        "exclude": list(config.exclude),
+        # Every listed object is a row (`objects`) or counted here, with why it was not read.
+        "not_scanned": ledger.not_selected.to_dict(),
         "out": config.out.rstrip("/"),
         **run,
         "model_uri": config.model,
@@ -597,10 +605,10 @@ def _manifest(config: ScanConfig, ledger: Ledger, run: dict, via: str, started_a
 def summarize(manifest: dict) -> dict:
     """The scan's summary, from its commit manifest (never from reading the rows)."""
     keys = ("out", "objects", "scanned", "reused", "by_verdict", "by_error", "via",
-            "seconds", "objects_per_second", "model", "threshold")
+            "seconds", "objects_per_second", "model", "threshold", "not_scanned")
     extra = {"near_duplicates": manifest["near_duplicates"]} \
         if "near_duplicates" in manifest else {}
-    return {**{k: manifest[k] for k in keys}, "parts": len(manifest["parts"]), **extra}
+    return {**{k: manifest.get(k) for k in keys}, "parts": len(manifest["parts"]), **extra}
 
 
 def resolve_via(config: ScanConfig, model_id: str) -> str:

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from detector import consistency, data, duplicates, preprocess, provenance, report
 from detector.listing import ListingRange, iter_range
 from detector.partitions import Partition, Span, cut, partition_id
+from detector.selection import NotSelected, Selection
 from detector.threads import reserved_threads
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ SERVE_RETRY_S = 600.0  # how long a scan waits for Serve to replace a lost repli
 # ------------------------------------------------------------------------------ listing
 
 
-def list_partitions(batch: pa.Table, include: tuple[str, ...], partition_size: int,
+def list_partitions(batch: pa.Table, selection: Selection, partition_size: int,
                     out: str, **run) -> Iterator[pa.Table]:
     """Ray Data stage: list each spec's range and emit its objects partition by partition.
 
@@ -64,17 +65,22 @@ def list_partitions(batch: pa.Table, include: tuple[str, ...], partition_size: i
         rng = ListingRange.from_dict(spec["range"])
         committed = {partition_id(rng.id, s["after"]): s for s in spec.get("committed", [])}
         spans = [Span(s["after"], s["last"]) for s in committed.values()]
+        # Objects not read are counted when a whole range is listed: listing one lost
+        # partition again must not count its neighbours twice.
+        not_selected = None if spec.get("bounds") else NotSelected()
         if spec.get("bounds"):
             after, last = spec["bounds"]
-            spans, objects = [Span(after, last)], iter_range(rng, include, after, last)
+            spans, objects = [Span(after, last)], iter_range(rng, selection, after, last)
         else:
-            objects = iter_range(rng, include)
+            objects = iter_range(rng, selection, not_selected=not_selected)
         count = 0
         for part in cut(objects, rng.id, partition_size, spans):
             count += 1
             yield from _partition_rows(part, rng, committed.get(part.id), out, run)
-        yield _table([{"kind": "range_done", "partition": "", "header": json.dumps(
-            {"range": rng.id, "partitions": count, "listed_at": time.time()})}])
+        done = {"range": rng.id, "partitions": count, "listed_at": time.time()}
+        if not_selected is not None:
+            done["not_selected"] = not_selected.to_dict()
+        yield _table([{"kind": "range_done", "partition": "", "header": json.dumps(done)}])
 
 
 def _partition_rows(part: Partition, rng: ListingRange, committed: dict | None, out: str,

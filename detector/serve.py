@@ -553,7 +553,8 @@ class Ingress:
                 max_pixels=self.config.max_pixels,
             )
         except preprocess.ImageError as err:
-            raise ApiError(413 if err.code == "too-large" else 400, err.code, err.detail) from None
+            status = {"too-large": 413, "unsupported-format": 415}.get(err.code, 400)
+            raise ApiError(status, err.code, err.detail) from None
 
     async def _score(self, pixels: np.ndarray) -> tuple[float, int]:
         return await self._call(self.model.score.remote(pixels))

@@ -81,8 +81,11 @@ def scan_bucket(s3_server, local_ray):
 
 
 def selected(prefix: str) -> list[str]:
-    return [o.uri for o in storage.list_objects(prefix, ScanConfig.__dataclass_fields__[
-        "include"].default)]
+    """What a scan with the default rules reads: every object but known non-image and
+    video extensions (the rules' own tests check them against explicit lists)."""
+    from detector.selection import Selection
+
+    return [o.uri for o in storage.list_objects(prefix) if Selection().reason(o.uri) is None]
 
 
 def config(source: str, model: str, out: str, **overrides) -> ScanConfig:
@@ -490,7 +493,7 @@ def test_clear_errors_for_an_empty_prefix_and_a_missing_bucket(scan_bucket, mode
     with pytest.raises(FileNotFoundError, match="no such bucket: no-such-bucket"):
         scan(config("s3://no-such-bucket/x", model_uri, "s3://scan/reports/none"),
              progress=False)
-    with pytest.raises(ValueError, match="match --include"):
+    with pytest.raises(ValueError, match="not-included"):
         scan(config(f"{scan_bucket}/odd", model_uri, "s3://scan/reports/none",
                     include=("*.tiff",)), progress=False)
 
@@ -596,3 +599,87 @@ def test_group_duplicates_lists_near_copies_in_the_summary(scan_bucket, model_ur
     assert "near_duplicates" not in scan(config("s3://scan/dups", model_uri, out),
                                          progress=False)
     assert not storage.exists(f"{out}/{NEAR_DUPLICATES}")  # a stale listing is removed
+
+
+# ----------------------------------------------------------------- selection by content
+
+
+def mixed_upload_bucket() -> tuple[dict[str, bytes], dict[str, str | None]]:
+    """What an upload bucket holds: images under extension-less (UUID-like) keys and
+    upper-case extensions, HEIC from phones, AVIF, MPO, APNG, a JSON sidecar beside every
+    image, videos, and broken or non-image files. Returns (key -> bytes, key -> the error
+    code its row must have: None for a scored image; keys without a row are left out)."""
+    from detector.preprocess import register_formats
+
+    register_formats()  # HEIC is written with pillow-heif, as the tests' fixtures are
+
+    def encode(fmt: str, seed: int, **params) -> bytes:
+        rng = np.random.default_rng(seed)
+        frames = [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+                  for _ in range(2)]
+        buffer = io.BytesIO()
+        if fmt in ("MPO", "APNG"):
+            frames[0].save(buffer, "MPO" if fmt == "MPO" else "PNG", save_all=True,
+                           append_images=frames[1:])
+        else:
+            frames[0].save(buffer, fmt, **params)
+        return buffer.getvalue()
+
+    images = {"3f2a9c1b": encode("JPEG", 1), "upload-77": encode("PNG", 2),
+              "a1b2c3d4": encode("HEIF", 3), "IMG_0001.JPG": encode("JPEG", 4),
+              "IMG_0002.HEIC": encode("HEIF", 5), "pic.avif": encode("AVIF", 6),
+              "stereo.mpo": encode("MPO", 7), "anim.png": encode("APNG", 8)}
+    objects = dict(images)
+    for key in images:
+        objects[f"{key}.json"] = json.dumps({"uploader": "u1", "key": key}).encode()
+    objects["clip.mp4"] = b"\x00\x00\x00\x18ftypmp42" + bytes(64)
+    objects["CLIP2.MOV"] = b"\x00\x00\x00\x14ftypqt  " + bytes(64)
+    broken_jpeg, broken_png = images["IMG_0001.JPG"], images["upload-77"]
+    objects["broken.jpg"] = broken_jpeg[: len(broken_jpeg) // 2]
+    objects["9e8d7c6b"] = broken_png[: len(broken_png) // 2]
+    objects["notes"] = b"not an image, and named like one of the uploads"
+    expected = {key: None for key in images}
+    expected |= {"broken.jpg": "truncated", "9e8d7c6b": "truncated", "notes": "not-an-image"}
+    return objects, expected
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_every_object_in_an_upload_bucket_is_accounted_for(where, s3_server, local_ray,
+                                                           model_uri, tmp_path, capsys):
+    """Each image is scored whatever its key, each broken or non-image file that was read
+    gets its error code, and the sidecars and videos not read are counted by reason."""
+    import boto3
+    import pandas as pd
+
+    from detector.cli import print_scan_summary
+
+    objects, expected = mixed_upload_bucket()
+    if where == "s3":
+        boto3.client("s3").create_bucket(Bucket="uploads")
+        for key, body in objects.items():
+            boto3.client("s3").put_object(Bucket="uploads", Key=f"in/{key}", Body=body)
+        source, out = "s3://uploads/in", "s3://uploads/report"
+    else:
+        (tmp_path / "in").mkdir()
+        for key, body in objects.items():
+            (tmp_path / "in" / key).write_bytes(body)
+        source, out = str(tmp_path / "in"), str(tmp_path / "report")
+    summary = scan(config(source, model_uri, out), progress=False)
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in dataset(out).to_table().to_pylist()}
+    assert {key: row["error"] for key, row in rows.items()} == expected
+    assert {rows[k]["format"] for k, code in expected.items() if code is None} == \
+        {"JPEG", "PNG", "HEIF", "AVIF", "MPO"}
+    assert summary["objects"] == len(expected)
+    not_scanned = summary["not_scanned"]
+    assert not_scanned["total"] == len(objects) - len(expected) == 10
+    assert not_scanned["by_reason"]["excluded-by-rule"]["by_extension"] == {"json": 8}
+    assert not_scanned["by_reason"]["video"]["by_extension"] == {"mp4": 1, "mov": 1}
+    manifest = json.loads(storage.read_bytes(f"{out}/_manifest.json"))
+    assert manifest["not_scanned"] == not_scanned
+    if where == "local":
+        frame = pd.read_parquet(out)
+        assert len(frame) == frame["uri"].nunique() == len(expected)
+    print_scan_summary(summary, explain=True)
+    printed = capsys.readouterr().out
+    assert "not read:   10 objects: excluded-by-rule 8 (json 8); video 2 (" in printed
+    assert "    video: " in printed  # --explain-selection names the first few

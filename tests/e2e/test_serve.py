@@ -140,10 +140,21 @@ def encode(pixels: np.ndarray, fmt: str, **params) -> bytes:
     return buf.getvalue()
 
 
+def encode_registered(pixels: np.ndarray, fmt: str, **params) -> bytes:
+    """`encode` for the formats the product registers (HEIF through pillow-heif)."""
+    from detector.preprocess import register_formats
+
+    register_formats()
+    return encode(pixels, fmt, **params)
+
+
 IMAGES = {
     "PNG": ("image/png", lambda: encode(scene(seed=1), "PNG")),
     "JPEG": ("image/jpeg", lambda: encode(scene(64, 48, seed=2), "JPEG", quality=90)),
     "WEBP": ("application/octet-stream", lambda: encode(scene(seed=3), "WEBP", lossless=True)),
+    # What phones upload: an iPhone's HEIC, and AVIF.
+    "HEIF": ("image/heic", lambda: encode_registered(scene(64, 48, seed=4), "HEIF", quality=90)),
+    "AVIF": ("image/avif", lambda: encode(scene(64, 48, seed=5), "AVIF", quality=90)),
 }
 
 
@@ -295,6 +306,16 @@ def local_error(blob: bytes) -> str:
     return info.value.code
 
 
+def psd(width: int = 8, height: int = 4) -> bytes:
+    """A minimal Photoshop file as the format specifies it (Pillow reads PSD, never writes
+    it): header, empty colour-mode, resource and layer sections, raw RGB planes."""
+    import struct
+
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)
+    sections = struct.pack(">III", 0, 0, 0)
+    return header + sections + struct.pack(">H", 0) + bytes(range(3 * width * height))
+
+
 def bad_inputs() -> dict[str, tuple[bytes, str, int, str]]:
     rng = np.random.default_rng(7)
     jpeg = encode(scene(200, 160, seed=4), "JPEG", quality=95)
@@ -303,8 +324,9 @@ def bad_inputs() -> dict[str, tuple[bytes, str, int, str]]:
         "random bytes": (rng.bytes(5000), "application/octet-stream", 400, "not-an-image"),
         "truncated jpeg": (jpeg[: len(jpeg) // 2], "image/jpeg", 400, local_error(
             jpeg[: len(jpeg) // 2])),
-        "pcx": (encode(scene(), "PCX"), "image/x-pcx", 400, "unsupported-format"),
-        "ico": (encode(scene(32, 32), "ICO"), "image/x-icon", 400, "unsupported-format"),
+        "pcx": (encode(scene(), "PCX"), "image/x-pcx", 415, "unsupported-format"),
+        "ico": (encode(scene(32, 32), "ICO"), "image/x-icon", 415, "unsupported-format"),
+        "psd": (psd(), "image/vnd.adobe.photoshop", 415, "unsupported-format"),
         "text/plain": (b"hello", "text/plain", 415, "unsupported-media-type"),
         "json": (b"{}", "application/json", 415, "unsupported-media-type"),
         "too many bytes": (rng.bytes(MAX_BODY + 1), "image/png", 413, "too-large"),
@@ -318,6 +340,9 @@ def test_bad_inputs_get_json_4xx_and_the_app_stays_healthy(base):
         response = post(base, blob, content_type)
         assert response.status_code == status, (name, response.text)
         assert_error(response, status, code)
+    refused = post(base, psd(), "application/octet-stream").json()
+    assert "PSD is not accepted" in refused["detail"]  # the format named, and the list
+    assert "HEIF" in refused["detail"] and "AVIF" in refused["detail"]
     assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
     assert post(base, IMAGES["PNG"][1]()).status_code == 200
 

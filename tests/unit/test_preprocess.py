@@ -132,9 +132,17 @@ def no_decode(monkeypatch):
         ("BMP", {}, 0.5),
         ("TIFF", {}, 0.5),
         ("TIFF", {"compression": "tiff_deflate"}, 0.5),
+        # What phones and newer tools upload, written by the libraries that write them.
+        ("HEIF", {"quality": 90}, 8.0),  # pillow-heif (libheif + x265): an iPhone's HEIC
+        ("AVIF", {"quality": 90}, 8.0),  # Pillow's own (libavif)
+        ("JXL", {"lossless": True}, 0.5),  # pillow-jxl-plugin
+        ("JPEG2000", {}, 0.5),
     ],
 )
 def test_each_supported_format_decodes_to_model_pixels(fmt, params, tol):
+    from detector.preprocess import register_formats
+
+    register_formats()  # the encoders too (pillow-heif, pillow-jxl-plugin)
     source = textured(96, 64)
     out, info = load_image(encode(Image.fromarray(source), fmt, **params), 48)
     assert out.shape == (48, 48, 3)
@@ -151,6 +159,31 @@ def test_mpo_is_accepted_and_gives_the_first_frame():
     out, info = load_image(data, 16)
     assert info == ImageInfo("MPO", 64, 48)
     assert close(out.reshape(-1, 3).mean(0), RED, 10)
+
+
+def test_apng_gives_the_first_frame():
+    frames = [Image.fromarray(bands(64, 48, [RED])), Image.fromarray(bands(64, 48, [BLUE]))]
+    data = encode(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=100)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    out, info = load_image(data, 16)
+    assert info == ImageInfo("PNG", 64, 48)
+    assert close(out.reshape(-1, 3).mean(0), RED, 10)
+
+
+def test_heic_orientation_and_pixel_limit_apply_before_decoding():
+    """An iPhone HEIC rotated by its EXIF is scored upright; one over the pixel limit is
+    refused from its header, as every format is."""
+    from detector.preprocess import register_formats
+
+    register_formats()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = encode(Image.fromarray(textured(96, 64)), "HEIF", exif=exif.tobytes())
+    _, info = load_image(data, 16)
+    assert info == ImageInfo("HEIF", 64, 96)
+    with pytest.raises(ImageError) as refused:
+        load_image(data, 16, max_pixels=96 * 64 - 1)
+    assert refused.value.code == "too-large"
 
 
 @pytest.mark.parametrize("size", [1, 7, 224, 299])
