@@ -279,6 +279,7 @@ def _reblocked(dataset, rows: int):
 
 
 MIN_SCORING_CPUS = 0.5  # the smallest scoring actor worth starting (one thread)
+FIT_WAIT_S = 10.0  # the actors of a scan that just ended free their CPUs within seconds
 
 
 def scoring_cpus(config: ScanConfig) -> float:
@@ -287,32 +288,55 @@ def scoring_cpus(config: ScanConfig) -> float:
 
     Room is what is free when the cluster cannot add nodes (another app's replicas hold
     the rest: waiting for them would be waiting for nothing), and a node's size when an
-    autoscaler can add one. Where not even the smallest actor fits, ScanCannotFit says
-    so at once and names what holds the CPUs."""
+    autoscaler can add one. Free room is watched for FIT_WAIT_S before it is settled for
+    less. Where not even the smallest actor fits, ScanCannotFit says so then, naming
+    what holds the CPUs; an actor larger than every node fails at once."""
     if config.gpus_per_actor and config.cpus_per_actor is None:
         return 1.0
-    status = _cluster_status()
-    grows = status is None or can_grow(status)
-    totals, free = _node_cpus(status) if status is not None else ({}, {})
-    if not totals:  # no status, or no node yet (scaling from zero)
-        return config.cpus_per_actor or DEFAULT_CPUS_PER_ACTOR
-    room, kind = (max(totals.values()), "has") if grows else (max(free.values()), "has free")
-    if config.cpus_per_actor is not None:
-        if not grows and config.cpus_per_actor + DECODE_CPUS > room:
-            raise ScanCannotFit(_cannot_fit(f"--cpus-per-actor {config.cpus_per_actor:g}",
-                                            totals, free))
-        return config.cpus_per_actor
-    if room >= DEFAULT_CPUS_PER_ACTOR + DECODE_CPUS:
+    asked = config.cpus_per_actor
+    wanted = (asked if asked is not None else DEFAULT_CPUS_PER_ACTOR) + DECODE_CPUS
+    deadline = time.monotonic() + FIT_WAIT_S
+    while True:
+        status = _cluster_status()
+        if status is None or can_grow(status):
+            return _sized_by_nodes(config, status)
+        totals, free = _node_cpus(status)
+        if not totals:
+            return asked or DEFAULT_CPUS_PER_ACTOR
+        room = max(free.values())
+        if wanted > max(totals.values()):
+            break  # more than a whole node: waiting cannot give it
+        if room >= wanted or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if asked is not None:
+        if asked + DECODE_CPUS > room:
+            raise ScanCannotFit(_cannot_fit(f"--cpus-per-actor {asked:g}", totals, free))
+        return asked
+    if room >= wanted:
         return DEFAULT_CPUS_PER_ACTOR
     fitted = room - DECODE_CPUS
     if fitted < MIN_SCORING_CPUS:
-        if grows:
-            return DEFAULT_CPUS_PER_ACTOR  # a node the autoscaler adds will have room
         raise ScanCannotFit(_cannot_fit(f"a scoring actor ({MIN_SCORING_CPUS:g} CPU at "
                                         "least)", totals, free))
-    log.info("scoring actors reserve %.1f CPUs: the largest node %s %.1f, and decoding "
-             "needs %.1f beside them", fitted, kind, room, DECODE_CPUS)
+    log.info("scoring actors reserve %.1f CPUs: the largest node has free %.1f, and "
+             "decoding needs %.1f beside them", fitted, room, DECODE_CPUS)
     return fitted
+
+
+def _sized_by_nodes(config: ScanConfig, status) -> float:
+    """On a cluster that can grow (or whose state is unknown): as asked, else 2 unless
+    even the largest node is smaller than that and a decode task."""
+    if config.cpus_per_actor is not None:
+        return config.cpus_per_actor
+    totals = _node_cpus(status)[0] if status is not None else {}
+    largest = max(totals.values(), default=0.0)
+    if largest and largest < DEFAULT_CPUS_PER_ACTOR + DECODE_CPUS:
+        fitted = max(DECODE_CPUS, largest - DECODE_CPUS)
+        log.info("scoring actors reserve %.1f CPUs: the largest node has %.1f, and decoding "
+                 "needs %.1f beside them", fitted, largest, DECODE_CPUS)
+        return fitted
+    return DEFAULT_CPUS_PER_ACTOR  # also on a cluster scaling from zero nodes
 
 
 def can_grow(status) -> bool:

@@ -214,3 +214,24 @@ def test_near_duplicate_copies_stay_in_one_split_and_are_counted(s3_server, loca
         s: sorted(f"{s}/{o.uri.rsplit('/', 1)[-1]}"
                   for o in storage.list_objects(f"s3://near/shards/{s}"))
         for s in data.SPLITS}
+
+
+def test_extension_less_keys_make_the_same_shards_as_named_ones(local_ray, tmp_path):
+    """Uploads named by content hash: prepare identifies them by their bytes, so the
+    shards hold the same images in the same splits as from the named copies; a JSON
+    sidecar beside each is skipped, counted, not an error."""
+    import hashlib
+
+    named = tmp_path / "named"
+    write_sample(str(named), SampleSpec(per_class=20, size=48, seed=13))
+    hashed = tmp_path / "hashed"
+    for path in sorted(named.rglob("*.*")):
+        target = hashed / path.parent.relative_to(named) / \
+            hashlib.sha1(path.read_bytes()).hexdigest()[:16]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+        target.with_name(target.name + ".json").write_text('{"uploader": "u1"}')
+    first = prepare_into(str(tmp_path / "from-named"), str(named))
+    second = prepare_into(str(tmp_path / "from-hashed"), str(hashed))
+    assert membership(str(tmp_path / "from-named")) == membership(str(tmp_path / "from-hashed"))
+    assert first["counts"] == second["counts"] and first["written"] == second["written"] == 40

@@ -387,3 +387,32 @@ def test_ordinary_pngs_have_no_stealth_finding_and_the_read_is_bounded():
     for blob in (fx.stealth_png(), fx.photo("PNG", size=(64, 160)), fx.stealth_png("rgb")):
         whole = np.asarray(Image.open(io.BytesIO(blob)))  # every filter type, unfiltered
         assert (_png_first_column(blob, 152) == whole[:152, 0]).all()
+
+
+@pytest.mark.parametrize("fmt, mime", [("HEIF", "image/heic"), ("AVIF", "image/avif")])
+def test_heic_and_avif_carry_their_provenance(chain, fmt, mime):
+    """An iPhone's HEIC and an AVIF: XMP and EXIF as Pillow and pillow-heif expose them,
+    and a C2PA manifest as c2pa-python reads it in either container."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from detector.preprocess import register_formats
+
+    register_formats()
+
+    def image(**save) -> bytes:
+        pixels = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, fmt, **save)
+        return buffer.getvalue()
+
+    xmp = fx.xmp_packet(f"<Iptc4xmpExt:DigitalSourceType>{fx.AI}</Iptc4xmpExt:DigitalSourceType>")
+    assert findings(image(xmp=xmp)) == [("xmp", "ai-source-type", "strong")]
+    exif = Image.Exif()
+    exif[0x0131] = "Midjourney v7"
+    assert findings(image(exif=exif.tobytes())) == [("exif", "generator-software", "strong")]
+    assert findings(fx.c2pa_signed(image(), mime, fx.AI, chain)) == \
+        [("c2pa", "ai-source-type", "strong")]
+    assert findings(image()) == []
