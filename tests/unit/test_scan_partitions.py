@@ -10,6 +10,7 @@ import pytest
 from detector import listing, report
 from detector.listing import Listed, ListingRange
 from detector.partitions import Span, cut, partition_id
+from detector.selection import Selection
 
 pytestmark = pytest.mark.unit
 
@@ -71,7 +72,8 @@ def test_plan_covers_every_object_once_also_in_folders_added_later(tmp_path):
     plan = listing.plan(str(tmp_path))
     assert plan.ranges[0].exclude  # the root itself, minus its folders
     tree(tmp_path, ["new/5.png"])  # a folder the plan has not seen
-    listed = [o.uri for r in plan.ranges for o in listing.iter_range(r, ("*.png", "*.jpg"))]
+    images = Selection(include=("*.png", "*.jpg"))
+    listed = [o.uri for r in plan.ranges for o in listing.iter_range(r, images)]
     expected = ["top.png", "a/1.png", "a/x/2.png", "b.png", "b/3.png", "c/4.jpg", "new/5.png"]
     assert sorted(listed) == sorted(str(tmp_path / p) for p in expected)
     for rng in plan.ranges:  # each range in key order: what partition bounds rely on
