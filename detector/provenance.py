@@ -199,25 +199,26 @@ def c2pa_evidence(store: dict) -> Iterator[Evidence]:
     manifests = store.get("manifests") or {}
     active = store.get("active_manifest")
     results = (store.get("validation_results") or {}).get("activeManifest") or {}
-    # (label, how it is reached, its own failure codes, any integrity failure on the way)
-    queue = [(active, "active manifest", _codes(results), False)]
+    # (label, how it is reached, ingredient depth, its own failure codes, any integrity
+    # failure on the way)
+    queue = [(active, "active manifest", 0, _codes(results), False)]
     seen: set = set()
     while queue and len(seen) < MAX_MANIFESTS:
-        label, path, failures, broken_above = queue.pop(0)
+        label, path, depth, failures, broken_above = queue.pop(0)
         manifest = manifests.get(label) if isinstance(label, str) else None
         if not isinstance(manifest, dict) or label in seen:
             continue
         seen.add(label)
         broken = broken_above or any(not _credential_only(code) for code in failures)
         yield from _manifest_evidence(manifest, path, failures, broken)
-        if path.count("ingredient of") >= MAX_INGREDIENT_DEPTH:
+        if depth >= MAX_INGREDIENT_DEPTH:
             continue
         for ingredient in manifest.get("ingredients") or []:
             if isinstance(ingredient, dict) and ingredient.get("active_manifest"):
                 inner = (ingredient.get("validation_results") or {}).get("activeManifest")
                 queue.append((ingredient["active_manifest"],
                               f"ingredient {_clip(str(ingredient.get('title', '?')))[:60]} "
-                              f"of the {path}", _codes(inner or {}), broken))
+                              f"of the {path}", depth + 1, _codes(inner or {}), broken))
 
 
 MAX_MANIFESTS = 16  # manifests read from one store, ingredients' included
@@ -233,7 +234,7 @@ CREDENTIAL_WORDS = {
     "signingCredential.untrusted": "untrusted signer",
     "signingCredential.expired": "certificate expired, no trusted timestamp",
     "signingCredential.invalid": "certificate not valid for C2PA signing",
-    "signingCredential.revoked": "certificate revoked",
+    "signingCredential.ocsp.revoked": "certificate revoked",
 }
 
 
@@ -263,16 +264,11 @@ def _manifest_evidence(manifest: dict, path: str, failures: list[str],
     decides = not broken and (trusted or not require_trusted())
     where = f"in the {path}" + (f" from {generator}" if generator else "")
     actions = list(_actions(manifest))
-    for source_type in dict.fromkeys(_source_type(a) for a in actions):
-        if not source_type:
-            continue
-        detail = _clip(f"{source_type} {where}; {state}")
-        if source_type in AI_SOURCE_TYPES:
-            yield Evidence("c2pa", "ai-source-type", STRONG if decides else WEAK, detail)
-        elif source_type in SYNTHETIC_SOURCE_TYPES:
-            yield Evidence("c2pa", "synthetic-source-type", INFO, detail)
-        elif source_type in CAPTURE_SOURCE_TYPES:
-            yield Evidence("c2pa", "camera", INFO, detail)
+    for code in dict.fromkeys(source_type_code(a.get("digitalSourceType")) for a in actions):
+        kind = source_type_kind(code)
+        if kind is not None:
+            strength = (STRONG if decides else WEAK) if kind == "ai-source-type" else INFO
+            yield Evidence("c2pa", kind, strength, _clip(f"{code} {where}; {state}"))
     for signal in _vendor_signals(manifest, actions, generator):
         yield Evidence("c2pa", "ai-assertion", STRONG if decides else WEAK,
                        _clip(f"{signal} {where}; {state}"))
@@ -287,17 +283,23 @@ def _actions(manifest: dict) -> Iterator[dict]:
                     yield action
 
 
-def _source_type(action: dict) -> str:
-    """An action's IPTC digital source type as its bare code, whatever the spelling:
-    http or https, padded, any case ("" when there is none)."""
-    return source_type_code(action.get("digitalSourceType"))
-
-
 def source_type_code(value) -> str:
+    """An IPTC digital source type as its bare code, whatever the spelling: http or
+    https, padded, any case ("" when there is none)."""
     if not isinstance(value, str) or not value.strip():
         return ""
     code = value.strip().rstrip("/").rsplit("/", 1)[-1].strip()
     return IPTC_CODES.get(code.lower(), code)
+
+
+def source_type_kind(code: str) -> str | None:
+    """The evidence kind of a source-type code: AI (decisive where its claim holds),
+    synthetic or camera (shown only), or None for codes that say neither."""
+    if code in AI_SOURCE_TYPES:
+        return "ai-source-type"
+    if code in SYNTHETIC_SOURCE_TYPES:
+        return "synthetic-source-type"
+    return "camera" if code in CAPTURE_SOURCE_TYPES else None
 
 
 def _vendor_signals(manifest: dict, actions: list[dict], generator: str) -> Iterator[str]:
@@ -374,14 +376,13 @@ def _xmp_evidence(xmp: dict | Exception) -> Iterator[Evidence]:
     if isinstance(xmp, Exception):
         yield Evidence("xmp", "error", INFO, _clip(f"unreadable XMP: {xmp}"))
         return
-    for name in dict.fromkeys(map(source_type_code, _walk(xmp, "DigitalSourceType"))):
-        if name in AI_SOURCE_TYPES:
-            yield Evidence("xmp", "ai-source-type", STRONG, f"IPTC DigitalSourceType {name}")
-        elif name in SYNTHETIC_SOURCE_TYPES:
-            yield Evidence("xmp", "synthetic-source-type", INFO,
-                           f"IPTC DigitalSourceType {name} (not a trained model)")
-        elif name in CAPTURE_SOURCE_TYPES:
-            yield Evidence("xmp", "camera", INFO, f"IPTC DigitalSourceType {name}")
+    for code in dict.fromkeys(map(source_type_code, _walk(xmp, "DigitalSourceType"))):
+        kind = source_type_kind(code)
+        if kind == "ai-source-type":
+            yield Evidence("xmp", kind, STRONG, f"IPTC DigitalSourceType {code}")
+        elif kind is not None:
+            note = " (not a trained model)" if kind == "synthetic-source-type" else ""
+            yield Evidence("xmp", kind, INFO, f"IPTC DigitalSourceType {code}{note}")
     for tool in dict.fromkeys(_walk(xmp, "CreatorTool")):
         if GENERATORS.search(tool):
             yield Evidence("xmp", "generator-software", STRONG, _clip(f"CreatorTool {tool}"))
@@ -496,7 +497,8 @@ STEALTH_SIGNATURES = {
     "alpha": (b"stealth_pnginfo", b"stealth_pngcomp"),
     "rgb": (b"stealth_rgbinfo", b"stealth_rgbcomp"),
 }
-STEALTH_PIXELS = 120 + 32  # alpha: one bit per pixel
+STEALTH_BITS = 120 + 32  # the signature (15 bytes) and the payload's length
+STEALTH_ROWS = {"RGBA": STEALTH_BITS, "RGB": -(-STEALTH_BITS // 3)}  # first-column pixels
 STEALTH_SMALL_IMAGE = 1 << 20  # pixels: fully decoded when the first column is too short
 
 
@@ -505,25 +507,25 @@ def _stealth(blob: bytes, image) -> Iterator[Evidence]:
         return
     import numpy as np
 
-    # RGB holds only the rgb variants: signature and length in 51 pixels of 3 bits.
-    pixels = _png_first_column(blob, STEALTH_PIXELS if image.mode == "RGBA" else 51)
+    # RGB holds only the rgb variants: signature and length in pixels of 3 bits each.
+    pixels = _png_first_column(blob, STEALTH_ROWS[image.mode])
     if pixels is None and image.width * image.height <= STEALTH_SMALL_IMAGE:
         try:  # short columns (or an interlaced file): small enough to decode whole
             whole = np.asarray(image.convert(image.mode))
         except Exception:  # (broken pixels: decoding reports them)
             return
-        pixels = whole.transpose(1, 0, 2).reshape(-1, whole.shape[2])[:STEALTH_PIXELS]
+        pixels = whole.transpose(1, 0, 2).reshape(-1, whole.shape[2])[:STEALTH_BITS]
     if pixels is None:
         return
     for mode, signatures in STEALTH_SIGNATURES.items():
         if mode == "alpha" and pixels.shape[1] < 4:
             continue
         bits = (pixels[:, 3] if mode == "alpha" else pixels[:, :3].reshape(-1)) & 1
-        if len(bits) < 152:  # 120 bits of signature, 32 of length
+        if len(bits) < STEALTH_BITS:
             continue
         signature = np.packbits(bits[:120]).tobytes()
         if signature in signatures:
-            size = int("".join(map(str, bits[120:152].tolist())), 2) // 8
+            size = int.from_bytes(np.packbits(bits[120:STEALTH_BITS]).tobytes(), "big") // 8
             yield Evidence("stealth", "generator-metadata", STRONG,
                            f"A1111 stealth pnginfo in the {mode} channel's low bits "
                            f"({signature.decode()}, {size:,} bytes)")

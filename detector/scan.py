@@ -298,45 +298,31 @@ def scoring_cpus(config: ScanConfig) -> float:
     deadline = time.monotonic() + FIT_WAIT_S
     while True:
         status = _cluster_status()
-        if status is None or can_grow(status):
-            return _sized_by_nodes(config, status)
-        totals, free = _node_cpus(status)
-        if not totals:
+        grows = status is None or can_grow(status)
+        totals, free = _node_cpus(status) if status is not None else ({}, {})
+        if not totals:  # no status, or no node yet (scaling from zero)
             return asked or DEFAULT_CPUS_PER_ACTOR
-        room = max(free.values())
-        if wanted > max(totals.values()):
-            break  # more than a whole node: waiting cannot give it
-        if room >= wanted or time.monotonic() >= deadline:
+        room = max((totals if grows else free).values())
+        # Only free room can change by waiting, and not past a whole node.
+        if grows or room >= wanted or wanted > max(totals.values()) or \
+                time.monotonic() >= deadline:
             break
         time.sleep(0.5)
     if asked is not None:
-        if asked + DECODE_CPUS > room:
+        if not grows and asked + DECODE_CPUS > room:
             raise ScanCannotFit(_cannot_fit(f"--cpus-per-actor {asked:g}", totals, free))
         return asked
     if room >= wanted:
         return DEFAULT_CPUS_PER_ACTOR
     fitted = room - DECODE_CPUS
     if fitted < MIN_SCORING_CPUS:
-        raise ScanCannotFit(_cannot_fit(f"a scoring actor ({MIN_SCORING_CPUS:g} CPU at "
-                                        "least)", totals, free))
-    log.info("scoring actors reserve %.1f CPUs: the largest node has free %.1f, and "
-             "decoding needs %.1f beside them", fitted, room, DECODE_CPUS)
+        if not grows:
+            raise ScanCannotFit(_cannot_fit(f"a scoring actor ({MIN_SCORING_CPUS:g} CPU at "
+                                            "least)", totals, free))
+        fitted = MIN_SCORING_CPUS  # the smallest actor; nodes the autoscaler adds are alike
+    log.info("scoring actors reserve %.1f CPUs: the largest node has%s %.1f, and decoding "
+             "needs %.1f beside them", fitted, "" if grows else " free", room, DECODE_CPUS)
     return fitted
-
-
-def _sized_by_nodes(config: ScanConfig, status) -> float:
-    """On a cluster that can grow (or whose state is unknown): as asked, else 2 unless
-    even the largest node is smaller than that and a decode task."""
-    if config.cpus_per_actor is not None:
-        return config.cpus_per_actor
-    totals = _node_cpus(status)[0] if status is not None else {}
-    largest = max(totals.values(), default=0.0)
-    if largest and largest < DEFAULT_CPUS_PER_ACTOR + DECODE_CPUS:
-        fitted = max(DECODE_CPUS, largest - DECODE_CPUS)
-        log.info("scoring actors reserve %.1f CPUs: the largest node has %.1f, and decoding "
-                 "needs %.1f beside them", fitted, largest, DECODE_CPUS)
-        return fitted
-    return DEFAULT_CPUS_PER_ACTOR  # also on a cluster scaling from zero nodes
 
 
 def can_grow(status) -> bool:

@@ -65,13 +65,12 @@ def list_partitions(batch: pa.Table, selection: Selection, partition_size: int,
         rng = ListingRange.from_dict(spec["range"])
         committed = {partition_id(rng.id, s["after"]): s for s in spec.get("committed", [])}
         spans = [Span(s["after"], s["last"]) for s in committed.values()]
-        # Objects not read are counted when a whole range is listed: listing one lost
-        # partition again must not count its neighbours twice.
-        not_selected = None if spec.get("bounds") else NotSelected()
+        not_selected = None
         if spec.get("bounds"):
             after, last = spec["bounds"]
             spans, objects = [Span(after, last)], iter_range(rng, selection, after, last)
-        else:
+        else:  # counted only when a whole range is listed: never twice for a lost partition
+            not_selected = NotSelected()
             objects = iter_range(rng, selection, not_selected=not_selected)
         count = 0
         for part in cut(objects, rng.id, partition_size, spans):

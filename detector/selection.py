@@ -49,13 +49,18 @@ class Selection:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Lower-cased once here, not for every listed key.
+        object.__setattr__(self, "include", tuple(p.lower() for p in self.include))
+        object.__setattr__(self, "exclude", tuple(p.lower() for p in self.exclude))
+
     def reason(self, uri: str) -> str | None:
         """None when the object at `uri` is read; otherwise why it is not."""
         name = posixpath.basename(uri).lower()
-        if any(fnmatch.fnmatchcase(name, p.lower()) for p in self.exclude):
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
             return "excluded-by-glob"
         if self.include:
-            matched = any(fnmatch.fnmatchcase(name, p.lower()) for p in self.include)
+            matched = any(fnmatch.fnmatchcase(name, p) for p in self.include)
             return None if matched else "not-included"
         ext = extension(name)
         if ext in VIDEO_EXTENSIONS:
