@@ -3,27 +3,28 @@ overlapped with scanning on an S3 endpoint. In one run:
 
 - plain: one process lists, reads, decodes and scores a sample of the bucket in batches
   (the work without Ray: the per-object rate a scan has to beat);
-- scan --via data of a local bucket of N tiny PNGs and of one 10x larger: the driver's
-  peak RSS (the driver process alone: what must fit on a KubeRay head), end-to-end and
-  steady objects/s;
+- scan --via data of local buckets of tiny PNGs, 20k, 200k and 2M objects by default: the
+  driver's peak RSS (the driver process alone: what must fit on a KubeRay head) and its
+  curve as the scan goes, end-to-end and steady objects/s;
 - on moto's S3 server, a flat prefix of M objects (one listing range, so one serial
   lister): when the first part was committed against when listing finished, and a plain
   boto3 listing of the same prefix.
 
-    .venv/bin/python bench/scan_scale.py [--small 20000] [--large 200000] [--s3 80000]
+    .venv/bin/python bench/scan_scale.py [--sizes 20000,200000,2000000] [--s3 80000]
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
+import shutil
 import tempfile
 import time
 
 import numpy as np
-from _measure import OwnPeakRss, report, run_child, save_json
+import psutil
+from _measure import OwnPeakRss, machine, print_machine, report, run_child, save_json
 from _model import untrained_artifact
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,7 +90,8 @@ def plain_loop(model_uri: str, root: str, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def scan_child(source: str, model_uri: str, out: str, partition_size: str) -> None:
+def scan_child(source: str, model_uri: str, out: str, partition_size: str,
+               objects: str) -> None:
     import ray
 
     from detector import report as reports
@@ -100,21 +102,32 @@ def scan_child(source: str, model_uri: str, out: str, partition_size: str) -> No
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
                  logging_level="ERROR")
         marks: list[tuple[float, int]] = []
+        curve: list[tuple[int, int]] = []  # (objects done, driver RSS MB), every ~5% of it
+        me = psutil.Process()
+
+        def on_progress(p: dict) -> None:
+            marks.append((time.perf_counter(), p["done"]))
+            if p["done"] >= (len(curve) + 1) * int(objects) / 20:
+                curve.append((p["done"], round(me.memory_info().rss / 2**20)))
+
         started = time.perf_counter()
         summary = scan(ScanConfig(source=source, model=model_uri, out=out, via="data",
                                   partition_size=int(partition_size)), progress=False,
-                       on_progress=lambda p: marks.append((time.perf_counter(), p["done"])))
+                       on_progress=on_progress)
         seconds = time.perf_counter() - started
     first_t, first_done = next(m for m in marks if m[1] >= 0.1 * summary["objects"])
     last_t, last_done = marks[-1]
     manifest = reports.read_manifest(out)
     report({"objects": summary["objects"], "seconds": seconds, "parts": summary["parts"],
             "steady_objects_per_s": (last_done - first_done) / max(last_t - first_t, 1e-9),
-            "driver_peak_rss_mb": peak.mb, "timeline": manifest["timeline"]})
+            "driver_peak_rss_mb": peak.mb, "driver_rss_curve": curve,
+            "timeline": manifest["timeline"]})
 
 
-def run_scan(source: str, model_uri: str, out: str, partition_size: int) -> dict:
-    result, tree_pss_mb = run_child(__file__, source, model_uri, out, str(partition_size))
+def run_scan(source: str, model_uri: str, out: str, partition_size: int,
+             objects: int) -> dict:
+    result, tree_pss_mb = run_child(__file__, source, model_uri, out, str(partition_size),
+                                    str(objects))
     result["objects_per_s"] = result["objects"] / result["seconds"]
     result["all_processes_peak_pss_mb"] = tree_pss_mb
     return result
@@ -131,32 +144,34 @@ def plain_listing(uri: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", type=int, default=20_000, help="0: only the S3 run")
-    parser.add_argument("--large", type=int, default=200_000)
+    parser.add_argument("--sizes", default="20000,200000,2000000",
+                        help="local bucket sizes, comma-separated; empty: only the S3 run")
     parser.add_argument("--s3", type=int, default=80_000, help="objects on the S3 server")
     parser.add_argument("--partition-size", type=int, default=65536)
     parser.add_argument("--s3-partition-size", type=int, default=1000)
     parser.add_argument("--json", default=os.path.join(HERE, "results", "scan_scale.json"))
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         scan_child(*args.child)
         return
 
-    results: dict = {"model": MODEL, "image_size": SIZE, "cpus": os.cpu_count()}
+    sizes = [int(n) for n in args.sizes.split(",") if n]
+    results: dict = {"model": MODEL, "image_size": SIZE, "machine": machine(), "local": []}
+    print_machine(results["machine"])
     with tempfile.TemporaryDirectory() as tmp:
         model_uri = untrained_artifact(tmp, MODEL, SIZE)
-        for key, count in (("small", args.small), ("large", args.large))[:2 if args.small else 0]:
-            bucket = make_local_bucket(os.path.join(tmp, key), count)
-            if key == "small":
+        for count in sizes:
+            bucket = make_local_bucket(os.path.join(tmp, f"bucket-{count}"), count)
+            if "plain_objects_per_s" not in results:
                 results["plain_objects_per_s"] = plain_loop(model_uri, bucket, 3000)
-            results[key] = run_scan(bucket, model_uri, os.path.join(tmp, f"{key}-report"),
-                                    args.partition_size)
-            results[key]["bucket_objects"] = count
+            run = run_scan(bucket, model_uri, os.path.join(tmp, f"report-{count}"),
+                           args.partition_size, count)
+            results["local"].append({"bucket_objects": count, **run})
+            print_local(results)
+            shutil.rmtree(bucket)  # 2M files are ~8 GB of inodes and blocks
         if args.s3:
             results["s3"] = s3_run(tmp, model_uri, args.s3, args.s3_partition_size)
-    if args.small:
-        print_local(results, args)
     if args.s3:
         s3 = results["s3"]
         print(f"S3 ({s3['objects']} objects, one flat prefix, parts of {s3['partition_size']}): "
@@ -166,21 +181,22 @@ def main() -> None:
     save_json(args.json, results)
 
 
-def print_local(results: dict, args: argparse.Namespace) -> None:
-    small, large = results["small"], results["large"]
-    results["driver_rss_growth"] = large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"]
-    print(json.dumps(results, indent=2))
+def print_local(results: dict) -> None:
+    """The table so far (printed after each bucket, so a long run shows as it goes)."""
     plain = results["plain_objects_per_s"]
     print(f"plain loop: {plain:.0f} objects/s")
-    print(f"{'bucket':8s} {'objects':>8s} {'parts':>6s} {'objects/s':>9s} {'steady':>7s} "
-          f"{'x plain':>7s} {'driver MB':>9s}")
-    for key in ("small", "large"):
-        r = results[key]
-        print(f"{key:8s} {r['objects']:8d} {r['parts']:6d} {r['objects_per_s']:9.0f} "
+    print(f"{'objects':>9s} {'parts':>6s} {'objects/s':>9s} {'steady':>7s} {'x plain':>7s} "
+          f"{'driver MB':>9s} {'x previous':>10s}")
+    previous = None
+    for r in results["local"]:
+        growth = f"{r['driver_peak_rss_mb'] / previous:10.2f}" if previous else f"{'':10s}"
+        print(f"{r['objects']:9d} {r['parts']:6d} {r['objects_per_s']:9.0f} "
               f"{r['steady_objects_per_s']:7.0f} {r['steady_objects_per_s'] / plain:7.2f} "
-              f"{r['driver_peak_rss_mb']:9d}")
-    print(f"driver peak RSS with a {args.large // args.small}x bucket: "
-          f"{results['driver_rss_growth']:.2f}x")
+              f"{r['driver_peak_rss_mb']:9d} {growth}")
+        previous = r["driver_peak_rss_mb"]
+    last = results["local"][-1]
+    print("driver RSS MB as the last scan went (objects done: MB): " + ", ".join(
+        f"{done}: {mb}" for done, mb in last["driver_rss_curve"]), flush=True)
 
 
 def s3_run(tmp: str, model_uri: str, objects: int, partition_size: int) -> dict:

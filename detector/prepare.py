@@ -137,9 +137,11 @@ def decode_batch(
 ) -> pa.Table:
     """Ray Data stage: read, hash and decode a batch of objects into model-ready rows."""
     uris = [str(u) for u in batch["uri"]]
-    fetched = fetch_many(uris)
+    sizes = batch.get("size_bytes")
+    fetched = fetch_many(uris, None if sizes is None else [
+        None if s is None or s != s else int(s) for s in sizes])  # None or NaN: not listed
     out: dict[str, list] = {name: [] for name in ROW_FIELDS}
-    for uri, label, (blob, error, detail) in zip(uris, batch["label"], fetched, strict=True):
+    for uri, label, (blob, error, detail, _) in zip(uris, batch["label"], fetched, strict=True):
         row = dict.fromkeys(ROW_FIELDS)
         row.update(source_uri=uri, label=int(label), error=error, error_detail=detail)
         if blob is not None:

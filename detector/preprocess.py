@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
+import posixpath
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -97,6 +98,35 @@ def load_image(
     if transpose is not None:
         rgb = rgb.transpose(transpose)
     return _center_square(rgb, size), info
+
+
+def named_as_image(name: str) -> bool:
+    """Whether a file name's extension is one Pillow opens (.jpg, .heic, .avif, ...)."""
+    register_formats()
+    ext = posixpath.splitext(posixpath.basename(name))[1].lower()
+    return bool(ext) and ext in Image.registered_extensions()
+
+
+def could_be_image(head: bytes) -> bool:
+    """Whether the first bytes of a file can start an image: a format's signature, as
+    Pillow's own plugins check it (HEIF and JXL included), or else a header Pillow parses
+    from these bytes alone (formats without a signature, such as TGA). A TIFF whose
+    directory lies past `head` still passes on its signature."""
+    register_formats()
+    Image.init()
+    prefix = head[:16]  # what Image.open hands each plugin's check
+    for fmt in Image.ID:
+        _, accept = Image.OPEN[fmt]
+        found = accept(prefix) if accept else False
+        if found and not isinstance(found, str):  # a str is Pillow's "no, because ..."
+            return True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Image.open(io.BytesIO(head))
+    except Exception:
+        return False
+    return True
 
 
 @functools.cache

@@ -142,8 +142,8 @@ def decode_objects(table: pa.Table, image_size: int, max_bytes: int) -> pa.Table
                        error_detail=f"{row['size_bytes']} bytes exceeds {max_bytes}")
         else:
             fetchable.append(row)
-    fetched = data.fetch_many([r["uri"] for r in fetchable])
-    for row, (blob, error, detail) in zip(fetchable, fetched, strict=True):
+    fetched = data.fetch_many([r["uri"] for r in fetchable], [r["size_bytes"] for r in fetchable])
+    for row, (blob, error, detail, _) in zip(fetchable, fetched, strict=True):
         if blob is None:
             row.update(error=error, error_detail=detail)
             continue

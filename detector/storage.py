@@ -18,7 +18,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -86,6 +86,20 @@ def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as stream:
         return stream.read()
+
+
+def read_prefix(uri: str, size: int, want_rest: Callable[[bytes], bool]) -> tuple[bytes, bool]:
+    """The first `size` bytes of an object, and the rest only when `want_rest(first)` asks
+    for it, through one open stream (on S3 a ranged GET for each part read). Returns
+    (bytes, whole): `whole` is False when the rest was left unread."""
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as stream:
+        first = stream.read(size)
+        if len(first) < size:
+            return first, True
+        if not want_rest(first):
+            return first, False
+        return first + stream.read(), True
 
 
 def write_bytes(uri: str, data: bytes) -> None:
