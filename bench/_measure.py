@@ -22,7 +22,7 @@ def save_json(path: str, results: dict) -> None:
 def machine() -> dict:
     """The CPU every figure came from: its name, cores and inference features (so a number
     in the README can be read against another machine's)."""
-    from detector.runtimes import cpu_features, cpu_name
+    from detector.model.runtimes import cpu_features, cpu_name
 
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "cpu_features": cpu_features()}
 

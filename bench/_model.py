@@ -12,7 +12,7 @@ CALIBRATION_IMAGES = 64  # as the issue's own int8 measurement; enough for speed
 
 def sample_pixels(count: int, image_size: int, seed: int = 0) -> np.ndarray:
     """`count` decoded sample images of both classes, uint8 (N, S, S, 3)."""
-    from detector.sample import make_image
+    from detector.data.sample import make_image
 
     rng = np.random.default_rng(seed)
     return np.stack([make_image(i % 2, rng, (image_size, image_size)) for i in range(count)])
@@ -22,10 +22,10 @@ def untrained_artifact(where: str, name: str, image_size: int, exports: bool = F
     """Save `name` (pretrained weights replaced by none) at `where/name`; with `exports`,
     also its ONNX and NNCF int8 exports, calibrated on sample images, as training and
     `detector export --int8` publish them. Returns the artifact's URI."""
-    from detector.artifact import ModelCard, save_artifact
-    from detector.export import export_into
-    from detector.models import build_model, get_spec
-    from detector.preprocess import PREPROCESS_VERSION
+    from detector.io.preprocess import PREPROCESS_VERSION
+    from detector.model.architectures import build_model, get_spec
+    from detector.model.artifact import ModelCard, save_artifact
+    from detector.model.export import export_into
 
     spec = get_spec(name)
     model = build_model(name, image_size=image_size,

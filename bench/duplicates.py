@@ -1,4 +1,4 @@
-"""Near-duplicate grouping (`detector.duplicates.groups`) against an all-pairs baseline.
+"""Near-duplicate grouping (`detector.data.duplicates.groups`) against an all-pairs baseline.
 
     .venv/bin/python bench/duplicates.py [--n 20000] [--copies 0.1] [--json OUT]
 
@@ -18,7 +18,7 @@ import time
 import numpy as np
 from _measure import save_json
 
-from detector import duplicates
+from detector.data import duplicates
 
 
 def make_hashes(n: int, copies: float, seed: int = 0) -> np.ndarray:

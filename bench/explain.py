@@ -37,9 +37,9 @@ def main() -> None:
     parser.add_argument("--json", default="bench/results/explain.json")
     args = parser.parse_args()
 
-    from detector.explain import Explainer
-    from detector.models import build_model, get_spec
-    from detector.predictor import keras_forward
+    from detector.model.architectures import build_model, get_spec
+    from detector.model.explain import Explainer
+    from detector.model.runtimes import keras_forward
 
     images = np.random.default_rng(0).integers(0, 256, (args.n, args.size, args.size, 3),
                                                dtype=np.uint8)

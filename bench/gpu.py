@@ -105,7 +105,7 @@ def keras_rows(model_uri: str, batch: np.ndarray, seconds: float) -> dict:
         return {"keras/gpu": {"unavailable": "TensorFlow sees no GPU"}}
     for gpu in gpus:  # what every product process on a shared GPU must do
         tf.config.experimental.set_memory_growth(gpu, True)
-    from detector.predictor import Predictor
+    from detector.model.predictor import Predictor
 
     rows = {}
     for precision in ("float32", "bfloat16"):
@@ -136,7 +136,7 @@ def main() -> None:
         if onnx_path is None:
             from _model import untrained_artifact
 
-            from detector import storage
+            from detector.io import storage
 
             model_uri = model_uri or untrained_artifact(tmp, "resnet50v2", args.image_size,
                                                         exports=True)

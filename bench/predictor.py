@@ -32,7 +32,7 @@ AIMS = {"openvino/int8": 8.0, "openvino/bfloat16": 4.0}  # issue #12, on this ma
 def throughput(uri: str, backend: str, precision: str, threads: int, pixels, repeats: int
                ) -> float:
     """Best img/s of `Predictor.score` over `repeats` passes, after one warm-up batch."""
-    from detector.predictor import Predictor
+    from detector.model.predictor import Predictor
 
     predictor = Predictor.from_uri(uri, batch_size=32, backend=backend, precision=precision,
                                    threads=threads)
@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join(HERE, "results", "predictor.json"))
     args = parser.parse_args()
 
-    from detector.runtimes import RuntimeUnavailable
-    from detector.threads import limit_threads
+    from detector.io.threads import limit_threads
+    from detector.model.runtimes import RuntimeUnavailable
 
     limit_threads(args.threads)  # TensorFlow's pools, before any model is built
     info = machine()

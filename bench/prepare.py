@@ -1,6 +1,6 @@
 """Preparation throughput and memory: the Ray Data pipeline vs a plain loop.
 
-Prints images/s of `detector.prepare.run` and of a single-process loop doing the same
+Prints images/s of `detector.data.prepare.run` and of a single-process loop doing the same
 work (list, read, hash, decode with the same preprocess, write Parquet) over the same
 objects, as ratios, at two input sizes 10x apart; the marginal rate between the two sizes
 (what every further image costs, once Ray's worker start-up is paid); and the peak memory
@@ -29,7 +29,7 @@ def plain_loop(source: str, out: str, image_size: int) -> float:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from detector import preprocess, storage
+    from detector.io import preprocess, storage
 
     started = time.perf_counter()
     rows = {"image": [], "label": [], "sha256": []}
@@ -53,8 +53,8 @@ def pipeline_child(source: str, out: str, image_size: int) -> None:
     """Runs in its own process so memory readings belong to this run alone."""
     import ray
 
-    from detector import prepare
     from detector.config import PrepareConfig
+    from detector.data import prepare
 
     with OwnPeakRss() as peak:
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
@@ -98,7 +98,7 @@ def main() -> None:
         pipeline_child(args.child[0], args.child[1], int(args.child[2]))
         return
 
-    from detector.sample import SampleSpec, write_sample
+    from detector.data.sample import SampleSpec, write_sample
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

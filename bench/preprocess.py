@@ -1,4 +1,4 @@
-"""Throughput of `detector.preprocess.load_image` against a plain Pillow baseline.
+"""Throughput of `detector.io.preprocess.load_image` against a plain Pillow baseline.
 
     .venv/bin/python bench/preprocess.py [--n N] [--size 224] [--repeats R] [--json OUT]
 
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere, without installing the package
     sys.path.insert(0, str(ROOT))
 
-from detector.preprocess import load_image  # noqa: E402
+from detector.io.preprocess import load_image  # noqa: E402
 
 DEFAULT_JSON = ROOT / "bench" / "results" / "preprocess.json"
 

@@ -1,6 +1,6 @@
 """Provenance parsing cost per image, as a ratio to decoding the same image.
 
-Every path that scores an image also reads its provenance (`detector.provenance.inspect`:
+Every path that scores an image also reads its provenance (`detector.verdicts.provenance.inspect`:
 Pillow headers, EXIF, XMP, PNG text chunks, and a C2PA manifest lookup). This measures
 that cost against `preprocess.load_image` at 224 px, in one run, on:
 - ordinary photos without metadata (640x480 JPEG q90): the common case, aim < 10%;
@@ -46,7 +46,8 @@ def main() -> None:
     import provenance_fixtures as fx
     from serve import photos
 
-    from detector import preprocess, provenance
+    from detector.io import preprocess
+    from detector.verdicts import provenance
 
     plain = photos(args.images)
     exif = fx.camera_jpeg()  # EXIF block on a small image; grafted below on the photos

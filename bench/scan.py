@@ -31,8 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def notebook_way(model_uri: str, files: list[str]) -> float:
-    from detector import preprocess
-    from detector.artifact import load_artifact
+    from detector.io import preprocess
+    from detector.model.artifact import load_artifact
 
     model, card = load_artifact(model_uri)
     model.predict(np.zeros((1, card.image_size, card.image_size, 3)), verbose=0)  # warm-up
@@ -46,9 +46,9 @@ def notebook_way(model_uri: str, files: list[str]) -> float:
 
 def raw_batched(model_uri: str, count: int, backend: str, precision: str) -> float:
     """The model alone on pre-decoded batches, with a scoring actor's default threads."""
-    from detector.predictor import Predictor
-    from detector.scan import DEFAULT_CPUS_PER_ACTOR
-    from detector.threads import threads_for
+    from detector.io.threads import threads_for
+    from detector.model.predictor import Predictor
+    from detector.scanning.scan import DEFAULT_CPUS_PER_ACTOR
 
     predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision,
                                    threads=threads_for(DEFAULT_CPUS_PER_ACTOR))
@@ -64,7 +64,7 @@ def raw_batched(model_uri: str, count: int, backend: str, precision: str) -> flo
 
 
 def _decode(args: tuple[str, int]) -> None:
-    from detector import preprocess
+    from detector.io import preprocess
 
     path, size = args
     with open(path, "rb") as handle:
@@ -86,7 +86,7 @@ def scan_child(bucket: str, model_uri: str, via: str, backend: str, precision: s
     import ray
 
     from detector.config import ScanConfig
-    from detector.scan import scan
+    from detector.scanning.scan import scan
 
     # Logical CPUs above the cores: the Serve replicas must not starve the decode tasks.
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
@@ -94,7 +94,7 @@ def scan_child(bucket: str, model_uri: str, via: str, backend: str, precision: s
     if via == "serve":
         from ray import serve
 
-        from detector.serve import APP_NAME, ServeConfig, build_app_from_config
+        from detector.serving.app import APP_NAME, ServeConfig, build_app_from_config
 
         serve.start(http_options={"host": "127.0.0.1", "port": 0})
         serve.run(build_app_from_config(ServeConfig(model_uri=model_uri, max_replicas=1,
@@ -140,8 +140,8 @@ def main() -> None:
         scan_child(*args.child)
         return
 
-    from detector import storage
-    from detector.sample import SampleSpec, write_sample
+    from detector.data.sample import SampleSpec, write_sample
+    from detector.io import storage
 
     runtime = (args.backend, args.precision)
     info = machine()

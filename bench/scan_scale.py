@@ -34,7 +34,7 @@ MODEL = "vit_tiny"
 
 def blobs(count: int = 64) -> list[bytes]:
     """Distinct tiny sample images (PNG, both classes)."""
-    from detector.sample import encode, make_image
+    from detector.data.sample import encode, make_image
 
     out = []
     for i in range(count):
@@ -71,8 +71,8 @@ def make_s3_prefix(bucket: str, prefix: str, objects: int) -> str:
 
 def plain_loop(model_uri: str, root: str, count: int) -> float:
     """List, read, decode and score `count` objects in one process, 32 at a time."""
-    from detector import preprocess, storage
-    from detector.predictor import Predictor
+    from detector.io import preprocess, storage
+    from detector.model.predictor import Predictor
 
     predictor = Predictor.from_uri(model_uri)
     predictor.score(np.zeros((1, SIZE, SIZE, 3), np.uint8))  # trace once
@@ -94,9 +94,9 @@ def scan_child(source: str, model_uri: str, out: str, partition_size: str,
                objects: str) -> None:
     import ray
 
-    from detector import report as reports
     from detector.config import ScanConfig
-    from detector.scan import scan
+    from detector.scanning import report as reports
+    from detector.scanning.scan import scan
 
     with OwnPeakRss() as peak:
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
@@ -134,7 +134,7 @@ def run_scan(source: str, model_uri: str, out: str, partition_size: int,
 
 
 def plain_listing(uri: str) -> float:
-    from detector import storage
+    from detector.io import storage
 
     started = time.perf_counter()
     count = sum(1 for _ in storage.list_objects(uri))

@@ -65,8 +65,8 @@ def raw_throughput(uri: str, blobs: list[bytes], batches: int, repeats: int,
                    backend: str, precision: str) -> dict:
     """Images/s of Predictor.score on pre-decoded batches of 32 (median and best)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from detector.predictor import Predictor
-    from detector.preprocess import load_image
+    from detector.io.preprocess import load_image
+    from detector.model.predictor import Predictor
 
     predictor = Predictor.from_uri(uri, batch_size=32, backend=backend, precision=precision)
     decoded = np.stack([load_image(b, predictor.image_size)[0] for b in blobs])
@@ -123,7 +123,7 @@ def bench_mode(uri: str, port: int, max_batch_size: int, blobs: list[bytes],
                requests_per_client: int, backend: str, precision: str) -> dict:
     from ray import serve
 
-    from detector.serve import ServeConfig, build_app_from_config
+    from detector.serving.app import ServeConfig, build_app_from_config
 
     # Same replica queue for both modes, so the only difference is the batching.
     config = ServeConfig(model_uri=uri, min_replicas=1, max_replicas=1,

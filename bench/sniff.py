@@ -3,7 +3,7 @@ UUID keys, unknown extensions) are sniffed, their first 64 KiB read to identify 
 moto's S3 server, in one run:
 
 - plain: each object read whole, as a scan did before sniffing (the baseline);
-- sniffed: `detector.data.fetch`, as scan and prepare read now.
+- sniffed: `detector.io.reads.fetch`, as scan and prepare read now.
 
 For bare-key non-images (logs, archives) it prints the bytes read per object, both ways;
 for bare-key images, the extra time of reading the first 64 KiB and the rest apart.
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=2.0)
     parser.add_argument("--json", default=os.path.join(HERE, "results", "sniff.json"))
     args = parser.parse_args()
-    from detector import data, storage
+    from detector.io import reads, storage
 
     results: dict = {"machine": machine(), "objects": args.objects, "size_mb": args.size_mb}
     print_machine(results["machine"])
@@ -98,7 +98,7 @@ def main() -> None:
             return len(storage.read_bytes(uri))
 
         def sniffed(uri: str) -> int:
-            fetched = data.fetch(uri, size_of[uri])
+            fetched = reads.fetch(uri, size_of[uri])
             assert (fetched.data is None) == (uri in others), uri
             return fetched.bytes_read
 

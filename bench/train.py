@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def training_rate(shards: str, out: str, model: str, workers: int, epochs: int) -> float:
     from detector.config import TrainConfig
-    from detector.train import STATE, build_trainer
+    from detector.training.train import STATE, build_trainer
 
     cores = max(workers, os.cpu_count() or 1)
     cfg = TrainConfig(data=shards, model=(model,), out=out, workers=workers, epochs=epochs,
@@ -48,9 +48,9 @@ def training_rate(shards: str, out: str, model: str, workers: int, epochs: int) 
 def cache_vs_recompute(shards: str, out: str, model: str, epochs: int, gpus: float = 0.0
                        ) -> dict:
     """Both paths with the same settings; times from the runs' own histories and clocks."""
-    from detector import features
     from detector.config import TrainConfig
-    from detector.train import STATE, build_trainer
+    from detector.training import features
+    from detector.training.train import STATE, build_trainer
 
     cores = os.cpu_count() or 1
     results = {}
@@ -80,9 +80,9 @@ def cache_vs_recompute(shards: str, out: str, model: str, epochs: int, gpus: flo
         results[f"{name}_val_accuracy_by_epoch"] = [round(h["val_accuracy"], 4)
                                                    for h in history]
         if cached:
-            from detector import data
+            from detector.data import shards
 
-            manifest = data.read_manifest(shards)
+            manifest = shards.read_manifest(shards)
             images = sum(manifest["counts"]["train"].values()) + sum(
                 manifest["counts"]["val"].values())
             results["feature_pass_seconds"] = pass_seconds
@@ -95,22 +95,22 @@ def cache_vs_recompute(shards: str, out: str, model: str, epochs: int, gpus: flo
 
 
 def input_rate(shards: str, batch_size: int) -> float:
-    from detector import data
+    from detector.data import shards
 
-    dataset = data.read_split(shards, "train").materialize()
+    dataset = shards.read_split(shards, "train").materialize()
     size = _image_size(shards)
     started, seen = time.perf_counter(), 0
     for _ in range(3):
         for batch in dataset.iterator().iter_batches(batch_size=batch_size,
                                                      batch_format="numpy",
                                                      local_shuffle_buffer_size=2048):
-            seen += len(data.decode_pixels(batch["image"], size))
+            seen += len(shards.decode_pixels(batch["image"], size))
     return seen / (time.perf_counter() - started)
 
 
 def step_rate(model_name: str, size: int, batch_size: int, steps: int = 30) -> float:
-    from detector.fit import FitSettings, fit
-    from detector.models import build_model
+    from detector.model.architectures import build_model
+    from detector.training.fit import FitSettings, fit
 
     model = build_model(model_name, image_size=size)
     rng = np.random.default_rng(0)
@@ -123,9 +123,9 @@ def step_rate(model_name: str, size: int, batch_size: int, steps: int = 30) -> f
 
 
 def _image_size(shards: str) -> int:
-    from detector import data
+    from detector.data import shards
 
-    return data.read_manifest(shards)["image_size"]
+    return shards.read_manifest(shards)["image_size"]
 
 
 def main() -> None:
@@ -147,9 +147,9 @@ def main() -> None:
 
     import ray
 
-    from detector import prepare
     from detector.config import PrepareConfig
-    from detector.sample import SampleSpec, write_sample
+    from detector.data import prepare
+    from detector.data.sample import SampleSpec, write_sample
 
     ray.init(num_cpus=max(4, os.cpu_count() or 1), num_gpus=int(gpus + 0.999),
              include_dashboard=False,

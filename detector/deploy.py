@@ -205,7 +205,7 @@ def serve_config(
         "applications": [{
             "name": APP_NAME,
             "route_prefix": "/",
-            "import_path": "detector.serve:build_app",
+            "import_path": "detector.serving:build_app",
             "args": s.to_args(),
             "deployments": [
                 {

@@ -17,7 +17,7 @@ def pytest_runtest_setup(item):
     native bfloat16 (AMX or AVX512-BF16), where the product refuses bfloat16. Simulate
     such a CPU anywhere with ONEDNN_MAX_CPU_ISA=AVX2."""
     if item.get_closest_marker("requires_bf16"):
-        from detector.runtimes import bf16_hardware, cpu_features
+        from detector.model.runtimes import bf16_hardware, cpu_features
 
         if not bf16_hardware(gpu_ok=False):
             has = ", ".join(k for k, v in cpu_features().items() if v) or "none of them"
@@ -28,8 +28,8 @@ def pytest_runtest_setup(item):
 def sample_arrays():
     """(train_x, train_y, test_x, test_y): `detector sample` images decoded through the one
     preprocessing path at their native size (cropping, never shrinking, keeps traces)."""
-    from detector.preprocess import load_image
-    from detector.sample import encode, make_image
+    from detector.data.sample import encode, make_image
+    from detector.io.preprocess import load_image
 
     def make(seed: int, per_class: int):
         xs, ys = [], []
@@ -50,10 +50,10 @@ def trained_tiny(sample_arrays, tmp_path_factory):
     """A resnet50v2_tiny trained briefly on sample data, saved as an artifact: (uri, state)."""
     import keras
 
-    from detector.artifact import ModelCard, save_artifact
-    from detector.fit import FitSettings, fit
-    from detector.models import build_model
-    from detector.preprocess import PREPROCESS_VERSION
+    from detector.io.preprocess import PREPROCESS_VERSION
+    from detector.model.architectures import build_model
+    from detector.model.artifact import ModelCard, save_artifact
+    from detector.training.fit import FitSettings, fit
 
     train_x, train_y, test_x, test_y = sample_arrays
     keras.utils.set_random_seed(int(os.environ.get("DETECTOR_TEST_SEED", "0")))
@@ -89,7 +89,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint (moto's server) on 127.0.0.1; AWS_* variables point at it, so
-    boto3, pyarrow (through detector.storage) and Ray workers started afterwards use it."""
+    boto3, pyarrow (through detector.io.storage) and Ray workers started afterwards use it."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()

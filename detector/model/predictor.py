@@ -1,0 +1,146 @@
+"""One Predictor for every consumer: `detector predict`, Ray Data scans and Ray Serve.
+
+It owns the model and its card and turns uint8 pixel batches into P(AI-generated).
+Decoding stays in `detector.io.preprocess`, so callers can decode in parallel elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from detector.io import preprocess
+from detector.model import runtimes
+from detector.model.artifact import ModelCard, load_card, resolve
+from detector.model.ensemble import is_ensemble
+from detector.verdicts import consistency, provenance
+from detector.verdicts.calibration import Calibration
+from detector.verdicts.verdict import classify_for, decide_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The outcome for one input: a score and verdict, or an error code."""
+
+    score_ai: float | None
+    verdict: str | None
+    decided_by: str | None = None  # provenance | classifier (detector.verdicts.verdict)
+    evidence: list[dict] = field(default_factory=list)  # detector.verdicts.provenance findings
+    format: str | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+    error_detail: str | None = None
+
+
+class Predictor:
+    """Scores batches of decoded images with a loaded model on one runtime."""
+
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], card: ModelCard,
+                 batch_size: int = 32, runtime: str = "keras/float32"):
+        self._forward = forward
+        self.card = card
+        self.batch_size = batch_size
+        self.runtime = runtime  # "backend/precision", as resolved
+
+    @classmethod
+    def from_uri(cls, uri: str, batch_size: int = 32, backend: str = "auto",
+                 precision: str = "float32", threads: int | None = None) -> Predictor:
+        """Load the artifact at `uri` on the runtime `backend`/`precision` resolve to
+        (see `detector.model.runtimes`); `threads`: the CPUs reserved for it (None: all)."""
+        uri = resolve(uri)  # one version, even if training publishes another meanwhile
+        card = load_card(uri)
+        if is_ensemble(card):  # members load here, each on its runtime
+            forward, runtime = members_forward(card, batch_size, backend, precision, threads)
+            log.info("model %s@%s runs on %s", card.name, card.id, runtime)
+            return cls(forward, card, batch_size=batch_size, runtime=runtime)
+        choice = runtimes.resolve(card, backend, precision, uri)
+        forward = runtimes.load(uri, choice, card, threads)
+        log.info("model %s@%s runs on %s", card.name, card.id, choice)
+        return cls(forward, card, batch_size=batch_size, runtime=str(choice))
+
+    @classmethod
+    def from_model(cls, model, card: ModelCard, batch_size: int = 32,
+                   precision: str = "float32") -> Predictor:
+        """A Predictor on an in-memory Keras model (training's own evaluation)."""
+        return cls(runtimes.keras_forward(model, card.image_size, precision), card,
+                   batch_size=batch_size, runtime=f"keras/{precision}")
+
+    @property
+    def image_size(self) -> int:
+        return self.card.image_size
+
+    def score(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N,) P(AI-generated), calibrated when the card
+        carries a calibration, in chunks of batch_size."""
+        if len(pixels) == 0:
+            return np.zeros((0,), dtype=np.float32)
+        chunks = [
+            self._forward(np.ascontiguousarray(pixels[i : i + self.batch_size],
+                                               dtype=np.float32))
+            for i in range(0, len(pixels), self.batch_size)
+        ]
+        raw = np.concatenate([np.asarray(c).reshape(-1) for c in chunks]).astype(np.float32)
+        if self.card.calibration:  # the card's Platt scaling, fitted on validation
+            return Calibration(self.card.calibration["a"], self.card.calibration["b"]).apply(raw)
+        return raw
+
+    def predict_bytes(self, blobs: Sequence[bytes], consistency: bool = False
+                      ) -> list[Prediction]:
+        """Decode and score raw files; undecodable ones come back with an error code.
+        `consistency`: also score re-encoded copies (see `detector.verdicts.consistency`)."""
+        decoded: list[tuple[int, np.ndarray, preprocess.ImageInfo]] = []
+        results: list[Prediction | None] = [None] * len(blobs)
+        evidence = [provenance.inspect(blob) for blob in blobs]
+        for i, blob in enumerate(blobs):
+            try:
+                pixels, info = preprocess.load_image(blob, self.image_size)
+            except preprocess.ImageError as err:
+                results[i] = Prediction(None, None, evidence=[e.to_dict() for e in evidence[i]],
+                                        error=err.code, error_detail=err.detail)
+                continue
+            decoded.append((i, pixels, info))
+        if decoded:
+            images = np.stack([pixels for _, pixels, _ in decoded])
+            scores = self.score(images)
+            if consistency:
+                self._check_consistency(images, scores, [evidence[i] for i, _, _ in decoded])
+            for (i, _, info), score in zip(decoded, scores, strict=True):
+                verdict, decided_by = decide_for(self.card, float(score), evidence[i])
+                results[i] = Prediction(
+                    float(score), verdict, decided_by, [e.to_dict() for e in evidence[i]],
+                    info.format, info.width, info.height,
+                )
+        return results  # type: ignore[return-value]
+
+    def _check_consistency(self, images: np.ndarray, scores: np.ndarray,
+                           evidence: list[list]) -> None:
+        """Score every image's re-encoded copies; add a finding where verdicts disagree."""
+        copy_scores = consistency.copy_scores(images, self.score)
+        for score, variant_scores, found in zip(scores, copy_scores, evidence, strict=True):
+            flip = consistency.finding(functools.partial(classify_for, self.card), float(score),
+                                       variant_scores)
+            if flip is not None:
+                found.append(flip)
+
+
+def members_forward(card: ModelCard, batch_size: int = 32, backend: str = "auto",
+                    precision: str = "float32", threads: int | None = None
+                    ) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(forward, runtime) for an ensemble card: each member loads on the runtime
+    `backend`/`precision` resolve to for it; forward = the weighted mean of their
+    calibrated probabilities."""
+    members = [(Predictor.from_uri(m["uri"], batch_size, backend, precision, threads),
+                m["weight"]) for m in card.config["members"]]
+
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        return sum(weight * member.score(pixels) for member, weight in members)
+
+    runtime = "ensemble(" + ", ".join(member.runtime for member, _ in members) + ")"
+    return forward, runtime

@@ -1,0 +1,123 @@
+"""The HTTP contract as Pydantic models: what every route takes and answers.
+
+The Serve ingress builds its JSON bodies through these models (so an answer that strays
+from the contract fails on the server, not in a client) and FastAPI publishes them in the
+OpenAPI document at /openapi.json, which schemathesis checks against the running app.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Verdict = Literal["ai-generated", "real", "uncertain"]
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(ApiModel):
+    """Every 4xx and 5xx: a short machine-readable code and a human detail (never a trace)."""
+
+    error: str = Field(examples=["truncated"])
+    detail: str = Field(examples=["image file is truncated"])
+
+
+class EvidenceItem(ApiModel):
+    """One provenance or consistency finding (see detector.verdicts.provenance)."""
+
+    source: str = Field(description="c2pa | xmp | png-text | exif | metadata | consistency")
+    kind: str
+    strength: Literal["strong", "weak", "info"]
+    detail: str
+
+
+class DetectResult(ApiModel):
+    """The answer to POST /v1/detect."""
+
+    score_ai: float = Field(ge=0, le=1, description="calibrated P(AI-generated)")
+    verdict: Verdict
+    decided_by: Literal["provenance", "classifier"]
+    evidence: list[EvidenceItem]
+    threshold: float = Field(ge=0, le=1)
+    model: str = Field(description="name@version of the model that scored this image")
+    format: str | None = Field(description="the decoded container format (PNG, JPEG, ...)")
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    heatmap_png: str | None = Field(
+        default=None, description="with ?explain=true: a base64 PNG of the image with where "
+        "the model looked coloured over the square it scored")
+    explanation: Literal["grad-cam", "attention-rollout"] | None = Field(
+        default=None, description="how heatmap_png was made")
+
+
+class ModelInfo(ApiModel):
+    """GET /v1/model: the card of the model version this app serves."""
+
+    name: str
+    id: str
+    architecture: str
+    image_size: int
+    threshold: float
+    uncertain_margin: float
+    labels: dict[str, str]
+    metrics: dict[str, Any]
+    preprocess_version: int
+    created_at: str
+
+
+class Health(ApiModel):
+    status: Literal["ok"]
+    model: str = Field(description="name@version of the model answering")
+
+
+class ScanRequest(ApiModel):
+    """POST /v1/scans: both URIs must lie under the app's `scan_allow` prefixes."""
+
+    source: str = Field(min_length=1, max_length=2048, examples=["s3://bucket/images/"])
+    output: str = Field(min_length=1, max_length=2048, examples=["s3://bucket/reports/"])
+
+
+class ScanStarted(ApiModel):
+    id: str
+    status: Literal["running"]
+    status_url: str
+
+
+class ScanStatus(ApiModel):
+    """A scan started over HTTP, while it runs and after (kept `keep_finished_scans_s`)."""
+
+    id: str
+    status: Literal["running", "succeeded", "failed"]
+    source: str
+    output: str
+    started_at: str
+    finished_at: str | None
+    progress: dict[str, Any] | None = Field(description="counts so far, while running")
+    summary: dict[str, Any] | None = Field(description="the scan's summary once succeeded")
+    error: str | None
+
+
+class ScanList(ApiModel):
+    scans: list[ScanStatus]
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` entry documenting these error statuses with the ErrorBody schema."""
+    return {status: {"model": ErrorBody, "description": ERROR_MEANINGS[status]}
+            for status in statuses}
+
+
+ERROR_MEANINGS = {
+    400: "undecodable image or malformed body",
+    401: "missing or wrong API key (when the app has one)",
+    403: "a URI outside the scan allow-list",
+    404: "no such resource",
+    413: "too many bytes or pixels",
+    415: "unsupported content type, or an image format refused on purpose (PSD, EPS, ...)",
+    422: "a request that does not match this schema",
+    429: "too many scans running; retry later",
+    503: "overloaded or the model is unavailable; retry later",
+}

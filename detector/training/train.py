@@ -1,0 +1,414 @@
+"""Ray Train: data-parallel training of each requested model, then evaluation.
+
+Driver side (`train_models`): one `TensorflowTrainer` per model, each worker reading its
+own shard of the training split from Ray Data; afterwards one Ray task (on a worker, with
+the workers' resources) turns the best checkpoint into the final artifact. Worker side
+(`train_loop_per_worker`): MultiWorkerMirroredStrategy around `detector.training.fit.fit`.
+
+Checkpoints (current weights, best weights, loop state, optimizer state) are reported
+every epoch, so a failed worker or a killed job continues from the last completed epoch as
+if never stopped; `--resume` continues only a run of the same shards and settings
+(`start_run`). A model with a frozen base trains its head on features cached once
+(`detector.training.features`); its checkpoints then hold the head alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from detector.config import TrainConfig, to_dict
+from detector.data import shards
+from detector.io import console, storage
+from detector.training import features
+from detector.training.fit import EpochEnd, FitSettings, FitState, fit
+
+CURRENT_WEIGHTS = "current.weights.h5"
+BEST_WEIGHTS = "best.weights.h5"
+STATE = "state.json"
+OPTIMIZER = "optimizer.npz"  # Adam's step count and moments: a resume continues them
+RUNS_DIR = "_ray_runs"
+SHUFFLE_BUFFER_ROWS = 2048
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import numpy as np
+    import ray.train
+    import tensorflow as tf
+
+    from detector.data.augment import robust_augment
+    from detector.io.threads import configure_gpus, limit_threads, reserved_threads
+    from detector.model.architectures import build_model
+    from detector.model.runtimes import training_policy, with_dtype_policy
+
+    cfg = TrainConfig(**loop_config["train_config"])
+    configure_gpus()
+    threads = reserved_threads(cfg.cpus_per_worker, cfg.gpus_per_worker)
+    if threads:
+        limit_threads(threads)  # not every core of the host; before the first model
+    name, image_size = loop_config["model"], loop_config["image_size"]
+    cache = loop_config.get("feature_cache")  # train the head on cached features
+    relay = loop_config.get("relay")  # lines for the person running the job (console.py)
+    context = ray.train.get_context()
+    world, rank = context.get_world_size(), context.get_world_rank()
+    tf.keras.utils.set_random_seed(cfg.seed)
+    # Ray sets TF_CONFIG for every worker; the strategy all-reduces gradients between them.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = build_model(name, image_size=image_size, **_build_overrides(name, cfg))
+        if cfg.mixed_precision:  # same float32 weights, so checkpoints load either way
+            model = with_dtype_policy(model, training_policy(cfg.gpus_per_worker))
+        # What the optimizer trains: the head alone (its layers are the model's own) when
+        # the frozen base's features come from the cache, else the whole model.
+        trained = features.split(model, features.feature_layer(name))[1] if cache else model
+
+    if cache:  # the weights the cached features were computed with
+        features.load_weights(model, storage.join(cache, features.WEIGHTS))
+    # Checkpoints hold the weights of what trains: with the cache, the head alone (a few
+    # MB instead of the base's ~95 MB per epoch); the base is in the cache.
+    state, best_weights, optimizer_state = None, None, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            trained.load_weights(os.path.join(directory, CURRENT_WEIGHTS))
+            with open(os.path.join(directory, STATE)) as handle:
+                state = FitState.from_dict(json.load(handle))
+            best_weights = _read_weights(trained, os.path.join(directory, BEST_WEIGHTS))
+            optimizer_state = _read_optimizer(os.path.join(directory, OPTIMIZER))
+        if rank == 0:
+            console.say(relay, f"Resuming {name} from its checkpoint after epoch {state.epoch}")
+
+    per_worker_batch = max(1, cfg.batch_size // world)
+    rng = np.random.default_rng([cfg.seed, rank, state.epoch if state else 0])
+    epochs_started = [state.epoch if state else 0]
+
+    def batches(split: str, train: bool):
+        def generate():
+            if cache and train:  # epoch e reads augmented view e mod K of every image
+                view = epochs_started[0] % features.views_of(cfg)
+                shard = ray.train.get_dataset_shard(train_view(view))
+                epochs_started[0] += 1
+            else:
+                shard = ray.train.get_dataset_shard(split)
+            # drop_last keeps every worker at the same step count, which the all-reduce needs.
+            for batch in shard.iter_batches(
+                batch_size=per_worker_batch, batch_format="numpy", drop_last=train,
+                # A fresh order every epoch, within a bounded buffer (memory stays flat).
+                local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS if train else None,
+                local_shuffle_seed=int(rng.integers(2**31)) if train else None,
+            ):
+                if cache:
+                    yield batch["features"], batch["label"]
+                    continue
+                pixels = shards.decode_pixels(batch["image"], image_size)
+                if train and cfg.augment == "robust":
+                    pixels = np.stack([robust_augment(p, rng) for p in pixels])
+                yield pixels, batch["label"]
+
+        return generate
+
+    workdir = tempfile.mkdtemp(prefix="detector-train-")
+    best_path = os.path.join(workdir, BEST_WEIGHTS)
+    if best_weights is not None:
+        current = trained.get_weights()
+        trained.set_weights(best_weights)
+        trained.save_weights(best_path)
+        trained.set_weights(current)
+
+    def on_epoch_end(end: EpochEnd) -> None:
+        if end.improved:
+            trained.save_weights(best_path)
+        metrics = {k: v for k, v in end.metrics.items() if isinstance(v, int | float)}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        console.say(relay, epoch_line(name, cfg.epochs, end))
+        with tempfile.TemporaryDirectory() as directory:
+            trained.save_weights(os.path.join(directory, CURRENT_WEIGHTS))
+            shutil.copy(best_path, os.path.join(directory, BEST_WEIGHTS))
+            np.savez(os.path.join(directory, OPTIMIZER), *end.optimizer_state)
+            with open(os.path.join(directory, STATE), "w") as handle:
+                json.dump(end.state.to_dict(), handle)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    settings = FitSettings(
+        epochs=cfg.epochs, lr=cfg.lr, patience=cfg.patience, lr_patience=cfg.lr_patience,
+        max_steps_per_epoch=cfg.max_steps_per_epoch,
+    )
+    fit(
+        trained, batches("train", True), batches("val", False), settings,
+        strategy=strategy, state=state, on_epoch_end=on_epoch_end, best_weights=best_weights,
+        optimizer_state=optimizer_state,
+    )
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def epoch_line(name: str, epochs: int, end: EpochEnd) -> str:
+    """One line per epoch for the person running the job."""
+    m = end.metrics
+    return (f"  {name} epoch {m['epoch']}/{epochs}: loss {m['loss']:.4f}  val_loss "
+            f"{m['val_loss']:.4f}  val_acc {m['val_accuracy']:.3f}  lr {m['lr']:.1e}  "
+            f"{m['seconds']:.1f} s{'  *' if end.improved else ''}")
+
+
+def train_view(view: int) -> str:
+    """The name of the Ray Train dataset holding cached view `view` of the training split."""
+    return f"train_view{view}"
+
+
+def _read_optimizer(path: str):
+    """The optimizer variables saved in a checkpoint; None in checkpoints from before
+    they were saved (Adam then restarts, as it always did)."""
+    import numpy as np
+
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as stored:
+        return [stored[f"arr_{i}"] for i in range(len(stored.files))]
+
+
+def _read_weights(model, path: str):
+    """Weights stored in `path` as a list, leaving `model` as it was."""
+    if not os.path.exists(path):
+        return None
+    current = model.get_weights()
+    model.load_weights(path)
+    stored = model.get_weights()
+    model.set_weights(current)
+    return stored
+
+
+def _build_overrides(name: str, cfg: TrainConfig) -> dict:
+    from detector.model.architectures import get_spec
+
+    return {"weights": cfg.weights} if get_spec(name).pretrained else {}
+
+
+def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: str | None = None,
+                  say=print, relay: Any = None):
+    """The TensorflowTrainer for one model, reading the prepared shards, or the frozen
+    base's cached features at `feature_cache` (see `detector.training.features`)."""
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    run_name = f"train-{name}"
+    storage_path = storage.join(cfg.out, RUNS_DIR)
+    start_run(cfg, name, image_size, storage.join(storage_path, run_name), say)
+    fs, path = storage.resolve(storage_path)
+    if not storage.is_s3(storage_path):
+        os.makedirs(path, exist_ok=True)
+    if feature_cache:
+        views = features.views_of(cfg)
+        datasets = {"val": _small(*features.read_features(feature_cache, "val"))}
+        datasets |= {train_view(k): _small(*features.read_features(feature_cache, "train", k))
+                     for k in range(views)}
+    else:
+        datasets = {split: _dataset(cfg.data, split) for split in ("train", "val")}
+    return TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train_config": to_dict(cfg), "model": name, "image_size": image_size,
+                           "feature_cache": feature_cache, "relay": relay},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.gpus_per_worker > 0,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker}
+            if cfg.gpus_per_worker > 0 else {"CPU": cfg.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+
+
+# The settings a checkpoint's weights and optimizer state depend on: `--resume` continues
+# a run only when all of them (and the shards' fingerprint) are what they were. Epochs,
+# patience, workers and resources may change between a run and its resume.
+RUN_SETTINGS = ("weights", "augment", "views", "lr", "batch_size", "seed")
+
+
+def run_key(cfg: TrainConfig, name: str, image_size: int) -> dict:
+    """What identifies a training run for `--resume`."""
+    settings = to_dict(cfg)
+    key = {"fingerprint": shards.read_manifest(cfg.data)["fingerprint"], "model": name,
+           "image_size": image_size}
+    return key | {setting: settings[setting] for setting in RUN_SETTINGS} | {
+        "views": features.views_of(cfg),
+        # Checkpoints on the cache hold the head alone: not a run to continue without it.
+        "feature_cache": bool(cfg.feature_cache and features.feature_layer(name))}
+
+
+def start_run(cfg: TrainConfig, name: str, image_size: int, run_uri: str, say=print) -> None:
+    """Keep the run at `run_uri` for Ray Train to resume, or clear it for a fresh run.
+
+    `--resume` keeps it only when its record shows the same shards and settings; anything
+    else starts fresh with one line saying why, so re-applying a train job after the
+    shards changed trains on them instead of republishing the old weights."""
+    key = run_key(cfg, name, image_size)
+    record_uri = run_uri + RUN_RECORD_SUFFIX
+    previous = json.loads(storage.read_bytes(record_uri)) if storage.exists(record_uri) else None
+    if cfg.resume and previous == key:
+        return
+    if cfg.resume and previous is None:
+        say(f"--resume: no earlier run of {name} under {cfg.out}; starting fresh")
+    elif cfg.resume:
+        changed = sorted(k for k in key if previous.get(k) != key[k])
+        say(f"--resume: the checkpointed run of {name} had other {', '.join(changed)}; "
+            "starting fresh")
+    storage.delete_tree(run_uri)
+    storage.write_bytes(record_uri, json.dumps(key, indent=2).encode())
+
+
+RUN_RECORD_SUFFIX = ".run.json"  # beside Ray Train's run directory, not inside it
+MATERIALIZE_BELOW_BYTES = 1 << 30
+
+
+def _dataset(shards_uri: str, split: str):
+    """A split as a Ray dataset; small ones are read once into the object store, so epochs
+    after the first do not pay Parquet reads again."""
+    manifest = shards.read_manifest(shards_uri)
+    dataset = shards.read_split(shards_uri, split, manifest=manifest)
+    rows = sum(manifest["counts"][split].values())
+    return _small(dataset, rows * 3 * manifest["image_size"] ** 2)
+
+
+def _small(dataset, size_bytes: int):
+    """`dataset`, held in the object store when it is small (`size_bytes`)."""
+    return dataset.materialize() if size_bytes < MATERIALIZE_BELOW_BYTES else dataset
+
+
+def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
+             feature_cache: str | None = None) -> dict:
+    """Best checkpoint -> an evaluated new version OUT/<name>/<id>/, then the pointer
+    OUT/<name>/latest.json moved to it. Returns its metrics."""
+    from detector.io.preprocess import PREPROCESS_VERSION
+    from detector.model.architectures import build_model
+    from detector.model.artifact import ModelCard, publish_version
+    from detector.model.export import ExportRefused, export_from_shards
+    from detector.model.predictor import Predictor
+    from detector.training import evaluate
+
+    manifest = shards.read_manifest(cfg.data)
+    with open(os.path.join(checkpoint_dir, STATE)) as handle:
+        state = FitState.from_dict(json.load(handle))
+    model = build_model(name, image_size=image_size, **_build_overrides(name, cfg))
+    if feature_cache:  # the cache's base, then the best head trained on its features
+        features.load_weights(model, storage.join(feature_cache, features.WEIGHTS))
+        features.split(model, features.feature_layer(name))[1].load_weights(
+            os.path.join(checkpoint_dir, BEST_WEIGHTS))
+    else:
+        model.load_weights(os.path.join(checkpoint_dir, BEST_WEIGHTS))
+    card = ModelCard(
+        name=name,
+        architecture=_family(name),
+        image_size=image_size,
+        preprocess_version=PREPROCESS_VERSION,
+        data_fingerprint=manifest["fingerprint"],
+        config=to_dict(cfg) | {"best_epoch": state.best_epoch, "epochs_run": state.epoch},
+    )
+    report = evaluate.evaluate_model(Predictor.from_model(model, card), cfg.data,
+                                     history=state.history, policy=cfg.threshold_policy)
+    card.threshold = report.threshold
+    card.metrics = report.headline()
+
+    refusals = []
+
+    def files(directory: str) -> None:
+        report.write(directory)
+        # The card is written after this: its parity record names a file already there.
+        try:
+            card.exports = export_from_shards(model, card, directory, cfg.data, cfg.int8)
+        except ExportRefused as refused:  # the model itself is good: publish it without
+            card.exports = refused.kept
+            refusals.append(str(refused))
+
+    version = publish_version(model, card, storage.join(cfg.out, name), extra_files=files)
+    return {"model": name, "id": card.id, "artifact": version, **card.metrics,
+            "best_epoch": state.best_epoch, "epochs": state.epoch,
+            "exports": sorted(card.exports), "export_refused": refusals[0] if refusals else None}
+
+
+def _family(name: str) -> str:
+    from detector.model.architectures import get_spec
+
+    return get_spec(name).family
+
+
+def train_models(cfg: TrainConfig) -> dict:
+    """Train every model in `cfg.model` one after another; write the comparison table."""
+    import ray
+
+    from detector.training.evaluate import parse_policy
+
+    parse_policy(cfg.threshold_policy)  # a typo fails now, not after hours of training
+    manifest = shards.read_manifest(cfg.data)
+    image_size = cfg.image_size or manifest["image_size"]
+    if image_size != manifest["image_size"]:
+        raise ValueError(
+            f"--image-size {image_size} differs from the shards' {manifest['image_size']}: "
+            "re-run `detector prepare --image-size` instead of resizing prepared pixels"
+        )
+    results = []
+    # Evaluation runs where training ran (a worker with the same resources), not on the
+    # head node, which on a real cluster has no GPU and should do no work.
+    finalize_task = ray.remote(_finalize_task).options(
+        num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker
+    )
+    for name in cfg.model:
+        cache = None
+        if cfg.feature_cache and features.feature_layer(name):
+            cache = features.ensure_cache(cfg, name, image_size)
+        with console.Relay() as relay:  # epoch lines from rank 0, printed here
+            result = build_trainer(cfg, name, image_size, cache, relay=relay.handle).fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training {name} reported no checkpoint: {result.error}")
+        results.append(ray.get(finalize_task.remote(cfg, name, image_size,
+                                                    result.checkpoint.path, cache)))
+    comparison = write_comparison(cfg.out, results)
+    return {"models": results, "comparison": comparison}
+
+
+def _finalize_task(cfg: TrainConfig, name: str, image_size: int, checkpoint_path: str,
+                   feature_cache: str | None) -> dict:
+    if not storage.is_s3(cfg.out):
+        return finalize(cfg, name, image_size, checkpoint_path, feature_cache)
+    with tempfile.TemporaryDirectory() as local:  # checkpoint paths on S3 lack the scheme
+        storage.download_dir(f"s3://{checkpoint_path}", local)
+        return finalize(cfg, name, image_size, local, feature_cache)
+
+
+COMPARISON_COLUMNS = (
+    ("model", "Model"), ("id", "Version"), ("accuracy", "Accuracy"), ("precision", "Precision"),
+    ("recall", "Recall"), ("f1", "F1"), ("roc_auc", "ROC AUC"), ("specificity", "Specificity"),
+    ("tpr_at_1pct_fpr", "TPR@1%FPR"), ("ece", "ECE"), ("threshold", "Threshold"),
+    ("best_epoch", "Best epoch"),
+)
+
+
+def write_comparison(out_uri: str, results: list[dict]) -> str:
+    """The notebook's model comparison table, as Markdown and JSON beside the artifacts."""
+    header = "| " + " | ".join(title for _, title in COMPARISON_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * len(COMPARISON_COLUMNS)]
+    for result in results:
+        cells = [_cell(result.get(key)) for key, _ in COMPARISON_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    storage.write_bytes(storage.join(out_uri, "comparison.md"), table.encode())
+    storage.write_bytes(
+        storage.join(out_uri, "comparison.json"), json.dumps(results, indent=2).encode()
+    )
+    return table
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)

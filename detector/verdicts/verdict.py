@@ -1,0 +1,65 @@
+"""The one verdict rule, used by predict, serve and scan alike.
+
+1. Strong AI provenance in the image's own bytes (a C2PA manifest or IPTC XMP declaring
+   an AI digital source type, generator parameters, a generator's name as the creating
+   software) decides: `ai-generated`, decided_by `provenance`.
+2. Otherwise the classifier decides (decided_by `classifier`) on the calibrated
+   probability: `uncertain` within `margin` of the threshold (the band fitted on the
+   validation split, clamped so all three verdicts stay reachable: see
+   `detector.verdicts.calibration`), else `ai-generated` at or above it and `real` below; and
+   `uncertain` whenever a consistency check found the verdict flipping on a re-saved or
+   resized copy (`detector.verdicts.consistency`, when asked for).
+
+Weak evidence (camera EXIF, a manifest that fails validation) and a C2PA
+`digitalCapture` claim are shown beside the verdict and never change it: metadata that
+claims a camera is easy to write, while nobody adds an AI claim to pass as real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from detector.verdicts.calibration import clamp_band
+from detector.verdicts.consistency import disagrees
+from detector.verdicts.provenance import Evidence, decisive
+
+
+def classify(score: float, threshold: float, margin: float) -> str:
+    """The classifier's verdict for calibrated P(AI-generated) `score`. The band is
+    clamped, so a card with a high threshold still reaches `ai-generated`."""
+    if abs(score - threshold) < clamp_band(threshold, margin):
+        return "uncertain"
+    return "ai-generated" if score >= threshold else "real"
+
+
+def decide(score: float, threshold: float, margin: float,
+           evidence: Iterable[Evidence] = ()) -> tuple[str, str]:
+    """(verdict, decided_by) for a decoded image's classifier score and its provenance
+    evidence. An image that did not decode gets no verdict at all (its error instead)."""
+    evidence = list(evidence)
+    if decisive(evidence) is not None:
+        return "ai-generated", "provenance"
+    if disagrees(evidence):
+        return "uncertain", "classifier"
+    return classify(score, threshold, margin), "classifier"
+
+
+class Thresholds(Protocol):
+    """What a model card carries for the rule: its threshold and its uncertain band."""
+
+    threshold: float
+    uncertain_margin: float
+
+
+def classify_for(card: Thresholds, score: float, threshold: float | None = None) -> str:
+    """`classify` with the card's threshold (unless one is given) and band."""
+    return classify(score, card.threshold if threshold is None else threshold,
+                    card.uncertain_margin)
+
+
+def decide_for(card: Thresholds, score: float, evidence: Iterable[Evidence] = (),
+               threshold: float | None = None) -> tuple[str, str]:
+    """`decide` with the card's threshold (unless one is given) and band."""
+    return decide(score, card.threshold if threshold is None else threshold,
+                  card.uncertain_margin, evidence)

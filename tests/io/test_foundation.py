@@ -1,0 +1,131 @@
+"""Package hygiene, config flags, storage and the pure parts of data preparation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+def test_import_detector_has_no_side_effects(tmp_path):
+    code = (
+        "import sys, time; t = time.perf_counter(); import detector; "
+        "print(time.perf_counter() - t, 'tensorflow' in sys.modules, 'ray' in sys.modules, "
+        "'keras' in sys.modules)"
+    )
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[1:] == ["False", "False", "False"]
+    assert float(out[0]) < 0.1
+    assert os.listdir(tmp_path) == []
+    assert time.perf_counter() - started < 10
+
+
+def test_cli_help_lists_every_subcommand():
+    from detector.cli.commands import build_parser
+
+    text = build_parser().format_help()
+    for command in ("sample", "prepare", "train", "evaluate", "predict", "models", "demo"):
+        assert command in text
+
+
+def test_config_flags_round_trip():
+    import argparse
+
+    from detector import config
+
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, config.TrainConfig)
+    args = parser.parse_args(
+        ["--data", "s3://b/shards", "--model", "resnet50v2,vit", "--out", "o", "--epochs", "3",
+         "--resume", "--gpus-per-worker", "0.5"]
+    )
+    cfg = config.from_args(config.TrainConfig, args)
+    assert cfg.model == ("resnet50v2", "vit")
+    assert (cfg.epochs, cfg.resume, cfg.gpus_per_worker, cfg.patience) == (3, True, 0.5, 3)
+    assert cfg.feature_cache is True  # on unless turned off
+    off = parser.parse_args(["--data", "d", "--model", "m", "--out", "o", "--no-feature-cache"])
+    assert config.from_args(config.TrainConfig, off).feature_cache is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "vit"])  # --data and --out are required
+
+
+def test_local_storage_lists_filters_and_writes_atomically(tmp_path):
+    from detector.io import storage
+
+    root = tmp_path / "bucket"
+    storage.write_bytes(str(root / "a" / "x.JPG"), b"1")
+    storage.write_bytes(str(root / "a" / "b" / "photo ü 1.png"), b"22")
+    storage.write_bytes(str(root / "notes.txt"), b"333")
+    listed = list(storage.list_objects(str(root), ("*.jpg", "*.png")))
+    assert [os.path.basename(o.uri) for o in listed] == ["photo ü 1.png", "x.JPG"]
+    assert [o.size for o in listed] == [2, 1]
+    assert len(list(storage.list_objects(f"file://{root}"))) == 3
+    assert not [n for n in os.listdir(root / "a") if n.startswith(".tmp")]
+
+
+def test_publish_dir_replaces_a_local_directory_whole(tmp_path):
+    from detector.io import storage
+
+    for version in ("one", "two"):
+        src = tmp_path / f"src-{version}"
+        src.mkdir()
+        (src / "detector.json").write_text(version)
+        (src / f"only-{version}").write_text(version)
+        storage.publish_dir(str(src), str(tmp_path / "out"), commit_file="detector.json")
+    assert sorted(os.listdir(tmp_path / "out")) == ["detector.json", "only-two"]
+    assert sorted(os.listdir(tmp_path)) == ["out", "src-one", "src-two"]
+
+
+def test_split_is_a_function_of_content_and_seed():
+    from detector.data.prepare import split_of
+
+    hashes = [f"{i:064x}" for i in range(3000)]
+    splits = [split_of(h, (0.7, 0.15, 0.15), 42) for h in hashes]
+    assert splits == [split_of(h, (0.7, 0.15, 0.15), 42) for h in hashes]
+    share = {s: splits.count(s) / len(splits) for s in ("train", "val", "test")}
+    assert abs(share["train"] - 0.7) < 0.03 and abs(share["test"] - 0.15) < 0.03
+    assert splits != [split_of(h, (0.7, 0.15, 0.15), 7) for h in hashes]
+
+
+def test_bias_audit_flags_the_format_shortcut_only_when_present():
+    from detector.data.audit import bias_audit
+
+    def rows(fmt_real, fmt_fake, n=60):
+        return [
+            {"label": label, "source_format": fmt,
+             "width": 256 + (i % 3) * 64, "height": 256, "size_bytes": 1000 + i * 7}
+            for label, fmt in ((0, fmt_real), (1, fmt_fake)) for i in range(n)
+        ]
+
+    biased = bias_audit(rows("JPEG", "PNG"))
+    assert biased["trivial_rule_accuracy"]["format"] == 1.0
+    assert any("format" in w for w in biased["warnings"])
+    fair = bias_audit(rows("JPEG", "JPEG"))
+    assert fair["trivial_rule_accuracy"]["format"] <= 0.6
+    assert not any("format" in w for w in fair["warnings"])
+    assert json.dumps(fair)  # manifest-serialisable
+
+
+def test_threads_follow_the_cpus_ray_reserved():
+    import subprocess
+    import sys
+
+    from detector.io.threads import threads_for
+
+    assert [threads_for(c) for c in (0.25, 1, 2, 2.5, 3)] == [1, 1, 2, 3, 3]
+    code = ("from detector.io.threads import limit_threads, reserved_threads; "
+            "limit_threads(reserved_threads(2.5)); "
+            "import tensorflow as tf; tf.constant(1.0) + 1; "
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+            "tf.config.threading.get_inter_op_parallelism_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["3", "3"]

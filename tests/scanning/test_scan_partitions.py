@@ -1,0 +1,136 @@
+"""Listing ranges, partition cutting and report parts, without Ray or a network."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pytest
+
+from detector.io import listing
+from detector.io.listing import Listed, ListingRange
+from detector.io.selection import Selection
+from detector.scanning import report
+from detector.scanning.partitions import Span, cut, partition_id
+
+pytestmark = pytest.mark.unit
+
+
+def objects(*keys: str) -> list[Listed]:
+    return [Listed(k, 1, "e", k) for k in keys]
+
+
+def keys_of(partitions) -> list[list[str]]:
+    return [[o.key for o in p.objects] for p in partitions]
+
+
+def test_cut_by_size_with_stable_bounds():
+    parts = list(cut(objects(*"abcdefg"), "r", size=3))
+    assert keys_of(parts) == [["a", "b", "c"], ["d", "e", "f"], ["g"]]
+    assert [(p.after, p.last) for p in parts] == [(None, "c"), ("c", "f"), ("f", "g")]
+    again = list(cut(objects(*"abcdefg"), "r", size=3))
+    assert [p.id for p in again] == [p.id for p in parts]  # same listing, same partitions
+    assert parts[1].id == partition_id("r", "c")
+
+
+def test_known_spans_keep_their_objects_whatever_was_added():
+    first = list(cut(objects(*"bdfh"), "r", size=2))
+    spans = [p.span for p in first]  # (None, d], (d, h]
+    resumed = list(cut(objects(*"abcdefghij"), "r", size=2, spans=spans))
+    # New keys inside a committed span join it; keys past the last span are cut afresh.
+    assert keys_of(resumed) == [["a", "b", "c", "d"], ["e", "f", "g", "h"], ["i", "j"]]
+    assert [p.id for p in resumed[:2]] == [p.id for p in first]
+    assert [p.fixed for p in resumed] == [True, True, False]
+
+
+def test_gaps_between_committed_spans_are_cut_without_crossing_them():
+    # An interrupted run committed (None, b] and (f, h], not the partition between them.
+    spans = [Span(None, "b"), Span("f", "h")]
+    parts = list(cut(objects(*"abcdefghi"), "r", size=2, spans=spans))
+    assert keys_of(parts) == [["a", "b"], ["c", "d"], ["e", "f"], ["g", "h"], ["i"]]
+    assert parts[1].after == "b" and parts[3].id == partition_id("r", "f")
+    # Listing one lost partition again gives it back under the same id.
+    again = list(cut(objects(*"cd"), "r", size=2, spans=[parts[1].span]))
+    assert [p.id for p in again] == [parts[1].id]
+
+
+def test_a_span_whose_objects_all_vanished_is_skipped():
+    parts = list(cut(objects("a", "z"), "r", size=5, spans=[Span(None, "a"), Span("a", "m")]))
+    assert keys_of(parts) == [["a"], ["z"]]
+
+
+def tree(root, files: list[str]) -> None:
+    for name in files:
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as handle:
+            handle.write(b"x")
+
+
+def test_plan_covers_every_object_once_also_in_folders_added_later(tmp_path):
+    tree(tmp_path, ["top.png", "a/1.png", "a/x/2.png", "b.png", "b/3.png", "c/4.jpg",
+                    "c/notes.txt"])
+    plan = listing.plan(str(tmp_path))
+    assert plan.ranges[0].exclude  # the root itself, minus its folders
+    tree(tmp_path, ["new/5.png"])  # a folder the plan has not seen
+    images = Selection(include=("*.png", "*.jpg"))
+    listed = [o.uri for r in plan.ranges for o in listing.iter_range(r, images)]
+    expected = ["top.png", "a/1.png", "a/x/2.png", "b.png", "b/3.png", "c/4.jpg", "new/5.png"]
+    assert sorted(listed) == sorted(str(tmp_path / p) for p in expected)
+    for rng in plan.ranges:  # each range in key order: what partition bounds rely on
+        keys = [o.key for o in listing.iter_range(rng)]
+        assert keys == sorted(keys)
+
+
+def test_plan_stays_within_its_range_budget(tmp_path):
+    tree(tmp_path, [f"d{i:03d}/img.png" for i in range(40)])
+    plan = listing.plan(str(tmp_path), max_ranges=16)
+    assert plan.ranges == [ListingRange(prefix=str(tmp_path) + "/")]  # listed whole
+    assert len(list(listing.iter_range(plan.ranges[0]))) == 40
+
+
+def test_plan_refuses_a_missing_or_empty_source(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        listing.plan(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no objects"):
+        listing.plan(str(tmp_path))
+
+
+def test_manifest_ranges_read_csv_and_parquet(tmp_path):
+    import pyarrow.parquet as pq
+
+    (tmp_path / "keys.csv").write_text("bucket,key,size,e_tag\nb,k 1.png,10,\"abc\"\n"
+                                       "b,k2.jpg,20,def\n")
+    [rng] = listing.plan("", manifest=str(tmp_path / "keys.csv")).ranges
+    listed = list(listing.iter_range(rng))
+    assert [(o.uri, o.size, o.etag) for o in listed] == [("s3://b/k 1.png", 10, "abc"),
+                                                        ("s3://b/k2.jpg", 20, "def")]
+    pq.write_table(pa.table({"uri": [f"s3://b/{i}.png" for i in range(10)]}),
+                   tmp_path / "keys.parquet", row_group_size=4)
+    ranges = listing.plan("", manifest=str(tmp_path / "keys.parquet")).ranges
+    assert [r.row_group for r in ranges] == [0, 1, 2]
+    assert sum(len(list(listing.iter_range(r))) for r in ranges) == 10
+    (tmp_path / "bad.csv").write_text("path\nx\n")
+    with pytest.raises(ValueError, match="needs a header"):
+        list(listing.iter_range(ListingRange(manifest=str(tmp_path / "bad.csv"))))
+
+
+def test_parts_are_whole_sorted_single_row_group_files_with_their_record(tmp_path):
+    import pyarrow.parquet as pq
+
+    out = str(tmp_path / "report")
+    rows = [{"uri": u, "size_bytes": 1, "etag": "e"} for u in ("c", "a", "b")]
+    table = pa.Table.from_pylist(rows, schema=report.REPORT_SCHEMA)
+    report.write_part(out, "part-x.parquet", table, {"rows": 3, "after": None})
+    assert report.part_files(out) == ["part-x.parquet"]
+    assert os.listdir(out) == ["part-x.parquet"]  # no temp file left beside it
+    assert report.read_part(out, "part-x.parquet").column("uri").to_pylist() == ["a", "b", "c"]
+    assert pq.ParquetFile(os.path.join(out, "part-x.parquet")).metadata.num_row_groups == 1
+    assert report.part_metadata(out, ["part-x.parquet"]) == {
+        "part-x.parquet": {"rows": 3, "after": None}}
+    with pytest.raises(FileNotFoundError, match="no committed report"):
+        report.read_manifest(out)
+    single = tmp_path / "old.parquet"
+    single.write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match="single file"):
+        report.part_files(str(single))
