@@ -6,7 +6,7 @@ Everything that runs on a cluster takes its numbers from here, so the KubeRay ma
 - `cluster/*.yaml` are rendered by `python -m detector.deploy render cluster/` (a test
   fails when the committed files differ from a fresh render);
 - `serve_config(model_uri)` is the RayService's `serveConfigV2` and a `serve deploy` file;
-- `WORKER_GROUPS` shapes the fake nodes of `tests/ray/test_autoscaling.py`.
+- `WORKER_GROUPS` shapes the fake nodes of `tests/cluster/test_autoscaling.py`.
 
 Importing this module is cheap (no Ray, no TensorFlow); pyyaml loads only to render.
 """

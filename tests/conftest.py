@@ -79,11 +79,21 @@ def batches(x, y, size, seed=None):
 
 
 def free_port() -> int:
+    """A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral
+    range (32768+), from which every port-0 bind (a new Ray's GCS, agents, gRPC servers)
+    draws: a port chosen there could be taken by the Ray a test starts before the test's
+    own server binds it (seen once: "Failed to bind to address '127.0.0.1:41019'")."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @pytest.fixture(scope="session")

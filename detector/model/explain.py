@@ -19,6 +19,9 @@ import math
 
 import numpy as np
 
+from detector.io import preprocess
+from detector.model.artifact import load_artifact, load_card
+
 HEAT_ALPHA = 0.45  # how much of the colour map shows over the image
 MAX_OVERLAY_SIDE = 512
 
@@ -49,7 +52,6 @@ class Explainer:
 
     @classmethod
     def from_uri(cls, uri: str) -> Explainer:
-        from detector.model.artifact import load_artifact, load_card
 
         card = load_card(uri)
         if card.architecture == "ensemble":  # explain the member that weighs most
@@ -146,7 +148,6 @@ def explain_files(model_uri: str, blobs: list[bytes], names: list[str], out_dir:
     local directory); {index: path}. Undecodable ones are skipped (predict reports them)."""
     import os
 
-    from detector.io import preprocess
 
     explainer = Explainer.from_uri(model_uri)
     size = int(explainer.model.input.shape[1])

@@ -23,6 +23,7 @@ import numpy as np
 
 from detector.config import BACKENDS, PRECISIONS
 from detector.io import storage
+from detector.io.threads import configure_gpus, limit_threads
 from detector.model.artifact import (
     INT8_FILE,
     ONNX_FILE,
@@ -88,7 +89,6 @@ def load(uri: str, choice: Choice, card: ModelCard, threads: int | None = None
          ) -> Callable[[np.ndarray], np.ndarray]:
     """The forward function of `choice` for the artifact at `uri`."""
     if choice.backend == "keras":
-        from detector.io.threads import configure_gpus, limit_threads
 
         configure_gpus()  # TensorFlow is imported here only: the other runtimes never load it
         if threads:

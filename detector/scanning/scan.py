@@ -33,6 +33,7 @@ from detector.config import ScanConfig
 from detector.data import duplicates
 from detector.io import listing, storage
 from detector.io.selection import NotSelected, Selection
+from detector.model.artifact import load_card, resolve
 from detector.scanning import report
 from detector.scanning.stages import (
     NOTE_SCHEMA,
@@ -69,7 +70,6 @@ def scan(config: ScanConfig, progress: bool = True,
     """Scan `config.source` into a committed report at `config.out`; returns the summary.
 
     `on_progress(dict)` receives listed/done/errors/partitions/objects_per_second."""
-    from detector.model.artifact import load_card, resolve
 
     started, started_at = time.perf_counter(), _now()
     # One version for the whole scan, even if training publishes another meanwhile.

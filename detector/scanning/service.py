@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from detector.config import ScanConfig
+from detector.scanning.scan import scan
 
 NAMESPACE = "detector-scans"
 
@@ -43,7 +44,6 @@ class ScanJob:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
-        from detector.scanning.scan import scan
 
         try:
             self.state["summary"] = scan(self.config, progress=False,

@@ -28,6 +28,8 @@ from detector.io import preprocess, reads
 from detector.io.listing import ListingRange, iter_range
 from detector.io.selection import NotSelected, Selection
 from detector.io.threads import reserved_threads
+from detector.model.artifact import ModelCard
+from detector.model.predictor import Predictor
 from detector.scanning import report
 from detector.scanning.partitions import Partition, Span, cut, partition_id
 from detector.verdicts import consistency, provenance
@@ -173,7 +175,6 @@ class ScoreWithPredictor:
     def __init__(self, model_uri: str, threshold: float, backend: str = "auto",
                  precision: str = "float32", cpus: float = 1.0, gpus: float = 0.0,
                  check_consistency: bool = False):
-        from detector.model.predictor import Predictor
 
         threads = reserved_threads(cpus, gpus)
         self.predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision,
@@ -195,7 +196,6 @@ class ScoreWithServe:
                  check_consistency: bool = False):
         from ray import serve
 
-        from detector.model.artifact import ModelCard
 
         self.handle = serve.get_deployment_handle("Model", app_name=app_name)
         self.card = ModelCard(**self._call("card"))

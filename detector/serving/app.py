@@ -45,8 +45,10 @@ from starlette.routing import Match
 
 from detector.config import ServeConfig
 from detector.io import console, preprocess
+from detector.io.threads import reserved_threads
 from detector.model.artifact import ModelCard, resolve
-from detector.model.explain import overlay_png
+from detector.model.explain import Explainer, overlay_png
+from detector.model.predictor import Predictor
 from detector.scanning import service as scan_service
 from detector.serving import api
 from detector.verdicts import consistency, provenance
@@ -169,8 +171,6 @@ class Model:
 
     def __init__(self, config: ServeConfig):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
-        from detector.io.threads import reserved_threads
-        from detector.model.predictor import Predictor
 
         # Not every core of the host.
         threads = reserved_threads(config.num_cpus, config.num_gpus)
@@ -193,7 +193,6 @@ class Model:
         """(heatmap in [0, 1], method) for one decoded image; the Keras model of this same
         version loads on the first request that asks (scores never come from it)."""
         if self._explainer is None:
-            from detector.model.explain import Explainer
 
             self._explainer = Explainer.from_uri(self.model_uri)
         return self._explainer.heatmaps(pixels[None])[0], self._explainer.method

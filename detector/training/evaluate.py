@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from detector.data import augment, shards
 from detector.io import storage
+from detector.model.artifact import name_of, new_identity, publish_directory, resolve
 from detector.model.predictor import Predictor
 from detector.verdicts import calibration
 
@@ -252,7 +253,6 @@ def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str,
                       backend: str = "auto", precision: str = "float32") -> dict:
     """`detector evaluate`: re-evaluate a saved artifact with its own threshold, on the
     runtime `backend`/`precision` resolve to."""
-    from detector.model.artifact import resolve
 
     model_uri = resolve(model_uri)
     predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision)
@@ -280,7 +280,6 @@ def recalibrate_artifact(model_uri: str, shards_uri: str, backend: str = "auto",
     import dataclasses
     import tempfile
 
-    from detector.model.artifact import name_of, new_identity, publish_directory, resolve
 
     model_uri = resolve(model_uri)
     name_uri = name_of(model_uri)

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector.data import shards
+from detector.data.augment import AUGMENT_VERSION, robust_augment
 from detector.io import storage
+from detector.io.preprocess import PREPROCESS_VERSION
+from detector.io.threads import configure_gpus, limit_threads, reserved_threads
 
 FEATURES_VERSION = 1  # bump when the pass changes what it stores
 CACHE_DIR = "_features"
@@ -81,8 +84,6 @@ class CacheKey:
 
 def key_for(cfg, name: str, image_size: int, manifest: dict) -> CacheKey:
     """The cache key of training `name` with TrainConfig `cfg` on shards with `manifest`."""
-    from detector.data.augment import AUGMENT_VERSION
-    from detector.io.preprocess import PREPROCESS_VERSION
 
     return CacheKey(
         fingerprint=manifest["fingerprint"], model=name, image_size=image_size,
@@ -180,7 +181,6 @@ def _write_initial_weights(name: str, image_size: int, weights: str, seed: int,
     actors and the training workers all load these, so the base is the same everywhere."""
     import keras
 
-    from detector.io.threads import configure_gpus
     from detector.model.architectures import build_model, get_spec
 
     configure_gpus()
@@ -207,7 +207,6 @@ class FeatureExtractor:
                  views: int, seed: int, cpus: float, gpus: float):
         import tensorflow as tf
 
-        from detector.io.threads import configure_gpus, limit_threads, reserved_threads
         from detector.model.architectures import build_model
 
         configure_gpus()
@@ -243,7 +242,6 @@ class FeatureExtractor:
         return {column: np.concatenate(parts) for column, parts in out.items()}
 
     def _augmented(self, pixels: np.ndarray, sha256: str, view: int) -> np.ndarray:
-        from detector.data.augment import robust_augment
 
         # The same draw for the same image and view on every run: the cache is reproducible.
         rng = np.random.default_rng([self.seed, view, int(str(sha256)[:15], 16)])

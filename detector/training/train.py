@@ -22,8 +22,16 @@ from typing import Any
 
 from detector.config import TrainConfig, to_dict
 from detector.data import shards
+from detector.data.augment import robust_augment
 from detector.io import console, storage
-from detector.training import features
+from detector.io.preprocess import PREPROCESS_VERSION
+from detector.io.threads import configure_gpus, limit_threads, reserved_threads
+from detector.model.artifact import ModelCard, publish_version
+from detector.model.export import ExportRefused, export_from_shards
+from detector.model.predictor import Predictor
+from detector.model.runtimes import training_policy, with_dtype_policy
+from detector.training import evaluate, features
+from detector.training.evaluate import parse_policy
 from detector.training.fit import EpochEnd, FitSettings, FitState, fit
 
 CURRENT_WEIGHTS = "current.weights.h5"
@@ -40,10 +48,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import tensorflow as tf
 
-    from detector.data.augment import robust_augment
-    from detector.io.threads import configure_gpus, limit_threads, reserved_threads
     from detector.model.architectures import build_model
-    from detector.model.runtimes import training_policy, with_dtype_policy
 
     cfg = TrainConfig(**loop_config["train_config"])
     configure_gpus()
@@ -289,12 +294,7 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
              feature_cache: str | None = None) -> dict:
     """Best checkpoint -> an evaluated new version OUT/<name>/<id>/, then the pointer
     OUT/<name>/latest.json moved to it. Returns its metrics."""
-    from detector.io.preprocess import PREPROCESS_VERSION
     from detector.model.architectures import build_model
-    from detector.model.artifact import ModelCard, publish_version
-    from detector.model.export import ExportRefused, export_from_shards
-    from detector.model.predictor import Predictor
-    from detector.training import evaluate
 
     manifest = shards.read_manifest(cfg.data)
     with open(os.path.join(checkpoint_dir, STATE)) as handle:
@@ -346,7 +346,6 @@ def train_models(cfg: TrainConfig) -> dict:
     """Train every model in `cfg.model` one after another; write the comparison table."""
     import ray
 
-    from detector.training.evaluate import parse_policy
 
     parse_policy(cfg.threshold_policy)  # a typo fails now, not after hours of training
     manifest = shards.read_manifest(cfg.data)

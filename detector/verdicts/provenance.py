@@ -33,6 +33,9 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
+from detector.io import storage
+from detector.io.preprocess import register_formats
+
 STRONG, WEAK, INFO = "strong", "weak", "info"
 AI_KINDS = ("ai-source-type", "ai-assertion", "generator-metadata", "generator-software")
 TRUST_ANCHORS_ENV = "DETECTOR_C2PA_TRUST_ANCHORS"
@@ -92,7 +95,6 @@ def inspect(blob: bytes) -> list[Evidence]:
     for bytes that are no image (decoding reports those)."""
     from PIL import Image
 
-    from detector.io.preprocess import register_formats
 
     register_formats()  # HEIC / JPEG XL carry XMP and EXIF too
     try:
@@ -158,7 +160,6 @@ def _c2pa_context():
     settings: dict = {"verify": {"remote_manifest_fetch": False, "ocsp_fetch": False}}
     anchors = os.environ.get(TRUST_ANCHORS_ENV)
     if anchors:
-        from detector.io import storage
 
         try:
             pem = storage.read_bytes(anchors).decode()
