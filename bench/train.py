@@ -80,9 +80,9 @@ def cache_vs_recompute(shards: str, out: str, model: str, epochs: int, gpus: flo
         results[f"{name}_val_accuracy_by_epoch"] = [round(h["val_accuracy"], 4)
                                                    for h in history]
         if cached:
-            from detector.data import shards
+            from detector.data import shards as shard_sets
 
-            manifest = shards.read_manifest(shards)
+            manifest = shard_sets.read_manifest(shards)
             images = sum(manifest["counts"]["train"].values()) + sum(
                 manifest["counts"]["val"].values())
             results["feature_pass_seconds"] = pass_seconds
@@ -95,16 +95,16 @@ def cache_vs_recompute(shards: str, out: str, model: str, epochs: int, gpus: flo
 
 
 def input_rate(shards: str, batch_size: int) -> float:
-    from detector.data import shards
+    from detector.data import shards as shard_sets
 
-    dataset = shards.read_split(shards, "train").materialize()
+    dataset = shard_sets.read_split(shards, "train").materialize()
     size = _image_size(shards)
     started, seen = time.perf_counter(), 0
     for _ in range(3):
         for batch in dataset.iterator().iter_batches(batch_size=batch_size,
                                                      batch_format="numpy",
                                                      local_shuffle_buffer_size=2048):
-            seen += len(shards.decode_pixels(batch["image"], size))
+            seen += len(shard_sets.decode_pixels(batch["image"], size))
     return seen / (time.perf_counter() - started)
 
 
@@ -123,9 +123,9 @@ def step_rate(model_name: str, size: int, batch_size: int, steps: int = 30) -> f
 
 
 def _image_size(shards: str) -> int:
-    from detector.data import shards
+    from detector.data import shards as shard_sets
 
-    return shards.read_manifest(shards)["image_size"]
+    return shard_sets.read_manifest(shards)["image_size"]
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from detector.config import PrepareConfig
-from detector.data import duplicates, prepare, shards
+from detector.data import duplicates, prepare
+from detector.data import shards as shard_sets
 from detector.data.sample import SampleSpec, write_sample
 from detector.io import storage
 
@@ -35,8 +36,8 @@ def prepare_into(out: str, source: str, **overrides) -> dict:
 
 
 def membership(shards: str) -> dict[str, set[str]]:
-    return {split: set(shards.read_split_local(shards, split, ["sha256"])["sha256"].to_pylist())
-            for split in shards.SPLITS}
+    return {split: set(shard_sets.read_split_local(shards, split, ["sha256"])["sha256"].to_pylist())
+            for split in shard_sets.SPLITS}
 
 
 def test_prepare_streams_s3_into_complete_shards(sampled):
@@ -53,9 +54,9 @@ def test_prepare_streams_s3_into_complete_shards(sampled):
     assert {s["error"] for s in skipped} <= {"empty", "truncated", "not-an-image", "corrupt"}
     assert all(s["uri"].startswith("s3://raw/sample/") and s["detail"] for s in skipped)
 
-    counts = {s: sum(manifest["counts"][s].values()) for s in shards.SPLITS}
+    counts = {s: sum(manifest["counts"][s].values()) for s in shard_sets.SPLITS}
     assert sum(counts.values()) == total
-    for split, fraction in zip(shards.SPLITS, (0.7, 0.15, 0.15), strict=True):
+    for split, fraction in zip(shard_sets.SPLITS, (0.7, 0.15, 0.15), strict=True):
         # A content-hash split is binomial (that is what keeps an image's split fixed when
         # images are added): within 4 standard deviations of the requested share; at the
         # notebook's 200k images one sd is 0.08 percentage points.
@@ -66,10 +67,10 @@ def test_prepare_streams_s3_into_complete_shards(sampled):
     assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"])
     assert not (sets["val"] & sets["test"])
 
-    table = shards.read_split_local("s3://shards/run1", "train")
+    table = shard_sets.read_split_local("s3://shards/run1", "train")
     assert set(table.column_names) >= {"image", "label", "source_uri", "source_format", "width",
                                        "height", "sha256"}
-    pixels = shards.decode_pixels(table.column("image").to_pylist()[:4], 48)
+    pixels = shard_sets.decode_pixels(table.column("image").to_pylist()[:4], 48)
     assert pixels.shape == (4, 48, 48, 3)
     names = " ".join(table.column("source_uri").to_pylist())
     assert "ü" in names  # odd keys survived listing and reading
@@ -90,9 +91,9 @@ def test_rerun_gives_identical_membership_and_drops_stale_parts(sampled):
     assert first["fingerprint"] == second["fingerprint"]
     assert first["counts"] == second["counts"]
     listed = {o.uri.rsplit("/", 2)[-2] + "/" + o.uri.rsplit("/", 1)[-1]
-              for s in shards.SPLITS for o in storage.list_objects(f"s3://rerun/shards/{s}")}
+              for s in shard_sets.SPLITS for o in storage.list_objects(f"s3://rerun/shards/{s}")}
     assert listed == {p for parts in second["parts"].values() for p in parts}
-    for uri in shards.part_uris("s3://rerun/shards", "val"):
+    for uri in shard_sets.part_uris("s3://rerun/shards", "val"):
         fs, path = storage.resolve(uri)
         assert pq.read_metadata(path, filesystem=fs).num_rows > 0
 
@@ -132,10 +133,10 @@ def test_nested_folders_duplicates_and_per_class_rule(local_ray, tmp_path):
     manifest = prepare_into(str(tmp_path / "all"), str(source))
     assert manifest["objects"] == manifest["written"] == 123
     assert manifest["duplicates"] == 3
-    uris = set(shards.read_split_local(str(tmp_path / "all"), "train", ["source_uri"])
+    uris = set(shard_sets.read_split_local(str(tmp_path / "all"), "train", ["source_uri"])
                ["source_uri"].to_pylist())
     for split in ("val", "test"):
-        uris |= set(shards.read_split_local(str(tmp_path / "all"), split, ["source_uri"])
+        uris |= set(shard_sets.read_split_local(str(tmp_path / "all"), split, ["source_uri"])
                     ["source_uri"].to_pylist())
     assert len(uris) == 123  # every object exactly once
 
@@ -143,8 +144,8 @@ def test_nested_folders_duplicates_and_per_class_rule(local_ray, tmp_path):
     assert sampled["counts"]["train"]["fake"] + sampled["counts"]["val"]["fake"] + \
         sampled["counts"]["test"]["fake"] == 25
     chosen = set()
-    for split in shards.SPLITS:
-        chosen |= set(shards.read_split_local(str(tmp_path / "some"), split, ["source_uri"])
+    for split in shard_sets.SPLITS:
+        chosen |= set(shard_sets.read_split_local(str(tmp_path / "some"), split, ["source_uri"])
                       ["source_uri"].to_pylist())
     expected = set()
     for folder in ("real", "fake"):
@@ -192,8 +193,8 @@ def test_near_duplicate_copies_stay_in_one_split_and_are_counted(s3_server, loca
     assert near["groups"] >= originals - 2 and near["images"] >= 3 * originals - 3, near
     assert near["straddling_by_bytes"] > originals // 3 and near["moved"] > 0, near
     rows = []
-    for split in shards.SPLITS:
-        table = shards.read_split_local("s3://near/shards", split, ["source_uri", "phash"])
+    for split in shard_sets.SPLITS:
+        table = shard_sets.read_split_local("s3://near/shards", split, ["source_uri", "phash"])
         rows += [(split, r["source_uri"], r["phash"]) for r in table.to_pylist()]
     assert all(len(h) == 16 for _, _, h in rows)
     # Every group (recomputed from the stored hashes) lies in one split...
@@ -207,14 +208,14 @@ def test_near_duplicate_copies_stay_in_one_split_and_are_counted(s3_server, loca
     for split, uri, _ in rows:
         where.setdefault(uri.rsplit("-copy", 1)[0], set()).add(split)
     assert sum(len(s) == 1 for s in where.values()) >= originals - 2
-    counts = {s: sum(manifest["counts"][s].values()) for s in shards.SPLITS}
+    counts = {s: sum(manifest["counts"][s].values()) for s in shard_sets.SPLITS}
     assert sum(counts.values()) == 3 * originals
-    assert counts == {s: shards.read_split_local("s3://near/shards", s, ["sha256"]).num_rows
-                      for s in shards.SPLITS}
+    assert counts == {s: shard_sets.read_split_local("s3://near/shards", s, ["sha256"]).num_rows
+                      for s in shard_sets.SPLITS}
     assert {s: sorted(p) for s, p in manifest["parts"].items()} == {
         s: sorted(f"{s}/{o.uri.rsplit('/', 1)[-1]}"
                   for o in storage.list_objects(f"s3://near/shards/{s}"))
-        for s in shards.SPLITS}
+        for s in shard_sets.SPLITS}
 
 
 def test_extension_less_keys_make_the_same_shards_as_named_ones(local_ray, tmp_path):

@@ -210,7 +210,7 @@ def test_recalibration_publishes_a_new_version_with_the_same_weights(shards):
     """`detector evaluate --recalibrate --threshold-policy target-fpr:X`: calibration,
     threshold and band fitted again on the validation split, published beside the old
     version (same weights), the pointer moved; the threshold holds X on validation."""
-    from detector.data import shards
+    from detector.data import shards as shard_sets
     from detector.model.predictor import Predictor
 
     name = shards / "models" / "resnet50v2_tiny"
@@ -229,7 +229,7 @@ def test_recalibration_publishes_a_new_version_with_the_same_weights(shards):
     assert card["config"]["threshold_policy"] == "target-fpr:0.05"
     metrics = json.loads((new / "metrics.json").read_text())
     assert metrics["threshold_policy"] == "target-fpr:0.05" and "fpr" in metrics
-    pixels, labels = shards.sample_split(str(shards / "shards"), "val", 10_000)
+    pixels, labels = shard_sets.sample_split(str(shards / "shards"), "val", 10_000)
     scores = Predictor.from_uri(str(name), backend="keras").score(pixels)
     real = labels == 0
     assert ((scores >= card["threshold"]) & real).sum() / real.sum() <= 0.05 + 1e-9
