@@ -35,6 +35,25 @@ def print_machine(info: dict) -> None:
                           or "none"), flush=True)
 
 
+def start_s3():
+    """moto's S3 server on a free loopback port, with AWS_* pointing at it (child processes
+    inherit the endpoint); `.stop()` it when done."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    return server
+
+
 def report(result: dict) -> None:
     """Called in the child: one marked line, since Ray may print to stdout too."""
     print("RESULT " + json.dumps(result), flush=True)

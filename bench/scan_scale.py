@@ -24,7 +24,15 @@ import time
 
 import numpy as np
 import psutil
-from _measure import OwnPeakRss, machine, print_machine, report, run_child, save_json
+from _measure import (
+    OwnPeakRss,
+    machine,
+    print_machine,
+    report,
+    run_child,
+    save_json,
+    start_s3,
+)
 from _model import untrained_artifact
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -202,19 +210,7 @@ def print_local(results: dict) -> None:
 def s3_run(tmp: str, model_uri: str, objects: int, partition_size: int) -> dict:
     """A flat prefix on moto's S3 server: small partitions commit while the one lister
     is still paging. The child scan inherits the endpoint from AWS_*."""
-    import logging
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    server = start_s3()
     try:
         source = make_s3_prefix("bench", "flat", objects)
         listing_s = plain_listing(source)

@@ -16,30 +16,14 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import io
-import logging
 import os
-import socket
 import time
 
 import numpy as np
-from _measure import machine, print_machine, save_json
+from _measure import machine, print_machine, save_json, start_s3
 from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def start_s3() -> object:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    return server
 
 
 def fill(objects: int, size_mb: float) -> tuple[list[str], list[str], list[int], list[int]]:
