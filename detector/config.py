@@ -133,6 +133,9 @@ class ScanConfig:
                                   "OUT/_near_duplicates.parquet lists every grouped object")
     partition_size: int = _opt(65536, "objects per report part: the unit of commit, resume "
                                "and retry (and one Parquet row group)")
+    listed_ahead: int | None = _opt(None, "most objects listed but not yet written, which "
+                                    "bounds the driver's memory on any bucket (default: two "
+                                    "partitions, at least 16,384)")
     actors: int | None = _opt(None, "most scoring actors for --via data (default: as many as "
                               "the cluster, autoscaling included, has room for)")
     cpus_per_actor: float | None = _opt(None, "CPUs per scoring actor (--via data); also the "
@@ -149,6 +152,8 @@ class ScanConfig:
             raise ValueError("give a SOURCE prefix to scan, or --manifest")
         if self.partition_size < 1:
             raise ValueError("--partition-size must be at least 1")
+        if self.listed_ahead is not None and self.listed_ahead < 1:
+            raise ValueError("--listed-ahead must be at least 1")
 
 
 @dataclass(frozen=True)

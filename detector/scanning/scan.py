@@ -3,7 +3,8 @@
 The driver plans and keeps the books; workers do everything that grows with the bucket:
 
     plan (driver: a few delimiter listings -> listing ranges)
-      -> list_partitions (tasks: pages -> partitions of objects, as they arrive)
+      -> list_partitions (tasks: pages -> partitions of objects, as they arrive, while
+         the `gate` admits them: listing stays a window ahead of the writer)
       -> decode_objects (tasks) -> ScoreWithPredictor | ScoreWithServe (actors)
       -> PartWriter (actor: one part per partition, written whole)
       -> notes to the driver (per partition: listed, committed; counts)
@@ -34,7 +35,7 @@ from detector.data import duplicates
 from detector.io import listing, storage
 from detector.io.selection import NotSelected, Selection
 from detector.model.artifact import load_card, resolve
-from detector.scanning import report
+from detector.scanning import gate, report
 from detector.scanning.stages import (
     NOTE_SCHEMA,
     ROWS_PER_BLOCK,
@@ -215,15 +216,29 @@ def _run_pass(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
     # range (half a million keys) was listed. Datasets copy the context when created, so
     # the smaller size applies to this scan's pipeline only.
     saved, context.target_max_block_size = context.target_max_block_size, BLOCK_BYTES
+    window = gate.window_rows(config.partition_size, config.listed_ahead,
+                              held_downstream=ROWS_PER_BLOCK + config.batch_size)
+    listing_gate = gate.start(window)
     try:
-        notes = _pipeline(config, card, via, specs, out, run)
+        try:
+            notes = _pipeline(config, card, via, specs, out, run, listing_gate)
+        finally:
+            context.target_max_block_size = saved
+        for batch in _iterate_watched(notes, config.stall_timeout, ledger):
+            written = ledger.update(batch.cast(NOTE_SCHEMA).to_pylist())
+            if written:
+                listing_gate.release.remote(written)
+        most = ray.get(listing_gate.stats.remote())["most_in_flight"]
+        ledger.listed_ahead = {"window": window,
+                               "most": max(most, ledger.listed_ahead.get("most", 0))}
+        log.info("scan pass: at most %d objects listed ahead of the writer (window %d)",
+                 most, window)
     finally:
-        context.target_max_block_size = saved
-    for batch in _iterate_watched(notes, config.stall_timeout, ledger):
-        ledger.update(batch.cast(NOTE_SCHEMA).to_pylist())
+        ray.kill(listing_gate)
 
 
-def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, run: dict):
+def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, run: dict,
+              listing_gate):
     """The scan's Ray Data pipeline for `specs`, ending in the writer's notes."""
     import ray
 
@@ -232,7 +247,8 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
         list_partitions, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"selection": Selection(tuple(config.include), tuple(config.exclude)),
                    "partition_size": config.partition_size,
-                   "out": out, **run},
+                   "out": out, "listing_gate": listing_gate, "block_bytes": BLOCK_BYTES,
+                   **run},
         compute=ray.data.TaskPoolStrategy(size=min(listing.LISTING_TASKS, len(items))), num_cpus=0,
     )
     decoded = _reblocked(listed, ROWS_PER_BLOCK).map_batches(
@@ -483,6 +499,7 @@ class Ledger:
         self.wall_started = time.time() - (time.perf_counter() - started)
         self.ranges_done: set[str] = set()
         self.not_selected = NotSelected()  # bounded: counts by reason and extension
+        self.listed_ahead: dict = {}  # the gate's window and the most it held
         self.last_listed_at = 0.0
         self.listing_finished_at: float | None = None  # wall clock, in the listing tasks
         self.first_part_at: float | None = None  # wall clock, in the writer
@@ -492,7 +509,9 @@ class Ledger:
         self.last_log = 0.0
         self.bar = _progress_bar() if bar else None
 
-    def update(self, notes: list[dict]) -> None:
+    def update(self, notes: list[dict]) -> int:
+        """Books `notes`; returns how many objects they say reached the writer."""
+        written = 0
         for note in notes:
             info = json.loads(note["info"])
             if note["status"] == "listed":
@@ -513,7 +532,9 @@ class Ledger:
             else:
                 self.done += info["rows"]
                 self.errors += info["errors"]
+                written += info["rows"]
         self._report()
+        return written
 
     def lost(self) -> list[dict]:
         """Headers of partitions listed but never written."""
@@ -610,8 +631,10 @@ def _manifest(config: ScanConfig, ledger: Ledger, run: dict, via: str, started_a
         "objects_per_second": round(scanned / seconds, 1) if seconds else None,
         "timeline": ledger.timeline(),
         "partition_size": config.partition_size,
-        "parts": [{k: p[k] for k in ("file", "partition", "rows", "after", "last", "range")}
-                  for p in parts],
+        "listed_ahead": ledger.listed_ahead,
+        # When each part's objects were listed (admitted by the gate) and the part written.
+        "parts": [{k: p.get(k) for k in ("file", "partition", "rows", "after", "last", "range",
+                                         "listed_at", "committed_at")} for p in parts],
     }
 
 

@@ -30,7 +30,7 @@ from detector.io.selection import NotSelected, Selection
 from detector.io.threads import reserved_threads
 from detector.model.artifact import ModelCard
 from detector.model.predictor import Predictor
-from detector.scanning import report
+from detector.scanning import gate, report
 from detector.scanning.partitions import Partition, Span, cut, partition_id
 from detector.verdicts import consistency, provenance
 from detector.verdicts.verdict import classify_for, decide_for
@@ -58,14 +58,18 @@ SERVE_RETRY_S = 600.0  # how long a scan waits for Serve to replace a lost repli
 
 
 def list_partitions(batch: pa.Table, selection: Selection, partition_size: int,
-                    out: str, **run) -> Iterator[pa.Table]:
+                    out: str, listing_gate=None, block_bytes: int = 0,
+                    **run) -> Iterator[pa.Table]:
     """Ray Data stage: list each spec's range and emit its objects partition by partition.
 
     A spec is {"range", "committed": spans of parts a resumed scan may reuse, "bounds":
     (after, last) to list one lost partition again}. A partition whose committed part
     still matches every object (same etag, and `run`: model, threshold, provenance rules,
     consistency checks) is not emitted at all, only its header, marked `kept`: its part
-    stays as it is."""
+    stays as it is. Each other partition waits for `listing_gate` (a `gate.ListingGate`
+    handle) to admit its objects; `block_bytes` is the pipeline's target block size."""
+    admission = gate.Admission(listing_gate, block_bytes) if listing_gate is not None \
+        else None
     for text in batch.column("spec").to_pylist():
         spec = json.loads(text)
         rng = ListingRange.from_dict(spec["range"])
@@ -81,7 +85,9 @@ def list_partitions(batch: pa.Table, selection: Selection, partition_size: int,
         count = 0
         for part in cut(objects, rng.id, partition_size, spans):
             count += 1
-            yield from _partition_rows(part, rng, committed.get(part.id), out, run)
+            for table in _partition_rows(part, rng, committed.get(part.id), out, run,
+                                         admission):
+                yield admission.emitted(table) if admission else table
         done = {"range": rng.id, "partitions": count, "listed_at": time.time()}
         if not_selected is not None:
             done["not_selected"] = not_selected.to_dict()
@@ -89,7 +95,7 @@ def list_partitions(batch: pa.Table, selection: Selection, partition_size: int,
 
 
 def _partition_rows(part: Partition, rng: ListingRange, committed: dict | None, out: str,
-                    run: dict) -> Iterator[pa.Table]:
+                    run: dict, admission: gate.Admission | None) -> Iterator[pa.Table]:
     old = _reusable_rows(out, committed, run)
     reused = {o.uri: old[o.uri] for o in part.objects
               if o.uri in old and o.etag is not None and old[o.uri]["etag"] == o.etag}
@@ -98,6 +104,9 @@ def _partition_rows(part: Partition, rng: ListingRange, committed: dict | None, 
     if committed and len(reused) == len(part.objects) == committed["rows"]:
         yield _table([_header_row(part.id, {**header, "expected": 0, "kept": committed})])
         return
+    if admission is not None:
+        admission.admit(len(part.objects))
+    header["listed_at"] = time.time()
     rows = []
     for obj in part.objects:
         row = reused.get(obj.uri)
@@ -329,6 +338,7 @@ class PartWriter:
         meta = {
             "partition": name, "file": header["file"], "range": header["range"],
             "after": header["after"], "last": header["last"], "rows": table.num_rows,
+            "listed_at": header.get("listed_at"),
             "scanned": table.num_rows - reused, "reused": reused,
             "by_verdict": _counts(table.column("verdict")),
             "by_error": _counts(table.column("error")),

@@ -134,3 +134,38 @@ def test_parts_are_whole_sorted_single_row_group_files_with_their_record(tmp_pat
     single.write_bytes(b"PAR1")
     with pytest.raises(ValueError, match="single file"):
         report.part_files(str(single))
+
+
+def test_the_listing_gate_admits_within_its_window_and_never_waits_on_held_rows():
+    import asyncio
+
+    from detector.scanning.gate import ListingGate, window_rows
+
+    async def admitted(call, within: float = 0.2) -> bool:
+        task = asyncio.ensure_future(call)
+        await asyncio.sleep(within)
+        return task.done()
+
+    async def run() -> None:
+        gate = ListingGate(window=100, patience_s=60)
+        assert await admitted(gate.admit(80, "a"))  # the first is always let in
+        blocked = asyncio.ensure_future(gate.admit(50, "b"))
+        await asyncio.sleep(0.2)
+        assert not blocked.done()  # 130 > 100
+        await gate.release(40)  # 40 reached the writer: 40 + 50 fit
+        await asyncio.wait_for(blocked, 1)
+        assert gate.stats() == {"window": 100, "in_flight": 90, "most_in_flight": 90}
+        # A task that waits while it may hold all 90 rows unsent: nothing is moving that
+        # could ever make room, so it is let in at once.
+        assert await admitted(gate.admit(60, "a", unsent=90))
+        # Without progress, the gate opens after its patience, one partition at a time.
+        patient = ListingGate(window=10, patience_s=0.3)
+        await patient.admit(10, "a")
+        assert not await admitted(patient.admit(10, "a"), within=0.1)
+        await asyncio.sleep(0.4)
+        assert patient.stats()["in_flight"] == 20
+
+    asyncio.run(run())
+    assert window_rows(65_536) == 131_072 and window_rows(100) == 16_384
+    assert window_rows(100, asked=150) == 150
+    assert window_rows(100, asked=150, held_downstream=288) == 676  # never below 1 + 2 x held
