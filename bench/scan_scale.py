@@ -129,7 +129,7 @@ def scan_child(source: str, model_uri: str, out: str, partition_size: str,
     report({"objects": summary["objects"], "seconds": seconds, "parts": summary["parts"],
             "steady_objects_per_s": (last_done - first_done) / max(last_t - first_t, 1e-9),
             "driver_peak_rss_mb": peak.mb, "driver_rss_curve": curve,
-            "timeline": manifest["timeline"]})
+            "timeline": manifest["timeline"], "listed_ahead": manifest.get("listed_ahead")})
 
 
 def run_scan(source: str, model_uri: str, out: str, partition_size: int,

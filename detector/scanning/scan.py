@@ -217,7 +217,7 @@ def _run_pass(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
     # the smaller size applies to this scan's pipeline only.
     saved, context.target_max_block_size = context.target_max_block_size, BLOCK_BYTES
     window = gate.window_rows(config.partition_size, config.listed_ahead,
-                              held_downstream=ROWS_PER_BLOCK + config.batch_size)
+                              held_downstream=ROWS_PER_BLOCK + _rows_per_call(config))
     listing_gate = gate.start(window)
     try:
         try:
@@ -261,8 +261,8 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
     if via == "serve":
         scored = decoded.map_batches(
             ScoreWithServe, fn_constructor_args=(config.serve_app, card.id, run["threshold"],
-                                                 config.consistency),
-            batch_size=config.batch_size, batch_format="pyarrow",
+                                                 config.consistency, config.batch_size),
+            batch_size=_rows_per_call(config), batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.actors or 4),
             num_cpus=0.1,  # I/O-bound: the replicas do the compute
         )
@@ -272,8 +272,8 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
             ScoreWithPredictor,
             fn_constructor_args=(config.model, run["threshold"], config.backend,
                                  config.precision, cpus, config.gpus_per_actor,
-                                 config.consistency),
-            batch_size=config.batch_size, batch_format="pyarrow",
+                                 config.consistency, config.batch_size),
+            batch_size=_rows_per_call(config), batch_format="pyarrow",
             # Grows with the cluster: Ray Data adds actors while they are busy and the
             # cluster (or its autoscaler) has room, up to --actors when given.
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.actors),
@@ -283,6 +283,13 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
         PartWriter, fn_constructor_args=(out, run), batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
     )
+
+
+def _rows_per_call(config: ScanConfig) -> int:
+    """Rows per scoring call, run as forward passes of `batch_size`. A call's output is a
+    block, and Ray Data keeps ~1 KB of stats per block in the driver for the whole scan:
+    calls of 32 rows made it grow ~0.1 KB per object scored."""
+    return max(config.batch_size, ROWS_PER_BLOCK)
 
 
 def _reblocked(dataset, rows: int):

@@ -183,11 +183,11 @@ class ScoreWithPredictor:
 
     def __init__(self, model_uri: str, threshold: float, backend: str = "auto",
                  precision: str = "float32", cpus: float = 1.0, gpus: float = 0.0,
-                 check_consistency: bool = False):
+                 check_consistency: bool = False, batch_size: int = 32):
 
         threads = reserved_threads(cpus, gpus)
-        self.predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision,
-                                            threads=threads)
+        self.predictor = Predictor.from_uri(model_uri, batch_size=batch_size, backend=backend,
+                                            precision=precision, threads=threads)
         self.threshold, self.check_consistency = threshold, check_consistency
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -202,21 +202,24 @@ class ScoreWithServe:
     names the model that produced it, so a redeployed app cannot slip in another one."""
 
     def __init__(self, app_name: str, model_id: str, threshold: float,
-                 check_consistency: bool = False):
+                 check_consistency: bool = False, batch_size: int = 32):
         from ray import serve
 
 
         self.handle = serve.get_deployment_handle("Model", app_name=app_name)
         self.card = ModelCard(**self._call("card"))
         self.model_id, self.threshold = model_id, threshold
-        self.check_consistency = check_consistency
+        self.check_consistency, self.batch_size = check_consistency, batch_size
         self._check(self.card.id)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         def score(pixels: np.ndarray) -> np.ndarray:
-            answer = self._call("score_pixels", pixels)
-            self._check(answer["model"])
-            return np.asarray(answer["scores"])
+            scores = []
+            for i in range(0, len(pixels), self.batch_size):  # one request per batch
+                answer = self._call("score_pixels", pixels[i : i + self.batch_size])
+                self._check(answer["model"])
+                scores.append(np.asarray(answer["scores"]).reshape(-1))
+            return np.concatenate(scores)
 
         return finish_rows(table, self.card, self.threshold, score, self.check_consistency)
 
