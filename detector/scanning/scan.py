@@ -53,12 +53,6 @@ MAX_PASSES = 3
 PROGRESS_EVERY_S = 10.0
 DEFAULT_CPUS_PER_ACTOR = 2.0
 DECODE_CPUS = 0.5  # per decode task: reads wait on storage part of the time
-# Rows per scoring call. A call's output block (the report rows, ~300 B each) passes
-# through the driver, which owns it: under Ray's 100 KiB inline limit it lives in the
-# driver's own heap, which then grew by ~0.3 KB per object scored (59 MB per 70k objects
-# at 256 rows; 5 MB at 1,024, when blocks go to the object store instead). Ray Data also
-# keeps a stats record per output block in the driver for the whole scan.
-SCORE_ROWS = 1024
 BLOCK_BYTES = 2 * 1024 * 1024  # ~12k listed keys, or ~13 decoded images at 224 px
 REPORT_SCHEMA = report.REPORT_SCHEMA  # re-exported: the report's columns
 NEAR_DUPLICATES = report.NEAR_DUPLICATES  # re-exported
@@ -292,8 +286,10 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
 
 
 def _rows_per_call(config: ScanConfig) -> int:
-    """Rows per scoring call, run as forward passes of `batch_size`."""
-    return max(config.batch_size, SCORE_ROWS)
+    """Rows per scoring call, run as forward passes of `batch_size`. A call's output is a
+    block, and Ray Data keeps a stats record per output block in the driver for the
+    whole scan (`MapOperator._output_blocks_stats`): 32-row calls made 8x more of them."""
+    return max(config.batch_size, ROWS_PER_BLOCK)
 
 
 def _reblocked(dataset, rows: int):

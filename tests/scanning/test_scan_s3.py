@@ -690,14 +690,12 @@ def test_listing_stays_a_window_ahead_of_the_writer(model_uri, local_ray, tmp_pa
                                                      monkeypatch):
     """Listing 600 local objects takes milliseconds and scoring them seconds: without the
     gate every partition is listed before the first is written (so the driver held a 2M
-    bucket's keys). Scaled down (blocks of 8 KB, ~60 keys, for 2 MB; 16 rows for 256 and
-    1,024; a window of 150 objects), listing waits for the writer, as the parts' own
-    times show."""
+    bucket's keys). Scaled down (blocks of 8 KB, ~60 keys, for 2 MB; of 16 rows for 256;
+    a window of 150 objects), listing waits for the writer, as the parts' own times show."""
     import detector.scanning.scan as scan_module
 
     monkeypatch.setattr(scan_module, "BLOCK_BYTES", 8 * 1024)
     monkeypatch.setattr(scan_module, "ROWS_PER_BLOCK", 16)
-    monkeypatch.setattr(scan_module, "SCORE_ROWS", 16)
     source = tmp_path / "bucket"
     write_sample(str(source), SampleSpec(per_class=300, size=SIZE, seed=21))
     out = str(tmp_path / "report")
