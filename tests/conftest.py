@@ -8,8 +8,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
+from ray_cluster import free_port
 
 TINY_SIZE = 48
+
+
+# Under pytest-xdist (`make test`: --dist loadfile) modules run side by side, and they are
+# handed out in collection order: the longest (measured with --durations) start first and
+# the short ones fill in around them, instead of one long module starting last.
+LONGEST_FIRST = ("training/test_train_job.py", "scanning/test_scan_s3.py",
+                 "cluster/test_cluster.py", "serving/test_serve.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's tests stay together and in order
 
 
 def pytest_runtest_setup(item):
@@ -78,24 +94,6 @@ def batches(x, y, size, seed=None):
     return generate
 
 
-def free_port() -> int:
-    """A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral
-    range (32768+), from which every port-0 bind (a new Ray's GCS, agents, gRPC servers)
-    draws: a port chosen there could be taken by the Ray a test starts before the test's
-    own server binds it (seen once: "Failed to bind to address '127.0.0.1:41019'")."""
-    import random
-    import socket
-
-    while True:
-        port = random.randrange(20000, 32000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint (moto's server) on 127.0.0.1; AWS_* variables point at it, so
@@ -142,6 +140,7 @@ def local_ray(s3_server):
     schedulable side by side."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
     yield ray
     ray.shutdown()

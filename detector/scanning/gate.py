@@ -116,7 +116,13 @@ class Admission:
 
 
 def start(window: int):
-    """A gate for one pass of a scan (the caller kills it after the pass)."""
+    """A gate for one pass of a scan (the caller kills it after the pass). It lives on
+    the driver's node when it can: it holds no resources, so an autoscaler would count a
+    worker node with only the gate on it as idle and remove it. Elsewhere, or if its node
+    is lost anyway, it comes back with empty books, which can only admit more."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(ListingGate).remote(window)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(ListingGate).options(
+        scheduling_strategy=here).remote(window)

@@ -40,6 +40,11 @@ STATE = "state.json"
 OPTIMIZER = "optimizer.npz"  # Adam's step count and moments: a resume continues them
 RUNS_DIR = "_ray_runs"
 SHUFFLE_BUFFER_ROWS = 2048
+# Ray Train's controller takes one report per worker each time it polls them (every 2 s
+# by default) and a worker's next report waits for that: epochs shorter than the poll
+# (fine-tuning on a few hundred images) would each wait up to 2 s. Polls are one small
+# RPC per worker; a user's own RAY_TRAIN_HEALTH_CHECK_INTERVAL_S still wins.
+REPORT_POLL_S = "0.25"
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -200,6 +205,8 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: s
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
+    # Read by the trainer in this process and passed on to its controller and workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
     run_name = f"train-{name}"
     storage_path = storage.join(cfg.out, RUNS_DIR)
     start_run(cfg, name, image_size, storage.join(storage_path, run_name), say)
@@ -345,7 +352,6 @@ def _family(name: str) -> str:
 def train_models(cfg: TrainConfig) -> dict:
     """Train every model in `cfg.model` one after another; write the comparison table."""
     import ray
-
 
     parse_policy(cfg.threshold_policy)  # a typo fails now, not after hours of training
     manifest = shards.read_manifest(cfg.data)

@@ -9,14 +9,10 @@ config and `ray job submit` of the scan RayJob's own entrypoint, both on 127.0.0
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import importlib.util
-import os
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_cluster import client_env, free_port, ray_cli, ray_head, wait_for
 
 from detector import deploy
 
@@ -191,92 +188,11 @@ def test_job_requests_fit_the_worker_groups():
 # ------------------------------------------------------------------------- live cluster
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def client_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # `ray`, `serve` and job `python`
-    env["RAY_AUTH_MODE"] = "token"  # `ray start` (2.60) turns token auth on
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-@contextlib.contextmanager
-def ray_head(log_dir: Path, num_cpus: int = 4) -> Iterator[dict]:
-    """`ray start --head --block` on free ports in its own process group, stopped by
-    signalling that group only (`ray stop` would kill every Ray on the machine).
-    DETECTOR_API_KEY is in the head's environment as the Secret puts it in the pods'."""
-    temp_dir = Path(f"/tmp/rc-{os.getpid()}-{num_cpus}")  # short: socket paths have a limit
-    ports = {name: free_port() for name in ("gcs", "dashboard", "client", "agent", "grpc",
-                                            "runtime_env", "metrics")}
-    command = [
-        str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
-        "--num-gpus=0",
-        f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}",
-        f"--dashboard-agent-listen-port={ports['agent']}",
-        f"--dashboard-agent-grpc-port={ports['grpc']}",
-        f"--runtime-env-agent-port={ports['runtime_env']}",
-        f"--metrics-export-port={ports['metrics']}", f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    log = log_dir / "ray-start.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, env=client_env() | {"DETECTOR_API_KEY": API_KEY},
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard']}"
-    try:
-        wait_for(lambda: ray_cli("job", "list", f"--address={address}").returncode == 0,
-                 timeout=120, what="the dashboard", alive=process, log=log)
-        yield {"address": address, "gcs": f"127.0.0.1:{ports['gcs']}", "process": process,
-               "log": log}
-    finally:
-        stop_group(process)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory) -> Iterator[dict]:
-    with ray_head(tmp_path_factory.mktemp("head")) as started:
+    """DETECTOR_API_KEY is in the head's environment as the Secret puts it in the pods'."""
+    with ray_head(tmp_path_factory.mktemp("head"), env={"DETECTOR_API_KEY": API_KEY}) as started:
         yield started
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to `ray start` alone: it drains and stops its node in seconds (signalling
-    the whole group at once kills the children under it and the drain hangs). Then SIGKILL
-    whatever is left in the group, which holds only this cluster's processes."""
-    process.send_signal(signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(60)
-    with contextlib.suppress(ProcessLookupError):  # the group is empty already
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(10)
-
-
-def ray_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], env=client_env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def wait_for(check, timeout: float, what: str, alive: subprocess.Popen | None = None,
-             log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if alive is not None and alive.poll() is not None:
-            pytest.fail(f"ray start exited while waiting for {what}:\n"
-                        f"{log.read_text()[-3000:] if log else ''}")
-        try:
-            if check():
-                return
-        except Exception:  # not up yet
-            pass
-        time.sleep(1)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -424,7 +340,7 @@ def test_a_scan_beside_a_serve_app_of_another_model_fits_in_what_is_free(model_u
                                     preprocess_version=load_card(model_uri).preprocess_version),
                           str(tmp_path / "other"))
     scorer = load_card(model_uri)
-    with ray_head(tmp_path, num_cpus=4) as cluster:
+    with ray_head(tmp_path, num_cpus=4, env={"DETECTOR_API_KEY": API_KEY}) as cluster:
         env = client_env() | {"RAY_ADDRESS": cluster["gcs"]}
         port, log = free_port(), tmp_path / "serve.log"
         with open(log, "w") as out:
@@ -473,7 +389,7 @@ def test_scan_with_default_flags_completes_on_a_two_cpu_cluster(model_uri, tmp_p
 
     source = tmp_path / "bucket"
     write_sample(str(source), SampleSpec(per_class=20, size=48, seed=4))
-    with ray_head(tmp_path, num_cpus=2) as small:
+    with ray_head(tmp_path, num_cpus=2, env={"DETECTOR_API_KEY": API_KEY}) as small:
         result = subprocess.run(
             [str(BIN / "detector"), "scan", str(source), "--model", model_uri,
              "--out", str(tmp_path / "report"), "--via", "data"],

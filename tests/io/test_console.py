@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     from detector.io import console
 
     log = console.configure("test", verbose=False)
-    ray.init(num_cpus=2, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level=logging.WARNING)
     console.quiet_ray_loggers()
     if sys.argv[1] == "quiet":
         console.quiet_raylet_messages()

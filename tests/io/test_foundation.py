@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -14,18 +13,14 @@ pytestmark = pytest.mark.unit
 
 
 def test_import_detector_has_no_side_effects(tmp_path):
-    code = (
-        "import sys, time; t = time.perf_counter(); import detector; "
-        "print(time.perf_counter() - t, 'tensorflow' in sys.modules, 'ray' in sys.modules, "
-        "'keras' in sys.modules)"
-    )
-    started = time.perf_counter()
+    """Nothing heavy is imported and nothing is written. (No time bound: timings do not go
+    into pass/fail tests, and modules run side by side under load.)"""
+    code = ("import sys; import detector; "
+            "print('tensorflow' in sys.modules, 'ray' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, check=True).stdout.split()
-    assert out[1:] == ["False", "False", "False"]
-    assert float(out[0]) < 0.1
+    assert out == ["False", "False", "False"]
     assert os.listdir(tmp_path) == []
-    assert time.perf_counter() - started < 10
 
 
 def test_cli_help_lists_every_subcommand():

@@ -13,7 +13,6 @@ import os
 import re
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from ray_cluster import free_port
 
 from detector.io import preprocess
 from detector.serving.app import ServeConfig, build_app, build_app_from_config
@@ -42,12 +42,6 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +73,8 @@ def serve_port():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
@@ -748,7 +743,6 @@ def test_detector_serve_stops_cleanly_on_sigterm(model_uri, tmp_path):
 
     import psutil
     import requests
-    from conftest import free_port
 
     port = free_port()
     # Its own Ray, as on a laptop; never a `ray start` cluster another test runs.

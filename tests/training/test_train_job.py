@@ -12,44 +12,26 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import free_port
+from ray_cluster import BIN, client_env, processes, ray_head
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 SIZE = 32
-
-
-def ray_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    # `python` in job entrypoints must be this interpreter, with the package installed.
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    env["RAY_AUTH_MODE"] = "token"  # `ray start` 2.60 turns on token auth for the job API
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env.pop("RAY_ADDRESS", None)
-    return env | (extra or {})
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A real local Ray cluster started the way users start one; stopped afterwards."""
-    dashboard = free_port()
-    subprocess.run(
-        [BIN / "ray", "start", "--head", f"--port={free_port()}", "--num-cpus=4",
-         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
-        env=ray_env(), check=True, capture_output=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    yield address
-    subprocess.run([BIN / "ray", "stop", "--force"], env=ray_env(), capture_output=True)
+    """A real local Ray cluster started the way users start one (`ray start --head`);
+    its address for `ray job submit`, and its root process."""
+    with ray_head(tmp_path_factory.mktemp("cluster")) as head:
+        yield head
 
 
 def submit(address: str, *args: str, wait: bool = True, timeout: float = 900):
@@ -57,7 +39,7 @@ def submit(address: str, *args: str, wait: bool = True, timeout: float = 900):
     if not wait:
         command.append("--no-wait")
     command += ["--", "python", *args]
-    result = subprocess.run(command, env=ray_env(), capture_output=True, text=True,
+    result = subprocess.run(command, env=client_env(), capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result.stdout
@@ -69,7 +51,7 @@ def shards(cluster, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train-e2e")
     write_sample(str(root / "bucket"), SampleSpec(per_class=160, size=SIZE, seed=11))
-    out = submit(cluster, "jobs/prepare.py", "--real", str(root / "bucket" / "real"),
+    out = submit(cluster["address"], "jobs/prepare.py", "--real", str(root / "bucket" / "real"),
                  "--fake", str(root / "bucket" / "fake"), "--out", str(root / "shards"),
                  "--image-size", str(SIZE))
     assert "Prepared 320 of 320 objects" in out
@@ -81,9 +63,8 @@ def version(name_dir: Path) -> Path:
     return name_dir / json.loads((name_dir / "latest.json").read_text())["id"]
 
 
-def worker_pids() -> list[int]:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines() if "ray::RayTrainWorker" in line]
+def worker_pids(cluster: dict) -> list[int]:
+    return sorted(processes("ray::RayTrainWorker", root=cluster["process"].pid))
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -107,16 +88,16 @@ def registered_checkpoint(run_dir: Path) -> bool:
 def test_train_job_survives_a_killed_worker_and_writes_both_artifacts(cluster, shards):
     models = shards / "models"
     job = subprocess.Popen(
-        [BIN / "ray", "job", "submit", f"--address={cluster}", "--working-dir", str(REPO), "--",
-         "python", "jobs/train.py", "--data", str(shards / "shards"), "--model",
+        [BIN / "ray", "job", "submit", f"--address={cluster['address']}", "--working-dir",
+         str(REPO), "--", "python", "jobs/train.py", "--data", str(shards / "shards"), "--model",
          "resnet50v2_tiny,vit_tiny", "--out", str(models), "--workers", "2", "--epochs", "30",
          "--lr", "1e-3", "--batch-size", "16", "--patience", "30", "--lr-patience", "6"],
-        env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     # Kill one worker of the first model once it has a checkpoint to come back to.
     wait_for(lambda: registered_checkpoint(models / "_ray_runs" / "train-resnet50v2_tiny"), 600,
              "a registered checkpoint")
-    pids = wait_for(worker_pids, 60, "training workers")
+    pids = wait_for(lambda: worker_pids(cluster), 60, "training workers")
     os.kill(pids[-1], signal.SIGKILL)
     output, _ = job.communicate(timeout=1200)
     assert job.returncode == 0, output[-6000:]
@@ -160,7 +141,7 @@ def test_artifact_predicts_what_evaluation_scored(shards):
     out = subprocess.run(
         [BIN / "detector", "predict", "--model", str(artifact), "--backend", "keras",
          *[row["source_uri"] for row in evaluated[:3]]],
-        capture_output=True, text=True, check=True, env=ray_env(),
+        capture_output=True, text=True, check=True, env=client_env(),
     ).stdout.strip().splitlines()
     assert [float(line.split("\t")[1]) for line in out] == pytest.approx(
         [row["score_ai"] for row in evaluated[:3]], abs=1e-5)
@@ -178,7 +159,7 @@ def test_training_publishes_an_onnx_export_that_matches_keras(shards, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(artifact, copy)
     out = subprocess.run([BIN / "detector", "export", "--model", str(copy), "--int8"],
-                         capture_output=True, text=True, env=ray_env())
+                         capture_output=True, text=True, env=client_env())
     assert out.returncode == 0, out.stderr[-3000:]
     assert "int8: model_int8.xml on openvino/int8" in out.stdout
     images = sorted(str(p) for p in (shards / "bucket" / "fake").rglob("*.png"))[:4]
@@ -186,7 +167,7 @@ def test_training_publishes_an_onnx_export_that_matches_keras(shards, tmp_path):
     for flags in (["--backend", "keras"], [], ["--precision", "int8"]):
         lines = subprocess.run([BIN / "detector", "predict", "--model", str(copy), *flags,
                                 *images], capture_output=True, text=True, check=True,
-                               env=ray_env()).stdout.strip().splitlines()
+                               env=client_env()).stdout.strip().splitlines()
         verdicts[" ".join(flags)] = [line.split("\t")[2] for line in lines]
     assert len(set(map(tuple, verdicts.values()))) == 1, verdicts
 
@@ -196,7 +177,7 @@ def test_evaluate_reproduces_the_training_evaluation(shards, tmp_path):
     subprocess.run(
         [BIN / "detector", "evaluate", "--model", str(artifact), "--data",
          str(shards / "shards"), "--out", str(tmp_path / "eval"), "--backend", "keras"],
-        capture_output=True, text=True, check=True, env=ray_env(),
+        capture_output=True, text=True, check=True, env=client_env(),
     )
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     original = json.loads((artifact / "metrics.json").read_text())
@@ -218,7 +199,7 @@ def test_recalibration_publishes_a_new_version_with_the_same_weights(shards):
     out = subprocess.run(
         [BIN / "detector", "evaluate", "--recalibrate", "--model", str(name), "--data",
          str(shards / "shards"), "--backend", "keras", "--threshold-policy", "target-fpr:0.05"],
-        capture_output=True, text=True, env=ray_env())
+        capture_output=True, text=True, env=client_env())
     assert out.returncode == 0, out.stderr[-3000:]
     new = version(name)
     assert new != old and (old / "detector.json").exists()
@@ -245,7 +226,7 @@ def test_ensemble_of_both_trained_models_is_evaluated_and_loads_like_a_model(sha
         [BIN / "detector", "ensemble", "--models",
          f"{models / 'resnet50v2_tiny'},{models / 'vit_tiny'}", "--data",
          str(shards / "shards"), "--out", str(models), "--backend", "keras"],
-        capture_output=True, text=True, env=ray_env())
+        capture_output=True, text=True, env=client_env())
     assert out.returncode == 0, out.stderr[-3000:]
     ensemble = version(models / "ensemble")
     card = json.loads((ensemble / "detector.json").read_text())
@@ -273,14 +254,14 @@ def test_resume_continues_a_stopped_job(cluster, shards):
     args = ["jobs/train.py", "--data", str(shards / "shards"), "--model", "vit_tiny", "--out",
             str(out_dir), "--workers", "2", "--epochs", str(epochs), "--lr", "2e-3",
             "--patience", str(epochs)]
-    submitted = submit(cluster, *args, wait=False)
+    submitted = submit(cluster["address"], *args, wait=False)
     job_id = next(line.split("'")[1] for line in submitted.splitlines()
                   if "submitted successfully" in line)
     wait_for(lambda: registered_checkpoint(out_dir / "_ray_runs" / "train-vit_tiny"), 600,
              "a registered checkpoint of the first job")
-    subprocess.run([BIN / "ray", "job", "stop", f"--address={cluster}", job_id],
-                   env=ray_env(), check=True, capture_output=True)
-    output = submit(cluster, *args, "--resume")
+    subprocess.run([BIN / "ray", "job", "stop", f"--address={cluster['address']}", job_id],
+                   env=client_env(), check=True, capture_output=True)
+    output = submit(cluster["address"], *args, "--resume")
     resumed = [line for line in output.splitlines() if "Resuming vit_tiny" in line]
     assert resumed, output[-4000:]
     epoch = int(resumed[0].rsplit(" ", 1)[-1])
@@ -305,21 +286,21 @@ def test_frozen_base_trains_on_cached_features_reused_across_runs(cluster, shard
                 "--workers", "2", "--lr", "3e-3", "--batch-size", "32", "--patience", "20",
                 "--lr-patience", "20", *extra]
 
-    cached = submit(cluster, *args("cached", "--epochs", "20"))
+    cached = submit(cluster["address"], *args("cached", "--epochs", "20"))
     assert "Feature cache for resnet50v2_tiny_frozen: computing" in cached, cached[-3000:]
     first = version(shards / "cached" / "resnet50v2_tiny_frozen")
     metrics = json.loads((first / "metrics.json").read_text())
     assert metrics["accuracy"] > 0.75 and metrics["roc_auc"] > 0.8, metrics
     card = json.loads((first / "detector.json").read_text())
     assert card["config"]["feature_cache"] is True and card["image_size"] == SIZE
-    full = submit(cluster, *args("full", "--epochs", "2", "--no-feature-cache"))
+    full = submit(cluster["address"], *args("full", "--epochs", "2", "--no-feature-cache"))
     assert "Feature cache" not in full
     uncached = version(shards / "full" / "resnet50v2_tiny_frozen")
     assert json.loads((uncached / "detector.json").read_text())["config"]["feature_cache"] \
         is False
     assert len(list((shards / "shards" / "_features").iterdir())) == 1  # no second cache
 
-    again = submit(cluster, *args("cached", "--epochs", "2", "--lr", "1e-3", "--resume"))
+    again = submit(cluster["address"], *args("cached", "--epochs", "2", "--lr", "1e-3", "--resume"))
     assert "had other lr; starting fresh" in again, again[-3000:]
     assert "Feature cache for resnet50v2_tiny_frozen: reusing" in again
     # A new immutable version beside the first; the pointer moved, the first is intact.
@@ -328,7 +309,7 @@ def test_frozen_base_trains_on_cached_features_reused_across_runs(cluster, shard
     history = json.loads((second / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     listed = subprocess.run([BIN / "detector", "models", "list", str(shards / "cached")],
-                            capture_output=True, text=True, check=True, env=ray_env()).stdout
+                            capture_output=True, text=True, check=True, env=client_env()).stdout
     lines = listed.rstrip().splitlines()
     assert len(lines) == 2 and lines[1].startswith(f"* resnet50v2_tiny_frozen@{second.name}")
     assert lines[0].startswith(f"  resnet50v2_tiny_frozen@{first.name}"), listed
