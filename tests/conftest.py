@@ -141,6 +141,6 @@ def local_ray(s3_server):
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False)
+             log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -9,11 +9,8 @@ and the nodes must go away after their (scaled-down) idle timeouts.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,21 +19,15 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_cluster import BIN, client_env, free_port, stop_group
 
 from detector import deploy
 
 pytestmark = pytest.mark.ray
 
-BIN = Path(sys.executable).parent
 IDLE_SCALE = 30  # idle timeouts 300 s (CPU) / 600 s (GPU) become 10 s / 20 s
 OBJECT_STORE = 128 * 1024**2  # per fake node; Ray's default is 30% of this machine's RAM
 MAX_WORKERS = {"cpu": 2, "gpu": 1}  # maxReplicas 16 / 4 would not fit 2 cores and 24 GiB
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def node_types() -> dict[str, dict]:
@@ -163,24 +154,10 @@ def _autoscaling_cluster_class():
         def shutdown(self) -> None:
             """SIGTERM to `ray start` (it drains and stops its processes), then SIGKILL to
             whatever is left of this cluster's own process group, fake nodes included."""
-            if self.process is None:
-                return
-            self.process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(60)
-            with contextlib.suppress(ProcessLookupError):  # the group is empty already
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+            if self.process is not None:
+                stop_group(self.process)
 
     return LocalAutoscalingCluster
-
-
-def client_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # the monitor and fake nodes run `ray`
-    env["RAY_AUTH_MODE"] = "token"  # `ray start` (2.60) turns token auth on
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 # The driver runs in its own process: Ray reads RAY_AUTH_MODE at import, and this test

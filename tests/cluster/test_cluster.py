@@ -21,14 +21,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_cluster import client_env, free_port, ray_cli, ray_head, wait_for
+from ray_cluster import BIN, client_env, free_port, ray_cli, ray_head, wait_for
 
 from detector import deploy
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 VALIDATOR = REPO.parent / "shared" / "tools" / "validate-kuberay"
-BIN = Path(sys.executable).parent
 API_KEY = "cluster-test-key-0123456789"
 SIZE = 32
 

@@ -192,12 +192,6 @@ def test_resume_rescans_new_and_changed_objects_and_everything_for_another_model
     assert dataset(out).count_rows() == third["objects"]  # stale parts are gone
 
 
-def mapworkers(stage: str) -> dict[int, str]:
-    """This test Ray's worker processes running `stage`: a Ray Data stage's actors, or an
-    actor class."""
-    return processes(stage)
-
-
 def scan_in_thread(cfg: ScanConfig) -> tuple[threading.Thread, dict]:
     result: dict = {}
 
@@ -224,12 +218,12 @@ def test_a_killed_actor_of_the_scan_loses_no_rows(scan_bucket, model_uri, stage)
     """Ray Data replaces a lost stage actor and retries its work; the listing gate comes
     back by itself (with empty books, which can only admit more)."""
     out = f"s3://scan/reports/killed-{stage.lower()}"
-    earlier = set(mapworkers(stage))  # an earlier scan's actors may still be shutting down
+    earlier = set(processes(stage))  # an earlier scan's actors may still be shutting down
     worker, result = scan_in_thread(config(scan_bucket, model_uri, out, batch_size=8,
                                            actors=2, cpus_per_actor=1))
-    wait_for(lambda: set(mapworkers(stage)) - earlier, what=f"a {stage} actor of this scan")
+    wait_for(lambda: set(processes(stage)) - earlier, what=f"a {stage} actor of this scan")
     time.sleep(4)  # let it work a while first
-    actors = {pid: line for pid, line in mapworkers(stage).items() if pid not in earlier}
+    actors = {pid: line for pid, line in processes(stage).items() if pid not in earlier}
     assert actors, f"this scan's {stage} actor is gone before it could be killed"
     if stage == "ScoreWithPredictor":
         # Decoding runs in its own tasks, not fused into the (possibly GPU) scoring actors.
