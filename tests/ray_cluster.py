@@ -53,6 +53,12 @@ def client_env(extra: dict | None = None) -> dict[str, str]:
     return env | (extra or {})
 
 
+# On SIGTERM `ray start` drains its node first, for up to 30 s while anything still holds
+# a worker (Serve's proxy, a job's leftover actors): that is for Kubernetes pods in a
+# rolling upgrade; a test cluster that is done has nothing to hand over.
+STOP_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2"}
+
+
 @contextlib.contextmanager
 def ray_head(log_dir: Path, num_cpus: int = 4, env: dict | None = None) -> Iterator[dict]:
     """`ray start --head --block` on free ports in its own process group, stopped by
@@ -75,7 +81,7 @@ def ray_head(log_dir: Path, num_cpus: int = 4, env: dict | None = None) -> Itera
     ]
     log = log_dir / "ray-start.log"
     with open(log, "w") as out:
-        process = subprocess.Popen(command, env=client_env(env), stdout=out,
+        process = subprocess.Popen(command, env=client_env(STOP_ENV | (env or {})), stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard']}"
     try:

@@ -22,6 +22,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -162,17 +163,12 @@ def compute(cfg, name: str, image_size: int, key: CacheKey, uri: str, manifest: 
             "train": sum(manifest["counts"]["train"].values()) * key.views}
 
 
-def read_features(uri: str, split_name: str, view: int = 0):
-    """One split (and view) of a cache: (a Ray dataset of `features` and `label`, the
-    bytes of its files)."""
-    import ray
-
+def feature_files(uri: str, split_name: str, view: int = 0) -> tuple[Any, str, int]:
+    """Where one split (and view) of a cache lies: (filesystem, directory, bytes)."""
     directory = storage.join(uri, f"split={split_name}", f"view={view}")
     size = sum(item.size for item in storage.list_objects(directory))
     fs, path = storage.resolve(directory)
-    dataset = ray.data.read_parquet(path, filesystem=fs, columns=["features", "label"],
-                                    partitioning=None)
-    return dataset, size
+    return fs, path, size
 
 
 def _write_initial_weights(name: str, image_size: int, weights: str, seed: int,

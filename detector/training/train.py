@@ -20,6 +20,9 @@ import shutil
 import tempfile
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from detector.config import TrainConfig, to_dict
 from detector.data import shards
 from detector.data.augment import robust_augment
@@ -215,11 +218,11 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: s
         os.makedirs(path, exist_ok=True)
     if feature_cache:
         views = features.views_of(cfg)
-        datasets = {"val": _small(*features.read_features(feature_cache, "val"))}
-        datasets |= {train_view(k): _small(*features.read_features(feature_cache, "train", k))
+        datasets = {"val": _feature_dataset(feature_cache, "val")}
+        datasets |= {train_view(k): _feature_dataset(feature_cache, "train", k)
                      for k in range(views)}
     else:
-        datasets = {split: _dataset(cfg.data, split) for split in ("train", "val")}
+        datasets = {split: _shard_dataset(cfg.data, split) for split in ("train", "val")}
     return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"train_config": to_dict(cfg), "model": name, "image_size": image_size,
@@ -280,20 +283,41 @@ def start_run(cfg: TrainConfig, name: str, image_size: int, run_uri: str, say=pr
 
 
 RUN_RECORD_SUFFIX = ".run.json"  # beside Ray Train's run directory, not inside it
+# Splits below the first size are read here and handed to Ray as one table (Ray Data's
+# own read starts read tasks in new worker processes: seconds per split and model, longer
+# than a tiny split takes to train on); below the second they are read by Ray Data once
+# into the object store, so epochs after the first do not pay Parquet reads again; larger
+# ones stream from storage every epoch.
+READ_HERE_BELOW_BYTES = 64 << 20
 MATERIALIZE_BELOW_BYTES = 1 << 30
 
 
-def _dataset(shards_uri: str, split: str):
-    """A split as a Ray dataset; small ones are read once into the object store, so epochs
-    after the first do not pay Parquet reads again."""
+def _shard_dataset(shards_uri: str, split: str):
     manifest = shards.read_manifest(shards_uri)
-    dataset = shards.read_split(shards_uri, split, manifest=manifest)
     rows = sum(manifest["counts"][split].values())
-    return _small(dataset, rows * 3 * manifest["image_size"] ** 2)
+    uris = shards.part_uris(shards_uri, split, manifest)
+    if not uris:
+        raise ValueError(f"split {split!r} of {shards_uri} is empty")
+    fs = storage.resolve(uris[0])[0]
+    return training_dataset(fs, [storage.resolve(uri)[1] for uri in uris], ["image", "label"],
+                            rows * 3 * manifest["image_size"] ** 2)
 
 
-def _small(dataset, size_bytes: int):
-    """`dataset`, held in the object store when it is small (`size_bytes`)."""
+def _feature_dataset(cache_uri: str, split: str, view: int = 0):
+    fs, path, size = features.feature_files(cache_uri, split, view)
+    return training_dataset(fs, [path], ["features", "label"], size)
+
+
+def training_dataset(fs, paths: list[str], columns: list[str], size_bytes: int):
+    """The Ray dataset Ray Train feeds the workers from, for Parquet `paths` holding
+    about `size_bytes` (see READ_HERE_BELOW_BYTES)."""
+    import ray
+
+    if size_bytes < READ_HERE_BELOW_BYTES:
+        return ray.data.from_arrow(pa.concat_tables(
+            pq.read_table(path, filesystem=fs, columns=columns, partitioning=None)
+            for path in paths))
+    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns, partitioning=None)
     return dataset.materialize() if size_bytes < MATERIALIZE_BELOW_BYTES else dataset
 
 

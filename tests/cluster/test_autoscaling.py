@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_cluster import BIN, client_env, free_port, stop_group
+from ray_cluster import BIN, STOP_ENV, client_env, free_port, stop_group
 
 from detector import deploy
 
@@ -118,7 +118,7 @@ def _autoscaling_cluster_class():
                 f"--autoscaling-config={config}", f"--temp-dir={self.temp_dir}",
                 "--include-dashboard=false", "--disable-usage-stats", *ports,
             ]
-            env = client_env() | {
+            env = client_env(STOP_ENV) | {
                 "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                 "RAY_enable_autoscaler_v2": "1",  # what autoscalerOptions.version: v2 sets
                 "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
