@@ -329,9 +329,11 @@ def scoring_cpus(config: ScanConfig) -> float:
         if not totals:  # no status, or no node yet (scaling from zero)
             return asked or DEFAULT_CPUS_PER_ACTOR
         room = max((totals if grows else free).values())
-        # Only free room can change by waiting, and not past a whole node.
-        if grows or room >= wanted or wanted > max(totals.values()) or \
-                time.monotonic() >= deadline:
+        largest = max(totals.values())
+        # Only free room can change by waiting, and not past a whole node: on nodes
+        # smaller than the default, wait for a whole free one (the last scan's actors).
+        if grows or room >= min(wanted, largest) or time.monotonic() >= deadline or \
+                (asked is not None and wanted > largest):
             break
         time.sleep(0.5)
     if asked is not None:
