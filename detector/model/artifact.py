@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from detector.io import storage
+from detector.model.architectures import import_builders
 
 MODEL_FILE = "model.keras"
 CARD_FILE = "detector.json"
@@ -166,7 +167,7 @@ def load_artifact(uri: str):
     """Return (keras.Model, ModelCard). The model loads with safe_mode=True."""
     import keras
 
-    import detector.model.architectures  # noqa: F401  (registers the custom layers for deserialisation)
+    import_builders()  # registers the custom layers for deserialisation
 
     uri = resolve(uri)
     card = load_card(uri)

@@ -31,6 +31,7 @@ from detector.data.augment import AUGMENT_VERSION, robust_augment
 from detector.io import storage
 from detector.io.preprocess import PREPROCESS_VERSION
 from detector.io.threads import configure_gpus, limit_threads, reserved_threads
+from detector.model.architectures import build_model, get_spec
 
 FEATURES_VERSION = 1  # bump when the pass changes what it stores
 CACHE_DIR = "_features"
@@ -41,8 +42,6 @@ BATCH_ROWS = 64
 
 def feature_layer(name: str) -> str | None:
     """The layer whose output the head of model `name` reads, when its base is frozen."""
-    from detector.model.architectures import get_spec
-
     spec = get_spec(name)
     frozen = spec.defaults.get("freeze_base", True)
     return spec.feature_layer if frozen else None
@@ -177,8 +176,6 @@ def _write_initial_weights(name: str, image_size: int, weights: str, seed: int,
     actors and the training workers all load these, so the base is the same everywhere."""
     import keras
 
-    from detector.model.architectures import build_model, get_spec
-
     configure_gpus()
     keras.utils.set_random_seed(seed)
     overrides = {"weights": weights} if get_spec(name).pretrained else {}
@@ -202,8 +199,6 @@ class FeatureExtractor:
     def __init__(self, weights_uri: str, name: str, image_size: int, augment: str,
                  views: int, seed: int, cpus: float, gpus: float):
         import tensorflow as tf
-
-        from detector.model.architectures import build_model
 
         configure_gpus()
         threads = reserved_threads(cpus, gpus)

@@ -29,6 +29,7 @@ from detector.data.augment import robust_augment
 from detector.io import console, storage
 from detector.io.preprocess import PREPROCESS_VERSION
 from detector.io.threads import configure_gpus, limit_threads, reserved_threads
+from detector.model.architectures import build_model, get_spec
 from detector.model.artifact import ModelCard, publish_version
 from detector.model.export import ExportRefused, export_from_shards
 from detector.model.predictor import Predictor
@@ -55,8 +56,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import numpy as np
     import ray.train
     import tensorflow as tf
-
-    from detector.model.architectures import build_model
 
     cfg = TrainConfig(**loop_config["train_config"])
     configure_gpus()
@@ -196,8 +195,6 @@ def _read_weights(model, path: str):
 
 
 def _build_overrides(name: str, cfg: TrainConfig) -> dict:
-    from detector.model.architectures import get_spec
-
     return {"weights": cfg.weights} if get_spec(name).pretrained else {}
 
 
@@ -325,8 +322,6 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
              feature_cache: str | None = None) -> dict:
     """Best checkpoint -> an evaluated new version OUT/<name>/<id>/, then the pointer
     OUT/<name>/latest.json moved to it. Returns its metrics."""
-    from detector.model.architectures import build_model
-
     manifest = shards.read_manifest(cfg.data)
     with open(os.path.join(checkpoint_dir, STATE)) as handle:
         state = FitState.from_dict(json.load(handle))
@@ -368,8 +363,6 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
 
 
 def _family(name: str) -> str:
-    from detector.model.architectures import get_spec
-
     return get_spec(name).family
 
 

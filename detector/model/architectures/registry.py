@@ -1,11 +1,14 @@
-"""Model registry in the style of timm: `@register_model` + `build_model(name, **overrides)`.
+"""Model registry in the style of timm: `register_model` + `build_model(name, **overrides)`.
 
 Each entry carries its own metadata (family, default input size), so callers derive the
-preprocessing from the model instead of repeating it.
+preprocessing from the model instead of repeating it. Builders are named
+("module:function") and imported when a model is built: reading a spec (a train job's
+driver does, for the feature layer) never imports Keras and TensorFlow.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +21,7 @@ class ModelSpec:
     name: str
     family: str
     image_size: int
-    builder: Callable[..., Any]
+    builder: str  # "module:function", the function taking image_size, name and defaults
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     pretrained: bool = False  # accepts `weights=` (imagenet | none | file)
@@ -33,24 +36,21 @@ _REGISTRY: dict[str, ModelSpec] = {}
 def register_model(
     name: str,
     *,
+    builder: str,
     family: str,
     image_size: int,
     description: str = "",
     pretrained: bool = False,
     feature_layer: str | None = None,
     **defaults: Any,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register `builder(image_size=..., **kwargs) -> keras.Model` under `name`."""
-
-    def decorate(builder: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(
-            name, family, image_size, builder, defaults, description, pretrained, feature_layer
-        )
-        return builder
-
-    return decorate
+) -> ModelSpec:
+    """Register `builder` ("module:function", returning a keras.Model) under `name`."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} registered twice")
+    spec = ModelSpec(name, family, image_size, builder, defaults, description, pretrained,
+                     feature_layer)
+    _REGISTRY[name] = spec
+    return spec
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -68,4 +68,16 @@ def build_model(name: str, image_size: int | None = None, **overrides: Any):
     """Build a fresh, uncompiled keras.Model: uint8-range RGB in, P(AI-generated) out."""
     spec = get_spec(name)
     kwargs = {**spec.defaults, **overrides}
-    return spec.builder(image_size=image_size or spec.image_size, name=name, **kwargs)
+    return builder_of(spec)(image_size=image_size or spec.image_size, name=name, **kwargs)
+
+
+def builder_of(spec: ModelSpec) -> Callable[..., Any]:
+    module, function = spec.builder.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def import_builders() -> None:
+    """Import every builder's module: what registers their custom Keras layers, which a
+    saved model needs before it loads."""
+    for spec in _REGISTRY.values():
+        builder_of(spec)

@@ -11,7 +11,7 @@ from keras import layers
 from keras.src.applications import resnet  # the stack builders behind keras.applications
 
 from detector.io import storage
-from detector.model.architectures.registry import register_model
+from detector.model.architectures.catalog import FEATURE_LAYER
 
 
 def _resnet50v2_stacks(x):
@@ -29,7 +29,6 @@ def _tiny_stacks(x):
     return resnet.stack_residual_blocks_v2(x, 64, 2, stride1=1, name="conv4")
 
 
-FEATURE_LAYER = "gap"  # the pooled features of the base: what the head reads
 STACKS = {"resnet50v2": _resnet50v2_stacks, "tiny": _tiny_stacks}
 
 
@@ -101,36 +100,3 @@ def _all_layers(model):
         if isinstance(layer, keras.Model):
             yield from _all_layers(layer)
 
-
-register_model(
-    "resnet50v2",
-    family="resnet50v2",
-    image_size=224,
-    description="ResNet50V2 (ImageNet, frozen) + the notebook's dense head",
-    pretrained=True,
-    feature_layer=FEATURE_LAYER,
-)(build_transfer_model)
-
-register_model(
-    "resnet50v2_tiny",
-    family="resnet50v2",
-    image_size=64,
-    description="test-sized ResNetV2: 3 two-block stages at 1/4 width, trained end to end",
-    stacks="tiny",
-    freeze_base=False,
-    head_units=(64, 32),
-    bn_momentum=0.9,
-)(build_transfer_model)
-
-register_model(
-    "resnet50v2_tiny_frozen",
-    family="resnet50v2",
-    image_size=64,
-    description="test-sized frozen-base ResNetV2 (the tiny stacks, seeded random weights) "
-    "+ head: the feature-cache path of resnet50v2 at test size",
-    pretrained=True,
-    feature_layer=FEATURE_LAYER,
-    stacks="tiny",
-    head_units=(64, 32),
-    bn_momentum=0.9,
-)(build_transfer_model)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from detector.model.architectures.registry import register_model
-
 
 @keras.saving.register_keras_serializable(package="detector")
 class ClassToken(layers.Layer):
@@ -95,20 +93,3 @@ def build_vit(
     outputs = layers.Dense(1, activation="sigmoid", name="score_ai")(x)
     return keras.Model(inputs, outputs, name=name)
 
-
-register_model(
-    "vit", family="vit", image_size=224, description="the notebook's ViT-S/16, from scratch"
-)(build_vit)
-
-register_model(
-    "vit_tiny",
-    family="vit",
-    image_size=64,
-    description="test-sized ViT: 4px patches, dim 64, 2 blocks",
-    patch_size=4,
-    dim=64,
-    depth=2,
-    heads=2,
-    mlp_dim=128,
-    head_units=64,
-)(build_vit)
