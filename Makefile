@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 # Test modules side by side: about half of an e2e test is waiting (Ray starting, jobs,
 # servers), so two processes keep 2 cores busy (86% against 50% in one). Each module runs
 # whole in one process (--dist loadfile): its module-scoped cluster or app stays shared.
+# A worker that dies (a native crash) ends the run naming its test: xdist's replacement
+# worker can wait forever under loadfile (pytest-xdist #784, #1323).
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --max-worker-restart 0
 
 .PHONY: demo test test-unit test-ray test-e2e lint bench manifests clean
 
@@ -23,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m unit
@@ -32,7 +35,7 @@ test-ray: $(STAMP)
 	$(BIN)/python -m pytest -q -m ray
 
 test-e2e: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m e2e
+	$(BIN)/python -m pytest -q $(XDIST) -m e2e
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
