@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from detector.config import ScanConfig
-from detector.scanning.scan import ScanCannotFit, scoring_cpus
+from detector.scanning.scan import ScanCannotFit, _cluster_status, _node_cpus, scoring_cpus
 
 pytestmark = pytest.mark.ray
 
@@ -35,9 +36,31 @@ def test_a_scan_right_after_another_waits_for_its_actors_to_free_the_node(two_cp
 
     holder = LastScansActor.remote()
     assert ray.get(holder.ready.remote())
-    threading.Timer(2.0, ray.kill, args=(holder,)).start()
-    config = ScanConfig(source="unused", model="unused", out="unused")
-    assert scoring_cpus(config) == 1.5
+    # The scan reads the cluster's status, which lags the scheduler by a moment.
+    deadline = time.monotonic() + 60
+    while free_cpus() != 0.5:
+        assert time.monotonic() < deadline, f"the status never showed the holder: {free_cpus()}"
+        time.sleep(0.2)
+    killed_at = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        ray.kill(holder)
+
+    release = threading.Timer(2.0, kill)
+    release.start()
+    try:
+        config = ScanConfig(source="unused", model="unused", out="unused")
+        assert scoring_cpus(config) == 1.5
+        returned_at = time.monotonic()
+    finally:
+        release.join()  # never a ray call from another thread during ray.shutdown
+    assert killed_at and killed_at[0] < returned_at  # it waited for the release
+
+
+def free_cpus() -> float:
+    status = _cluster_status()
+    return sum(_node_cpus(status)[1].values()) if status is not None else -1.0
 
 
 def test_an_actor_larger_than_every_node_fails_naming_it(two_cpus):
