@@ -47,16 +47,21 @@ def part_uris(shards_uri: str, split: str, manifest: dict | None = None) -> list
     return [storage.join(shards_uri, part) for part in manifest["parts"][split]]
 
 
+def split_files(shards_uri: str, split: str, manifest: dict | None = None):
+    """(filesystem, paths) of one split's parts (only those the manifest names)."""
+    uris = part_uris(shards_uri, split, manifest)
+    if not uris:
+        raise ValueError(f"split {split!r} of {shards_uri} is empty")
+    fs, _ = storage.resolve(uris[0])
+    return fs, [storage.resolve(u)[1] for u in uris]
+
+
 def read_split(shards_uri: str, split: str, columns: list[str] | None = None,
                manifest: dict | None = None):
     """A Ray Data dataset over one split's parts (only those the manifest names)."""
     import ray
 
-    uris = part_uris(shards_uri, split, manifest)
-    if not uris:
-        raise ValueError(f"split {split!r} of {shards_uri} is empty")
-    fs, _ = storage.resolve(uris[0])
-    paths = [storage.resolve(u)[1] for u in uris]
+    fs, paths = split_files(shards_uri, split, manifest)
     return ray.data.read_parquet(paths, filesystem=fs, columns=columns or ["image", "label"])
 
 

@@ -292,12 +292,8 @@ MATERIALIZE_BELOW_BYTES = 1 << 30
 def _shard_dataset(shards_uri: str, split: str):
     manifest = shards.read_manifest(shards_uri)
     rows = sum(manifest["counts"][split].values())
-    uris = shards.part_uris(shards_uri, split, manifest)
-    if not uris:
-        raise ValueError(f"split {split!r} of {shards_uri} is empty")
-    fs = storage.resolve(uris[0])[0]
-    return training_dataset(fs, [storage.resolve(uri)[1] for uri in uris], ["image", "label"],
-                            rows * 3 * manifest["image_size"] ** 2)
+    fs, paths = shards.split_files(shards_uri, split, manifest)
+    return training_dataset(fs, paths, ["image", "label"], rows * 3 * manifest["image_size"] ** 2)
 
 
 def _feature_dataset(cache_uri: str, split: str, view: int = 0):
