@@ -214,7 +214,7 @@ def s3_run(tmp: str, model_uri: str, objects: int, partition_size: int) -> dict:
     try:
         source = make_s3_prefix("bench", "flat", objects)
         listing_s = plain_listing(source)
-        result = run_scan(source, model_uri, "s3://bench/report", partition_size)
+        result = run_scan(source, model_uri, "s3://bench/report", partition_size, objects)
     finally:
         server.stop()
     return {"objects": result["objects"], "plain_listing_s": listing_s,
