@@ -235,8 +235,6 @@ def image_bytes() -> bytes:
 def test_serve_deploy_with_the_rayservice_config(head, model_uri, tmp_path):
     """The RayService's serveConfigV2, scaled to this machine only through overrides of
     resources and replica counts, deploys with `serve deploy` and answers over HTTP."""
-    import requests
-
     if importlib.util.find_spec("detector.serving.app") is None:
         pytest.skip("detector/serving/app.py does not exist yet")
     port = free_port()
@@ -246,6 +244,16 @@ def test_serve_deploy_with_the_rayservice_config(head, model_uri, tmp_path):
     )
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        deploy_and_call(head, path, port)
+    finally:  # the cluster is the module's: leave it as empty as it was
+        subprocess.run([str(BIN / "serve"), "shutdown", "--yes", f"--address={head['address']}"],
+                       env=client_env(), capture_output=True, timeout=120)
+
+
+def deploy_and_call(head: dict, path: Path, port: int) -> None:
+    import requests
+
     result = subprocess.run(
         [str(BIN / "serve"), "deploy", str(path), f"--address={head['address']}"],
         env=client_env(), capture_output=True, text=True, timeout=120,
@@ -319,12 +327,13 @@ def test_scan_rayjob_entrypoint_runs_under_ray_job_submit(head, model_uri, tmp_p
 
 
 @pytest.mark.e2e
-def test_a_scan_beside_a_serve_app_of_another_model_fits_in_what_is_free(model_uri, tmp_path):
-    """`detector serve --model B` holds 2.5 of the 4 CPUs a local Ray gets here, and this
-    cluster cannot add nodes. `detector scan --model A` sizes its scoring actor from the
-    1.5 that are free and scores every object with A (it once asked for 2, waited 600 s
-    and failed). Asked for more than is free, it fails within seconds and names what
-    holds the CPUs."""
+def test_a_scan_beside_a_serve_app_of_another_model_fits_in_what_is_free(head, model_uri,
+                                                                        tmp_path):
+    """`detector serve --model B` holds 2.5 of the module cluster's 4 CPUs (the tests
+    before it leave nothing running there), and this cluster cannot add nodes. `detector
+    scan --model A` sizes its scoring actor from the 1.5 that are free and scores every
+    object with A (it once asked for 2, waited 600 s and failed). Asked for more than is
+    free, it fails within seconds and names what holds the CPUs."""
     import pandas as pd
     import requests
 
@@ -339,39 +348,38 @@ def test_a_scan_beside_a_serve_app_of_another_model_fits_in_what_is_free(model_u
                                     preprocess_version=load_card(model_uri).preprocess_version),
                           str(tmp_path / "other"))
     scorer = load_card(model_uri)
-    with ray_head(tmp_path, num_cpus=4, env={"DETECTOR_API_KEY": API_KEY}) as cluster:
-        env = client_env() | {"RAY_ADDRESS": cluster["gcs"]}
-        port, log = free_port(), tmp_path / "serve.log"
-        with open(log, "w") as out:
-            server = subprocess.Popen(
-                [str(BIN / "detector"), "serve", "--model", other, "--port", str(port)],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/healthz",
-                                          timeout=5).status_code == 200,
-                     timeout=240, what="detector serve", alive=server, log=log)
+    env = client_env() | {"RAY_ADDRESS": head["gcs"]}
+    port, log = free_port(), tmp_path / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [str(BIN / "detector"), "serve", "--model", other, "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/healthz",
+                                      timeout=5).status_code == 200,
+                 timeout=240, what="detector serve", alive=server, log=log)
 
-            def scan(out: str, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
-                started = time.monotonic()
-                done = subprocess.run(
-                    [str(BIN / "detector"), "scan", str(source), "--model", model_uri,
-                     "--out", str(tmp_path / out), *flags],
-                    env=env, capture_output=True, text=True, timeout=300)
-                return done, time.monotonic() - started
+        def scan(out: str, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
+            started = time.monotonic()
+            done = subprocess.run(
+                [str(BIN / "detector"), "scan", str(source), "--model", model_uri,
+                 "--out", str(tmp_path / out), *flags],
+                env=env, capture_output=True, text=True, timeout=300)
+            return done, time.monotonic() - started
 
-            refused, seconds = scan("refused", "--cpus-per-actor", "2")
-            assert refused.returncode == 1 and seconds < 30, (seconds, refused.stderr[-3000:])
-            assert "cannot add nodes" in refused.stderr
-            assert "ServeReplica:detector:Model (2 CPU)" in refused.stderr, refused.stderr[-3000:]
-            assert not (tmp_path / "refused" / "_manifest.json").exists()
+        refused, seconds = scan("refused", "--cpus-per-actor", "2")
+        assert refused.returncode == 1 and seconds < 30, (seconds, refused.stderr[-3000:])
+        assert "cannot add nodes" in refused.stderr
+        assert "ServeReplica:detector:Model (2 CPU)" in refused.stderr, refused.stderr[-3000:]
+        assert not (tmp_path / "refused" / "_manifest.json").exists()
 
-            result, _ = scan("report")
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-            assert "scoring actors reserve 1.0 CPUs: the largest node has free 1.5" \
-                in result.stderr
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=60)
+        result, _ = scan("report")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "scoring actors reserve 1.0 CPUs: the largest node has free 1.5" \
+            in result.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
     frame = pd.read_parquet(tmp_path / "report")
     assert len(frame) == frame["uri"].nunique() == 300
     assert set(frame["model"]) == {f"{scorer.name}@{scorer.id}"}

@@ -100,12 +100,35 @@ def dataset(out: str) -> pads.Dataset:
     return pads.dataset(path, filesystem=fs, format="parquet")
 
 
+FULL = "s3://scan/reports/full"
+
+
+@pytest.fixture(scope="module")
+def full_scan(scan_bucket, model_uri) -> dict:
+    """One scan of the whole bucket as it was made, with the default settings: its report
+    at FULL is read, and copied as the first scan of a resumed one (tests that change the
+    bucket run after this)."""
+    return scan(config(scan_bucket, model_uri, FULL), progress=False)
+
+
+def copy_report(source: str, target: str) -> None:
+    """A committed report copied object by object, as a user would move one."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    bucket, prefix = source.removeprefix("s3://").split("/", 1)
+    target_prefix = target.removeprefix(f"s3://{bucket}/")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        for item in page.get("Contents", []):
+            s3.copy_object(Bucket=bucket, CopySource={"Bucket": bucket, "Key": item["Key"]},
+                           Key=target_prefix + item["Key"][len(prefix):])
+
+
 def test_report_is_a_committed_dataset_with_one_row_per_selected_object(scan_bucket,
-                                                                        model_uri):
+                                                                        model_uri, full_scan):
     from detector.model.predictor import Predictor
 
-    out = "s3://scan/reports/full"
-    summary = scan(config(scan_bucket, model_uri, out), progress=False)
+    out, summary = FULL, full_scan
     expected = selected(scan_bucket)
     assert len(expected) > 1000
     table = dataset(out).to_table()  # what pyarrow.dataset / pandas readers see
@@ -162,11 +185,12 @@ def test_report_is_a_committed_dataset_with_one_row_per_selected_object(scan_buc
 
 
 def test_resume_rescans_new_and_changed_objects_and_everything_for_another_model(
-        scan_bucket, model_uri, other_model_uri):
+        scan_bucket, model_uri, other_model_uri, full_scan):
     import boto3
 
     out = "s3://scan/reports/resume"
-    first = scan(config(scan_bucket, model_uri, out), progress=False)
+    copy_report(FULL, out)  # the first scan: the full one, made with the same settings
+    first = full_scan
     s3 = boto3.client("s3")
     good = next(r["uri"] for r in dataset(out).to_table().to_pylist() if r["error"] is None)
     blob = storage.read_bytes(good)
