@@ -78,7 +78,8 @@ class Predictor:
 
     def score(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N,) P(AI-generated), calibrated when the card
-        carries a calibration, in chunks of batch_size."""
+        carries a calibration and within the floor and ceiling (`calibration.SCORE_FLOOR`)
+        always, in chunks of batch_size."""
         if len(pixels) == 0:
             return np.zeros((0,), dtype=np.float32)
         chunks = [
@@ -87,9 +88,10 @@ class Predictor:
             for i in range(0, len(pixels), self.batch_size)
         ]
         raw = np.concatenate([np.asarray(c).reshape(-1) for c in chunks]).astype(np.float32)
-        if self.card.calibration:  # the card's Platt scaling, fitted on validation
-            return Calibration(self.card.calibration["a"], self.card.calibration["b"]).apply(raw)
-        return raw
+        calibration = self.card.calibration  # Platt scaling fitted on validation, if any
+        fitted = Calibration(calibration["a"], calibration["b"]) if calibration \
+            else Calibration()  # the identity still holds scores within the floor and ceiling
+        return fitted.apply(raw)
 
     def predict_bytes(self, blobs: Sequence[bytes], consistency: bool = False
                       ) -> list[Prediction]:
