@@ -335,6 +335,7 @@ def _plot(report: EvaluationReport, directory: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(directory, "roc.png"), dpi=110)
         plt.close(fig)
+        _plot_reliability(report, directory)
     if report.history:
         epochs = [h["epoch"] for h in report.history]
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -348,3 +349,19 @@ def _plot(report: EvaluationReport, directory: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(directory, "history.png"), dpi=110)
         plt.close(fig)
+
+
+def _plot_reliability(report: EvaluationReport, directory: str) -> None:
+    """reliability.png: observed share of AI images against mean score_ai, in the ECE's
+    equal-width bins; the diagonal is a calibrated model."""
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import CalibrationDisplay
+
+    s = report.scored
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    CalibrationDisplay.from_predictions(s.labels, s.scores, n_bins=calibration.CALIBRATION_BINS,
+                                        strategy="uniform", ax=ax, name="score_ai")
+    ax.set_title(f"Reliability ({report.split}, ECE {report.metrics['ece']:.3f})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(directory, "reliability.png"), dpi=110)
+    plt.close(fig)

@@ -64,3 +64,24 @@ def test_a_target_fpr_policy_holds_that_rate_on_validation_and_catches_the_most(
     for bad in ("target-fpr:0", "target-fpr:1.5", "target-fpr:x", "fpr:0.01", "strict"):
         with pytest.raises(ValueError, match="target-fpr:X"):
             parse_policy(bad)
+
+
+def test_the_written_evaluation_has_its_plots_and_predictions(tmp_path):
+    """`EvaluationReport.write`: the JSON and text records, predictions.parquet, and the
+    confusion matrix, ROC and reliability diagrams as PNGs that decode."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from detector.training.evaluate import Scored, build_report
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat([0, 1], 50)
+    scores = np.clip(labels * 0.5 + rng.uniform(0, 0.5, 100), 0, 1).astype(np.float32)
+    scored = Scored(labels=labels, scores=scores, formats=["PNG"] * 100,
+                    uris=[f"/x/{i}.png" for i in range(100)], sha256=["0" * 64] * 100)
+    build_report(scored, 0.5, "test").write(str(tmp_path))
+    for name in ("confusion_matrix.png", "roc.png", "reliability.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and min(image.size) > 100, name
+    assert pq.read_table(tmp_path / "predictions.parquet").num_rows == 100
+    assert (tmp_path / "metrics.json").stat().st_size > 0

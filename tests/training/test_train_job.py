@@ -112,8 +112,8 @@ def test_train_job_survives_a_killed_worker_and_writes_both_artifacts(cluster, s
         artifact = version(models / row["model"])
         assert row["artifact"] == str(artifact) and row["id"] == artifact.name
         for name in ("model.keras", "detector.json", "metrics.json", "confusion_matrix.png",
-                     "roc.png", "history.png", "classification_report.txt", "robustness.json",
-                     "per_format.json", "predictions.parquet"):
+                     "roc.png", "reliability.png", "history.png", "classification_report.txt",
+                     "robustness.json", "per_format.json", "predictions.parquet"):
             assert (artifact / name).exists(), name
         card = json.loads((artifact / "detector.json").read_text())
         assert card["image_size"] == SIZE and 0 < card["threshold"] < 1
@@ -183,7 +183,8 @@ def test_evaluate_reproduces_the_training_evaluation(shards, tmp_path):
     original = json.loads((artifact / "metrics.json").read_text())
     for key in ("accuracy", "roc_auc", "threshold", "count", "confusion_matrix"):
         assert again[key] == pytest.approx(original[key], abs=1e-6), key
-    for name in ("confusion_matrix.png", "roc.png", "robustness.md", "classification_report.txt"):
+    for name in ("confusion_matrix.png", "roc.png", "reliability.png", "robustness.md",
+                 "classification_report.txt"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
 
 
