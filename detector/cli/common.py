@@ -137,7 +137,9 @@ def predict_files(model: str, images: list[str], backend: str = "auto",
             line = f"{uri}\t{prediction.score_ai:.6f}\t{prediction.verdict}\t" \
                    f"{prediction.decided_by}"
             if prediction.evidence:  # what made it uncertain, else the strongest finding
-                first = next((e for e in prediction.evidence if e["source"] == "consistency"),
+                doubts = ("consistency", "familiarity") \
+                    if prediction.decided_by == "classifier" else ()
+                first = next((e for e in prediction.evidence if e["source"] in doubts),
                              prediction.evidence[0])
                 line += f"\t{first['source']} {first['strength']}: {first['detail']}"
             print(line)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -82,6 +83,16 @@ def sample_split(shards_uri: str, split: str, limit: int) -> tuple[np.ndarray, n
     if not have:
         raise ValueError(f"split {split!r} of {shards_uri} is empty")
     return np.concatenate(pixels), np.concatenate(labels)
+
+
+def source_shapes(shards_uri: str, split: str, manifest: dict | None = None
+                  ) -> Iterator[tuple[str, int, int]]:
+    """(source format, width, height) of each image of a split as it was before decoding,
+    read part by part (only those three columns)."""
+    fs, paths = split_files(shards_uri, split, manifest)
+    for path in paths:
+        table = pq.read_table(path, filesystem=fs, columns=["source_format", "width", "height"])
+        yield from zip(*(table.column(c).to_pylist() for c in table.column_names), strict=True)
 
 
 def decode_pixels(images, image_size: int) -> np.ndarray:

@@ -48,6 +48,8 @@ class ModelCard:
     labels: dict[str, str] = field(default_factory=lambda: dict(LABELS))
     metrics: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
+    # The training data's formats and sizes (empty: unknown); see verdicts/familiarity.py
+    domain: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     # kind ("onnx", "int8") -> parity record of that export against Keras; see export.py
     exports: dict[str, Any] = field(default_factory=dict)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from detector.io import storage
 from detector.model.artifact import ModelCard, load_card, publish_directory, resolve
+from detector.verdicts import familiarity
 
 ARCHITECTURE = "ensemble"
 
@@ -48,10 +49,17 @@ def make_card(member_uris: Sequence[str], weights: Sequence[float] | None = None
     return ModelCard(
         name=name, architecture=ARCHITECTURE, image_size=cards[0].image_size,
         preprocess_version=cards[0].preprocess_version, calibration={},
+        domain=_domain(cards),
         config={"members": [{"uri": uri, "model": f"{card.name}@{card.id}",
                              "weight": weight / total}
                             for uri, card, weight in zip(members, cards, weights, strict=True)]},
     )
+
+
+def _domain(cards: Sequence[ModelCard]) -> dict:
+    """What the members were trained on, together (see `detector.verdicts.familiarity`)."""
+    merged = familiarity.merge(familiarity.Domain.from_card(card.domain) for card in cards)
+    return merged.to_card() if merged else {}
 
 
 def publish(member_uris: Sequence[str], out_uri: str, weights: Sequence[float] | None = None,

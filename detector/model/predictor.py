@@ -17,7 +17,7 @@ from detector.io import preprocess
 from detector.model import runtimes
 from detector.model.artifact import ModelCard, load_card, resolve
 from detector.model.ensemble import is_ensemble
-from detector.verdicts import consistency, provenance
+from detector.verdicts import consistency, familiarity, provenance
 from detector.verdicts.calibration import Calibration
 from detector.verdicts.verdict import classify_for, decide_for
 
@@ -108,6 +108,8 @@ class Predictor:
                                         error=err.code, error_detail=err.detail)
                 continue
             decoded.append((i, pixels, info))
+            flag = familiarity.check(self.card.domain, info.format, info.width, info.height)
+            evidence[i] += [flag] if flag else []
         if decoded:
             images = np.stack([pixels for _, pixels, _ in decoded])
             scores = self.score(images)

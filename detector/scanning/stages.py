@@ -32,7 +32,7 @@ from detector.model.artifact import ModelCard
 from detector.model.predictor import Predictor
 from detector.scanning import gate, report
 from detector.scanning.partitions import Partition, Span, cut, partition_id
-from detector.verdicts import consistency, provenance
+from detector.verdicts import consistency, familiarity, provenance
 from detector.verdicts.verdict import classify_for, decide_for
 
 log = logging.getLogger(__name__)
@@ -261,12 +261,13 @@ def finish_rows(table: pa.Table, card, threshold: float, score,
                   else [None] * len(decoded))
         for row, value, copy_scores in zip(decoded, scores, copies, strict=True):
             evidence = _evidence(row)
+            found = [familiarity.check(card.domain, row["format"], row["width"], row["height"])]
             if copy_scores is not None:
-                flip = consistency.finding(lambda s: classify_for(card, s, threshold), float(value),
-                                           copy_scores)
-                if flip is not None:
-                    evidence.append(flip)
-                    row["evidence"] = [e.to_dict() for e in evidence]
+                found.append(consistency.finding(lambda s: classify_for(card, s, threshold),
+                                                 float(value), copy_scores))
+            if any(found):
+                evidence += [f for f in found if f is not None]
+                row["evidence"] = [e.to_dict() for e in evidence]
             verdict, decided_by = decide_for(card, float(value), evidence, threshold)
             row.update(score_ai=float(value), verdict=verdict, decided_by=decided_by,
                        pixels=None)

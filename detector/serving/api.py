@@ -26,9 +26,10 @@ class ErrorBody(ApiModel):
 
 
 class EvidenceItem(ApiModel):
-    """One provenance or consistency finding (see detector.verdicts.provenance)."""
+    """One provenance, consistency or familiarity finding (see detector.verdicts)."""
 
-    source: str = Field(description="c2pa | xmp | png-text | exif | metadata | consistency")
+    source: str = Field(description="c2pa | xmp | png-text | exif | stealth | metadata | "
+                                    "consistency | familiarity")
     kind: str
     strength: Literal["strong", "weak", "info"]
     detail: str

@@ -51,7 +51,7 @@ from detector.model.explain import Explainer, overlay_png
 from detector.model.predictor import Predictor
 from detector.scanning import service as scan_service
 from detector.serving import api
-from detector.verdicts import consistency, provenance
+from detector.verdicts import consistency, familiarity, provenance
 from detector.verdicts.verdict import classify_for, decide_for
 
 # Serve routes the "ray.serve" logger into each replica's log file with the request id.
@@ -451,6 +451,8 @@ class Ingress:
             pixels, info = await asyncio.to_thread(self._decode, blob)
         start = outcome.lap("decode", start)
         evidence = await asyncio.to_thread(provenance.inspect, blob)
+        flag = familiarity.check(self.model_card.domain, info.format, info.width, info.height)
+        evidence += [flag] if flag else []
         start = outcome.lap("provenance", start)
         score, outcome.batch_size = await self._score(pixels)
         if check:  # the copies join the model's batches like any other request

@@ -37,6 +37,7 @@ from detector.model.runtimes import training_policy, with_dtype_policy
 from detector.training import evaluate, features
 from detector.training.evaluate import parse_policy
 from detector.training.fit import EpochEnd, FitSettings, FitState, fit
+from detector.verdicts import familiarity
 
 CURRENT_WEIGHTS = "current.weights.h5"
 BEST_WEIGHTS = "best.weights.h5"
@@ -334,6 +335,7 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
         image_size=image_size,
         preprocess_version=PREPROCESS_VERSION,
         data_fingerprint=manifest["fingerprint"],
+        domain=training_domain(cfg.data, manifest),
         config=to_dict(cfg) | {"best_epoch": state.best_epoch, "epochs_run": state.epoch},
     )
     report = evaluate.evaluate_model(Predictor.from_model(model, card), cfg.data,
@@ -356,6 +358,13 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
     return {"model": name, "id": card.id, "artifact": version, **card.metrics,
             "best_epoch": state.best_epoch, "epochs": state.epoch,
             "exports": sorted(card.exports), "export_refused": refusals[0] if refusals else None}
+
+
+def training_domain(shards_uri: str, manifest: dict) -> dict:
+    """The train split's source formats and sizes, for the card (see
+    `detector.verdicts.familiarity`); read part by part, so memory stays that of one."""
+    domain = familiarity.measure(shards.source_shapes(shards_uri, "train", manifest))
+    return domain.to_card() if domain else {}
 
 
 def _family(name: str) -> str:

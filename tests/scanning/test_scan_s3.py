@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,18 @@ def make_model(path: str, seed: int) -> str:
 @pytest.fixture(scope="module")
 def model_uri(tmp_path_factory):
     return make_model(str(tmp_path_factory.mktemp("scan-model") / "vit_tiny"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def seen_model_uri(model_uri, tmp_path_factory):
+    """model_uri's weights, with a card recording what training saw: JPEG and PNG with
+    longer sides of 32 to 64 px (see detector.verdicts.familiarity)."""
+    copy = tmp_path_factory.mktemp("seen-model") / "vit_tiny"
+    shutil.copytree(model_uri, copy)
+    card = json.loads((copy / "detector.json").read_text())
+    card["domain"] = {"formats": ["JPEG", "PNG"], "long_side": [32, 64]}
+    (copy / "detector.json").write_text(json.dumps(card))
+    return str(copy)
 
 
 @pytest.fixture(scope="module")
@@ -664,13 +677,16 @@ def mixed_upload_bucket() -> tuple[dict[str, bytes], dict[str, str | None]]:
 
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_every_object_in_an_upload_bucket_is_accounted_for(where, s3_server, local_ray,
-                                                           model_uri, tmp_path, capsys):
+                                                           seen_model_uri, tmp_path, capsys):
     """Each image is scored whatever its key, each broken or non-image file that was read
-    gets its error code, and the sidecars and videos not read are counted by reason."""
+    gets its error code, and the sidecars and videos not read are counted by reason. The
+    formats the model never saw in training (HEIF, AVIF, MPO) are `uncertain`, saying why,
+    as predict answers."""
     import boto3
     import pandas as pd
 
     from detector.cli.common import print_scan_summary
+    from detector.model.predictor import Predictor
 
     objects, expected = mixed_upload_bucket()
     if where == "s3":
@@ -683,11 +699,18 @@ def test_every_object_in_an_upload_bucket_is_accounted_for(where, s3_server, loc
         for key, body in objects.items():
             (tmp_path / "in" / key).write_bytes(body)
         source, out = str(tmp_path / "in"), str(tmp_path / "report")
-    summary = scan(config(source, model_uri, out), progress=False)
+    summary = scan(config(source, seen_model_uri, out), progress=False)
     rows = {r["uri"].rsplit("/", 1)[-1]: r for r in dataset(out).to_table().to_pylist()}
     assert {key: row["error"] for key, row in rows.items()} == expected
-    assert {rows[k]["format"] for k, code in expected.items() if code is None} == \
-        {"JPEG", "PNG", "HEIF", "AVIF", "MPO"}
+    images = [k for k, code in expected.items() if code is None]
+    assert {rows[k]["format"] for k in images} == {"JPEG", "PNG", "HEIF", "AVIF", "MPO"}
+    predicted = Predictor.from_uri(seen_model_uri).predict_bytes([objects[k] for k in images])
+    for key, expected_row in zip(images, predicted, strict=True):
+        row, unseen = rows[key], rows[key]["format"] not in ("JPEG", "PNG")
+        assert (row["verdict"], row["evidence"]) == (expected_row.verdict,
+                                                     expected_row.evidence), key
+        assert [e["kind"] for e in row["evidence"]] == (["unfamiliar"] if unseen else []), key
+        assert row["verdict"] == "uncertain" or not unseen, key
     assert summary["objects"] == len(expected)
     not_scanned = summary["not_scanned"]
     assert not_scanned["total"] == len(objects) - len(expected) == 10

@@ -117,6 +117,8 @@ def test_train_job_survives_a_killed_worker_and_writes_both_artifacts(cluster, s
             assert (artifact / name).exists(), name
         card = json.loads((artifact / "detector.json").read_text())
         assert card["image_size"] == SIZE and 0 < card["threshold"] < 1
+        # What it was trained on, so inputs far from it are flagged (verdicts.familiarity)
+        assert card["domain"] == {"formats": ["JPEG", "PNG", "WEBP"], "long_side": [SIZE, SIZE]}
         # Calibrated on the validation split: never a worse ECE there; the band around
         # the threshold leaves both sides reachable.
         calibrated = json.loads((artifact / "metrics.json").read_text())["calibration"]
