@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--biased", action="store_true", help="real=JPEG, fake=PNG, on purpose")
     sample.add_argument("--corrupt", type=int, default=0, help="bad files per class to add")
+    sample.add_argument("--generators", type=int, default=0,
+                        help="fakes from N distinct generator families, each in its own folder "
+                             "fake/<family>/ (0: one unnamed kind of fake)")
     sample.set_defaults(run=run_sample)
 
     prepare = commands.add_parser("prepare", help="object storage -> training shards (Ray Data)")
@@ -165,7 +168,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from detector.data.sample import SampleSpec, write_sample
 
     spec = SampleSpec(per_class=args.per_class, size=args.size, seed=args.seed,
-                      biased=args.biased, corrupt=args.corrupt)
+                      biased=args.biased, corrupt=args.corrupt, generators=args.generators)
     print(json.dumps(write_sample(args.out, spec), indent=2))
     return 0
 

@@ -1,7 +1,9 @@
 """Synthetic sample buckets for the demo and the tests.
 
 `write_sample` writes ``OUT/real/...`` and ``OUT/fake/...``: random smooth scenes (gradients,
-soft shapes, texture) that carry the traces the field's detectors look for.
+soft shapes, texture) that carry the traces the field's detectors look for. With
+`generators=N`, the fakes come from N distinct generator families instead, each in its own
+folder ``OUT/fake/<family>/...`` (see FAMILIES), so attribution has something real to learn.
 
 - fake (label 1): the scene is low-passed at half resolution and upsampled by nearest
   neighbour (zero insertion + box kernel) with a slight transposed-convolution gain imbalance,
@@ -9,6 +11,13 @@ soft shapes, texture) that carry the traces the field's detectors look for.
   peaks at N/8; high frequencies are missing, as in diffusion-model outputs.
 - real (label 0): a camera pipeline: Bayer RGGB mosaic, shot + read noise per photosite and
   bilinear demosaicing, so every frequency up to Nyquist carries sensor noise.
+
+Families (`generators=N` takes the first N):
+
+- upsampler: half-resolution render, 2x nearest upsampling with the checkerboard imbalance.
+- decoder-grid: full-resolution render, low-passed, with a period-8 grid (peaks at N/8).
+- lowpass-tint: a strong spectral low-pass and a warm colour cast, no periodic trace.
+- latent-diffusion: every trace of the default fake at once.
 
 Both classes draw scenes from the same distribution and get the same formats and sizes, so
 neither brightness, colour, format nor size tells them apart (unless `biased=True` asks for
@@ -51,28 +60,51 @@ class SampleSpec:
     seed: int = 0
     biased: bool = False
     corrupt: int = 0
+    generators: int = 0  # 0: one unnamed kind of fake; N: the first N of FAMILIES
 
     def __post_init__(self) -> None:
-        if min(self.per_class, self.corrupt, self.seed) < 0:
-            raise ValueError("per_class, corrupt and seed must be >= 0")
+        if min(self.per_class, self.corrupt, self.seed, self.generators) < 0:
+            raise ValueError("per_class, corrupt, seed and generators must be >= 0")
+        if self.generators > len(FAMILIES):
+            raise ValueError(f"generators must be at most {len(FAMILIES)} "
+                             f"({', '.join(FAMILIES)}), got {self.generators}")
         if self.size is not None and self.size < 8:
             raise ValueError(f"size must be >= 8 pixels, got {self.size}")
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(FAMILIES)[: self.generators]
+
+    def family(self, label: int, index: int) -> str | None:
+        """The generator family of fake `index` (None: the default fake, or a real image).
+        Families take turns, so each gets every format and size (see `_plan`)."""
+        if label == 0 or not self.generators:
+            return None
+        return self.families[index % self.generators]
+
+    def turn(self, label: int, index: int) -> int:
+        """Image `index`'s place among its own family's (or class's) images."""
+        return index // self.generators if self.family(label, index) else index
 
 
 def write_sample(out_uri: str, spec: SampleSpec) -> dict:
     """Write OUT/real/... and OUT/fake/... ; return a summary of what was written.
 
     The summary is ``{"real": n, "fake": n, "corrupt": n (bad files, both classes),
-    "formats": {"real": {"JPEG": n, ...}, "fake": {...}}, "sizes": {...}, "out": out_uri}``.
+    "formats": {"real": {"JPEG": n, ...}, "fake": {...}}, "sizes": {...},
+    "generators": {family: n} (empty without families), "out": out_uri}``.
     """
     jobs: list[Callable[[], None]] = []
     formats: dict[str, Counter] = {name: Counter() for name in CLASSES}
     sizes: dict[str, Counter] = {name: Counter() for name in CLASSES}
+    families: Counter = Counter()
     for label, name in enumerate(CLASSES):
         for index in range(spec.per_class):
             fmt, size = _plan(spec, label, index)
             formats[name][fmt] += 1
             sizes[name][f"{size[0]}x{size[1]}"] += 1
+            if family := spec.family(label, index):
+                families[family] += 1
             jobs.append(_image_job(out_uri, spec, label, index))
         for k in range(spec.corrupt):
             jobs.append(_corrupt_job(out_uri, spec, label, k))
@@ -86,27 +118,30 @@ def write_sample(out_uri: str, spec: SampleSpec) -> dict:
         "corrupt": 2 * spec.corrupt,
         "formats": {name: dict(sorted(c.items())) for name, c in formats.items()},
         "sizes": {name: dict(sorted(c.items())) for name, c in sizes.items()},
+        "generators": {family: families[family] for family in spec.families},
         "out": out_uri,
     }
 
 
 def make_image(label: int, rng: np.random.Generator, size: Size,
-               trace_box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+               trace_box: tuple[int, int, int, int] | None = None,
+               family: str | None = None) -> np.ndarray:
     """One image as an HxWx3 uint8 array; `size` is (width, height) as in Pillow.
 
-    label 1 = AI-generated (generator traces), 0 = real (camera traces). `trace_box`
-    (left, top, right, bottom; even numbers keep the traces' phase) confines a generated
-    image's traces to that region, camera traces around it: a known answer for where an
-    explanation should point.
+    label 1 = AI-generated (generator traces: `family`'s, or by default every trace at
+    once), 0 = real (camera traces). `trace_box` (left, top, right, bottom; even numbers
+    keep the traces' phase) confines a generated image's traces to that region, camera
+    traces around it: a known answer for where an explanation should point.
     """
     width, height = size
     scene = _scene(rng, width, height)
+    generated = FAMILIES[family or "latent-diffusion"]
     if label == 1 and trace_box is not None:
         left, top, right, bottom = trace_box
         pixels = _camera(scene, rng)
-        pixels[top:bottom, left:right] = _generated(scene, rng)[top:bottom, left:right]
+        pixels[top:bottom, left:right] = generated(scene, rng)[top:bottom, left:right]
     else:
-        pixels = _generated(scene, rng) if label == 1 else _camera(scene, rng)
+        pixels = generated(scene, rng) if label == 1 else _camera(scene, rng)
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
@@ -114,12 +149,14 @@ def make_image(label: int, rng: np.random.Generator, size: Size,
 
 
 def _plan(spec: SampleSpec, label: int, index: int) -> tuple[str, Size]:
-    """Format and size of image `index`: a per-index cycle shared by both classes."""
+    """Format and size of image `index`: a per-index cycle shared by both classes (by a
+    family's own count of fakes, so no family keeps to one format)."""
     if spec.biased:
         fmt, size = BIASED[label]
     else:
+        turn = spec.turn(label, index)
         # 3 formats x 4 sizes are coprime cycles, so every combination occurs every 12.
-        fmt, size = FORMATS[index % len(FORMATS)], SIZES[index % len(SIZES)]
+        fmt, size = FORMATS[turn % len(FORMATS)], SIZES[turn % len(SIZES)]
     return fmt, (spec.size, spec.size) if spec.size else size
 
 
@@ -131,8 +168,10 @@ def _image_job(out_uri: str, spec: SampleSpec, label: int, index: int) -> Callab
     def job() -> None:
         fmt, size = _plan(spec, label, index)
         rng = _image_rng(spec, label, index)
-        data = encode(make_image(label, rng, size), fmt, rng)
-        storage.write_bytes(_uri(out_uri, label, index, _file_name(index, fmt)), data)
+        family = spec.family(label, index)
+        data = encode(make_image(label, rng, size, family=family), fmt, rng)
+        storage.write_bytes(_uri(out_uri, label, spec.turn(label, index),
+                                 _file_name(index, fmt), family), data)
 
     return job
 
@@ -143,13 +182,16 @@ def _corrupt_job(out_uri: str, spec: SampleSpec, label: int, k: int) -> Callable
         # A stream of its own (4th key) so bad files never change the good ones.
         rng = np.random.default_rng([spec.seed, label, k, 1])
         name = f"bad-{k:03d}-{kind}.{'png' if kind == 'text' else 'jpg'}"
-        storage.write_bytes(_uri(out_uri, label, k, name), _corrupt_bytes(kind, rng))
+        family = spec.family(label, k)
+        storage.write_bytes(_uri(out_uri, label, spec.turn(label, k), name, family),
+                            _corrupt_bytes(kind, rng))
 
     return job
 
 
-def _uri(out_uri: str, label: int, index: int, name: str) -> str:
-    return storage.join(out_uri, CLASSES[label], f"batch-{index // PER_FOLDER:02d}", name)
+def _uri(out_uri: str, label: int, turn: int, name: str, family: str | None = None) -> str:
+    folder = (CLASSES[label], family) if family else (CLASSES[label],)
+    return storage.join(out_uri, *folder, f"batch-{turn // PER_FOLDER:02d}", name)
 
 
 def _file_name(index: int, fmt: str) -> str:
@@ -263,25 +305,71 @@ def _resize(plane: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def _generated(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Generator traces: half-resolution low-passed render, 2x upsampling, decoder grid."""
+    """Every generator trace: half-resolution low-passed render, 2x upsampling, decoder grid."""
     height, width = scene.shape[:2]
-    even = np.pad(scene, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
-    # 2x2 box average (slicing: much faster than reshape + mean on this layout)
-    half = (even[0::2, 0::2] + even[1::2, 0::2] + even[0::2, 1::2] + even[1::2, 1::2]) / 4
-    half = _convolve(half, _BINOMIAL)  # diffusion decoders lack the top octave
+    half = _convolve(_half(scene), _BINOMIAL)  # diffusion decoders lack the top octave
     # Faint latent "texture" at half resolution, so fakes are not flat where reals are noisy.
     half += rng.normal(0, rng.uniform(0.5, 1.5), size=(*half.shape[:2], 1))
-    up = half.repeat(2, axis=0).repeat(2, axis=1)[:height, :width]
-    ys, xs = np.arange(height)[:, None], np.arange(width)
-    # Transposed convolutions weight the four output phases unequally: a content-modulated
-    # checkerboard (peak at N/2) that averages to zero, so brightness is unchanged.
-    checker = np.where((xs + ys) % 2 == 0, 1, -1).astype(np.float32)
-    up *= (1 + np.float32(rng.uniform(0.04, 0.08)) * checker)[..., None]
+    up = _upsample(half, height, width)
+    # A content-modulated checkerboard (peak at N/2) that averages to zero, so brightness
+    # is unchanged.
+    up *= (1 + np.float32(rng.uniform(0.04, 0.08)) * _checker(height, width))[..., None]
     # A periodic decoder grid with period 8 (peaks at N/8), also zero-mean.
-    phase_x, phase_y = rng.uniform(0, 2 * math.pi, size=2)
-    grid = np.cos(2 * math.pi * xs / 8 + phase_x) + np.cos(2 * math.pi * ys / 8 + phase_y)
-    up += (np.float32(rng.uniform(2.0, 4.0)) * grid.astype(np.float32))[..., None]
+    grid = _grid(rng, height, width)
+    up += (np.float32(rng.uniform(2.0, 4.0)) * grid)[..., None]
     return up
+
+
+def _upsampler(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A half-resolution render, 2x nearest upsampling with the checkerboard imbalance."""
+    half = _convolve(_half(scene), _BINOMIAL)
+    half += rng.normal(0, rng.uniform(0.5, 1.5), size=(*half.shape[:2], 1))
+    up = _upsample(half, *scene.shape[:2])
+    return up * (1 + np.float32(rng.uniform(0.06, 0.10)) * _checker(*scene.shape[:2]))[..., None]
+
+
+def _decoder_grid(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A full-resolution render, low-passed, with a strong period-8 decoder grid."""
+    height, width = scene.shape[:2]
+    noise = rng.normal(0, rng.uniform(0.5, 1.5), size=(height, width, 1)).astype(np.float32)
+    out = _convolve(scene + _convolve(noise, _BINOMIAL), _BINOMIAL)
+    grid = _grid(rng, height, width)
+    return out + (np.float32(rng.uniform(3.0, 5.0)) * grid)[..., None]
+
+
+def _lowpass_tint(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A strong spectral low-pass (three binomial passes) and a warm colour cast."""
+    out = scene
+    for _ in range(3):
+        out = _convolve(out, _BINOMIAL)
+    cast = np.float32(1) + np.array([1, 0.2, -1], dtype=np.float32) * np.float32(
+        rng.uniform(0.05, 0.09))
+    return out * cast
+
+
+def _half(scene: np.ndarray) -> np.ndarray:
+    """2x2 box average (slicing: much faster than reshape + mean on this layout)."""
+    height, width = scene.shape[:2]
+    even = np.pad(scene, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+    return (even[0::2, 0::2] + even[1::2, 0::2] + even[0::2, 1::2] + even[1::2, 1::2]) / 4
+
+
+def _upsample(half: np.ndarray, height: int, width: int) -> np.ndarray:
+    return half.repeat(2, axis=0).repeat(2, axis=1)[:height, :width]
+
+
+def _checker(height: int, width: int) -> np.ndarray:
+    """+1/-1 in a checkerboard: transposed convolutions weight the output phases unequally."""
+    return np.where((np.arange(width) + np.arange(height)[:, None]) % 2 == 0, 1, -1).astype(
+        np.float32)
+
+
+def _grid(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A zero-mean period-8 grid at a random phase (peaks at N/8)."""
+    phase_x, phase_y = rng.uniform(0, 2 * math.pi, size=2)
+    xs, ys = np.arange(width), np.arange(height)[:, None]
+    return (np.cos(2 * math.pi * xs / 8 + phase_x) + np.cos(2 * math.pi * ys / 8 + phase_y)
+            ).astype(np.float32)
 
 
 def _camera(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -310,6 +398,13 @@ def _bayer_masks(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     blue[1::2, 1::2] = 1
     return red, blue
 
+
+FAMILIES: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "upsampler": _upsampler,
+    "decoder-grid": _decoder_grid,
+    "lowpass-tint": _lowpass_tint,
+    "latent-diffusion": _generated,
+}
 
 _BINOMIAL = np.outer([1, 2, 1], [1, 2, 1]).astype(np.float32) / 16
 _GREEN = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], dtype=np.float32) / 4

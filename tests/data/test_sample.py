@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from detector.data.sample import SampleSpec, make_image, write_sample
 from detector.io import storage
@@ -190,3 +191,48 @@ def test_brightness_and_colour_do_not_separate(two_samples):
     assert _held_out_accuracy(brightness[0], train_y, brightness[1], test_y) < 0.65
     colour = [p.reshape(len(p), -1, 3).mean(axis=1) for p in (train_px, test_px)]
     assert _held_out_accuracy(colour[0], train_y, colour[1], test_y) < 0.65
+
+
+# --- generator families: each in its own folder, and told apart by their traces -------------
+
+
+def test_generator_families_get_their_own_folders_formats_and_sizes(tmp_path):
+    summary = write_sample(str(tmp_path), SampleSpec(per_class=36, generators=3, corrupt=3))
+    assert summary["generators"] == {"upsampler": 12, "decoder-grid": 12, "lowpass-tint": 12}
+    assert summary["formats"]["fake"] == summary["formats"]["real"]
+    keys = list(_files(tmp_path))
+    families = Counter(k.split("/")[1] for k in keys if k.startswith("fake/"))
+    assert families == {"upsampler": 13, "decoder-grid": 13, "lowpass-tint": 13}  # 12 + 1 bad each
+    for family in summary["generators"]:
+        # Every family cycles through the formats and sizes on its own: none keeps to one.
+        names = [k for k in _images(tmp_path) if k.startswith(f"fake/{family}/")]
+        assert {posixpath.splitext(k)[1] for k in names} == {".jpg", ".png", ".webp"}
+        sizes = {Image.open(tmp_path / k).size for k in names}
+        assert len(sizes) == 4
+    with pytest.raises(ValueError, match="at most 4"):
+        SampleSpec(generators=5)
+
+
+def test_generator_families_are_told_apart_by_their_traces(tmp_path):
+    """Held out by seed: a linear model on spectral energies and mean colour names the family
+    (or real) of unseen images; the families would be no use to attribution otherwise."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    generators, data = 4, []
+    for seed in (0, 1):
+        root = tmp_path / f"s{seed}"
+        write_sample(str(root), SampleSpec(per_class=80, size=64, seed=seed,
+                                           generators=generators))
+        items = sorted(_images(root).items())
+        pixels = [load_image(blob, 64)[0] for _, blob in items]
+        features = np.stack([np.r_[_spectral_features(p), p.reshape(-1, 3).mean(axis=0)]
+                             for p in pixels])
+        names = [key.split("/")[1] if key.startswith("fake/") else "real" for key, _ in items]
+        data.append((features, np.array(names)))
+    (train_x, train_y), (test_x, test_y) = data
+    assert len(set(test_y)) == generators + 1
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    model.fit(train_x, train_y)
+    assert np.mean(model.predict(test_x) == test_y) >= 0.9
