@@ -40,8 +40,11 @@ def _req(help: str, **extra: Any) -> Any:
 class PrepareConfig:
     """`detector prepare`: object storage -> Parquet training shards."""
 
-    real: tuple[str, ...] = _req("URI(s) of real photographs (s3://, file:// or path)")
-    fake: tuple[str, ...] = _req("URI(s) of AI-generated images")
+    real: tuple[str, ...] = _req("URI(s) of real photographs (s3://, file:// or path); "
+                                 "NAME=URI names a source, for slicing")
+    fake: tuple[str, ...] = _req("URI(s) of AI-generated images; NAME=URI names the generator "
+                                 "(e.g. sdxl=s3://b/sdxl/); an unnamed URI's generator is "
+                                 "unknown")
     out: str = _req("output URI for train/, val/, test/ and manifest.json")
     per_class: int | None = _opt(None, "sample at most N images per class (deterministic)")
     split: tuple[float, ...] = _opt((0.7, 0.15, 0.15), "train,val,test fractions")
@@ -253,9 +256,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif kind is bool:
             parser.add_argument(flag, action="store_true", help=help_text)
         elif typing.get_origin(kind) is tuple:
+            # extend: `--fake a=URI --fake b=URI` keeps both (store kept only the last).
             parser.add_argument(
-                flag, nargs="+", type=str, required=required, help=help_text,
-                metavar=f.name.upper(),
+                flag, nargs="+", action="extend", type=str, required=required,
+                help=help_text, metavar=f.name.upper(),
             )
         else:
             parser.add_argument(flag, type=kind, required=required, help=help_text, **meta)

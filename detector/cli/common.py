@@ -53,6 +53,11 @@ def print_prepare_summary(manifest: dict, out: str) -> None:
           f"({manifest['images_per_second']} objects/s)")
     for split in ("train", "val", "test"):
         print(f"  {split:5s} real={counts[split]['real']:6d} fake={counts[split]['fake']:6d}")
+    for title, key in (("generator", "generators"), ("real source", "real_sources")):
+        named = manifest.get(key) or {}
+        for name in named.get("train", {}):
+            print(f"  {title} {name}: " + " ".join(
+                f"{split}={named[split][name]}" for split in ("train", "val", "test")))
     print(f"  skipped={len(manifest['skipped'])} duplicates={manifest['duplicates']}")
     near = manifest.get("near_duplicates") or {}
     if near.get("distance") is not None:

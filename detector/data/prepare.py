@@ -1,6 +1,7 @@
 """`detector prepare`: object storage -> Parquet training shards, as distributed work.
 
-    plan        the driver splits each --real/--fake prefix into listing ranges (as scans do)
+    plan        the driver splits each --real/--fake prefix into listing ranges (as scans do);
+                `NAME=URI` names a source: a fake's name is its images' `generator`
     list        Ray tasks list the ranges page by page (or sample --per-class from each)
     shuffle     classes and folders mixed, so no part holds one class or one folder
     decode      read (reads overlap), hash, split by content hash, decode with preprocess
@@ -19,9 +20,12 @@ import hashlib
 import heapq
 import itertools
 import json
+import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +45,8 @@ AUDIT_ROWS = 20_000  # the bias audit's sample: enough for a 3-level tree's accu
 
 ROW_SCHEMA = pa.schema(
     [
-        ("image", pa.binary()), ("label", pa.int8()), ("source_uri", pa.string()),
+        ("image", pa.binary()), ("label", pa.int8()), ("generator", pa.string()),
+        ("source_name", pa.string()), ("source_uri", pa.string()),
         ("source_format", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
         ("sha256", pa.string()), ("phash", pa.string()), ("size_bytes", pa.int64()),
         ("split", pa.string()),
@@ -50,7 +55,37 @@ ROW_SCHEMA = pa.schema(
 )
 ROW_FIELDS = tuple(ROW_SCHEMA.names)
 LISTED_SCHEMA = pa.schema([("uri", pa.string()), ("label", pa.int8()),
-                           ("size_bytes", pa.int64())])
+                           ("source_name", pa.string()), ("size_bytes", pa.int64())])
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+UNKNOWN = "unknown"  # what attribution answers for a generator it cannot name: no source's name
+
+
+@dataclass(frozen=True)
+class Source:
+    """One --real/--fake value: `URI`, or `NAME=URI` to name the source (a fake's name is
+    the generator of its images; a real one's is for slicing)."""
+
+    label: int
+    uri: str
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, label: int) -> Source:
+        """`NAME=URI` when the part before the first `=` is a name (letters, digits, `.`, `_`,
+        `-`); anything else is a URI, so `s3://b/k=v/` stays one (and `./a=b` a path)."""
+        head, sep, rest = text.partition("=")
+        if not (sep and rest and SOURCE_NAME.fullmatch(head)):
+            return cls(label, text)
+        if head.lower() == UNKNOWN:
+            raise ValueError(f"{text!r}: {UNKNOWN!r} is what attribution answers for a "
+                             "generator it cannot name; give the URI alone for unnamed fakes")
+        return cls(label, rest, head)
+
+
+def sources(config: PrepareConfig) -> list[Source]:
+    """Every --real and --fake source, parsed."""
+    return [Source.parse(text, label)
+            for label, texts in ((0, config.real), (1, config.fake)) for text in texts]
 
 
 def split_of(sha256: str, fractions: tuple[float, ...], seed: int) -> str:
@@ -79,9 +114,10 @@ def listing_specs(config: PrepareConfig) -> list[dict]:
     """One spec per listing range of every source, classes alternating (listing tasks
     then run on both classes at once). Raises for a missing bucket or an empty prefix."""
     per_class = []
-    for label, uris in ((0, config.real), (1, config.fake)):
-        per_class.append([{"label": label, "range": rng.to_dict()}
-                          for uri in uris for rng in listing.plan(uri).ranges])
+    for label in (0, 1):
+        per_class.append([{"label": label, "name": source.name, "range": rng.to_dict()}
+                          for source in sources(config) if source.label == label
+                          for rng in listing.plan(source.uri).ranges])
     return [spec for pair in itertools.zip_longest(*per_class) for spec in pair if spec]
 
 
@@ -93,19 +129,20 @@ def list_specs(batch: pa.Table, per_class: int | None, seed: int) -> Iterator[pa
         objects = listing.iter_range(listing.ListingRange.from_dict(spec["range"]))
         if per_class is not None:
             kept = heapq.nsmallest(per_class, objects, key=lambda o: sample_rank(seed, o.uri))
-            yield _listed_table(kept, spec["label"])
+            yield _listed_table(kept, spec["label"], spec["name"])
             continue
         page = []
         for obj in objects:
             page.append(obj)
             if len(page) == 1000:
-                yield _listed_table(page, spec["label"])
+                yield _listed_table(page, spec["label"], spec["name"])
                 page = []
-        yield _listed_table(page, spec["label"])
+        yield _listed_table(page, spec["label"], spec["name"])
 
 
-def _listed_table(objects: list[listing.Listed], label: int) -> pa.Table:
+def _listed_table(objects: list[listing.Listed], label: int, name: str | None) -> pa.Table:
     return pa.table({"uri": [o.uri for o in objects], "label": [label] * len(objects),
+                     "source_name": [name] * len(objects),
                      "size_bytes": [o.size for o in objects]}, schema=LISTED_SCHEMA)
 
 
@@ -116,9 +153,9 @@ def sampled_items(listed, per_class: int, seed: int) -> list[dict]:
     for batch in listed.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
             keep_lowest(heaps[row["label"]], per_class, sample_rank(seed, row["uri"]),
-                        row["uri"], row["size_bytes"])
-    return [{"uri": uri, "label": label, "size_bytes": size}
-            for label, heap in heaps.items() for _, uri, size in heap]
+                        row["uri"], (row["size_bytes"], row["source_name"]))
+    return [{"uri": uri, "label": label, "source_name": name, "size_bytes": size}
+            for label, heap in heaps.items() for _, uri, (size, name) in heap]
 
 
 def keep_lowest(heap: list, limit: int, rank: bytes, key: str, payload) -> None:
@@ -143,9 +180,12 @@ def decode_batch(
     fetched = fetch_many(uris, None if sizes is None else [
         None if s is None or s != s else int(s) for s in sizes])  # None or NaN: not listed
     out: dict[str, list] = {name: [] for name in ROW_FIELDS}
-    for uri, label, (blob, error, detail, _) in zip(uris, batch["label"], fetched, strict=True):
+    for uri, label, name, (blob, error, detail, _) in zip(
+            uris, batch["label"], batch["source_name"], fetched, strict=True):
+        name = name if isinstance(name, str) else None  # from_items makes a null column NaN
         row = dict.fromkeys(ROW_FIELDS)
-        row.update(source_uri=uri, label=int(label), error=error, error_detail=detail)
+        row.update(source_uri=uri, label=int(label), error=error, error_detail=detail,
+                   source_name=name, generator=name if label else None)
         if blob is not None:
             row["size_bytes"] = len(blob)
             row["sha256"] = hashlib.sha256(blob).hexdigest()
@@ -201,7 +241,9 @@ class Tally:
 
     def __init__(self) -> None:
         self.objects = 0
-        self.counts = {s: {"real": 0, "fake": 0} for s in SPLITS}
+        # (class, source name or None) -> images, per split: the manifest's counts by class,
+        # by generator and by named real source are all sums of these.
+        self.by_source: dict[str, Counter] = {s: Counter() for s in SPLITS}
         self.parts: dict[str, set[str]] = {s: set() for s in SPLITS}
         self.skipped: list[dict] = []
         self._fingerprint = 0
@@ -209,7 +251,22 @@ class Tally:
 
     @property
     def written(self) -> int:
-        return sum(sum(c.values()) for c in self.counts.values())
+        return sum(sum(c.values()) for c in self.by_source.values())
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class."""
+        return {split: {kind: sum(n for (k, _), n in counts.items() if k == kind)
+                        for kind in ("real", "fake")} for split, counts in self.by_source.items()}
+
+    def named(self, kind: str, unnamed: str | None) -> dict[str, dict[str, int]]:
+        """Images of one class per split and source name; unnamed sources count as
+        `unnamed` (or not at all when None). Every name seen is in every split."""
+        names = sorted({name or unnamed for counts in self.by_source.values()
+                        for k, name in counts if k == kind} - {None})
+        return {split: {name: sum(n for (k, other), n in counts.items()
+                                  if k == kind and (other or unnamed) == name) for name in names}
+                for split, counts in self.by_source.items()}
 
     def add(self, rows: list[dict]) -> None:
         for r in rows:
@@ -218,9 +275,13 @@ class Tally:
                 self.skipped.append({"uri": r["source_uri"], "error": r["error"],
                                      "detail": r["error_detail"]})
                 continue
-            self.counts[r["split"]]["fake" if r["label"] else "real"] += 1
+            self.by_source[r["split"]][_kind(r["label"]), r["source_name"]] += 1
             self.parts[r["split"]].add(r["part"])
-            digest = hashlib.blake2b(f"{r['sha256']}:{r['label']}".encode(), digest_size=16)
+            # A source's name is part of an image's identity in the set (a generator is a
+            # label); unnamed images hash as they did before sources had names.
+            named = f":{r['source_name']}" if r["source_name"] else ""
+            digest = hashlib.blake2b(f"{r['sha256']}:{r['label']}{named}".encode(),
+                                     digest_size=16)
             # A sum is independent of the order rows arrive in, and counts repeats.
             term = int.from_bytes(digest.digest(), "big")
             self._fingerprint = (self._fingerprint + term) % 2**128
@@ -345,8 +406,7 @@ def regroup_near_duplicates(config: PrepareConfig, tally: Tally, run_id: str) ->
     result = ray.get(ray.remote(_regroup).options(num_cpus=1).remote(
         config.out, parts, tuple(config.split), config.seed, config.near_duplicates, run_id))
     for split in SPLITS:
-        for kind in ("real", "fake"):
-            tally.counts[split][kind] += result["count_changes"][split][kind]
+        tally.by_source[split].update(result["count_changes"][split])
         tally.parts[split] -= set(result["parts_removed"][split])
         tally.parts[split] |= set(result["parts_added"][split])
     return {key: result[key] for key in ("distance", "groups", "images", "straddling_by_bytes",
@@ -355,16 +415,19 @@ def regroup_near_duplicates(config: PrepareConfig, tally: Tally, run_id: str) ->
 
 def _regroup(out_uri: str, parts: dict[str, list[str]], fractions: tuple[float, ...],
              seed: int, distance: int, run_id: str) -> dict:
-    names, splits, shas, hashes, labels = [], [], [], [], []
+    names, splits, shas, hashes, keys = [], [], [], [], []
     for split in SPLITS:
         for name in parts[split]:
             fs, path = storage.resolve(storage.join(out_uri, name))
-            table = pq.read_table(path, filesystem=fs, columns=["sha256", "phash", "label"])
+            table = pq.read_table(path, filesystem=fs,
+                                  columns=["sha256", "phash", "label", "source_name"])
             names += [name] * table.num_rows
             splits += [split] * table.num_rows
             shas += table.column("sha256").to_pylist()
             hashes += table.column("phash").to_pylist()
-            labels += table.column("label").to_pylist()
+            keys += [(_kind(label), source) for label, source in zip(
+                table.column("label").to_pylist(), table.column("source_name").to_pylist(),
+                strict=True)]
     grouped = duplicates.groups(duplicates.to_ints(hashes), distance)
     # Each group's split: that of its lowest SHA-256 (the byte-hash split of that member).
     lowest: dict[int, str] = {}
@@ -375,7 +438,7 @@ def _regroup(out_uri: str, parts: dict[str, list[str]], fractions: tuple[float, 
     straddling = {g for g, s in zip(grouped.tolist(), splits, strict=True)
                   if sizes[g] > 1 and s != splits[g]}
     moves: dict[str, dict[int, str]] = {}  # part -> {row in part: target split}
-    changes = {s: {"real": 0, "fake": 0} for s in SPLITS}
+    changes: dict[str, Counter] = {s: Counter() for s in SPLITS}
     offsets: dict[str, int] = {}
     for index, (group, name, split) in enumerate(zip(grouped.tolist(), names, splits,
                                                      strict=True)):
@@ -385,9 +448,8 @@ def _regroup(out_uri: str, parts: dict[str, list[str]], fractions: tuple[float, 
         target = split_of(lowest[group], fractions, seed)
         if target != split:
             moves.setdefault(name, {})[row] = target
-            kind = "fake" if labels[index] else "real"
-            changes[split][kind] -= 1
-            changes[target][kind] += 1
+            changes[split][keys[index]] -= 1
+            changes[target][keys[index]] += 1
     added, removed = {s: [] for s in SPLITS}, {s: [] for s in SPLITS}
     moving: dict[str, list[pa.Table]] = {s: [] for s in SPLITS}
     for name, rows in moves.items():
@@ -410,6 +472,10 @@ def _regroup(out_uri: str, parts: dict[str, list[str]], fractions: tuple[float, 
             "count_changes": changes, "parts_added": added, "parts_removed": removed}
 
 
+def _kind(label: int) -> str:
+    return "fake" if label else "real"
+
+
 def read_hashes(batch: pa.Table) -> pa.Table:
     """Ray Data stage: the `sha256` column of each part named in the batch. Read with
     pyarrow directly: Ray's Parquet reader took 15 s for 281 small parts (pyarrow: 0.3 s)."""
@@ -424,7 +490,7 @@ def build_manifest(config: PrepareConfig, tally: Tally, repeated: int,
                    seconds: float) -> dict:
     """The shard set's manifest: counts, parts, skipped objects, duplicates, bias audit."""
     return {
-        "format_version": 1,
+        "format_version": 2,  # 2: shards have `generator` and `source_name` columns
         "image_size": config.image_size,
         "preprocess_version": preprocess.PREPROCESS_VERSION,
         "pixel_layout": "uint8 HxWx3 RGB, row-major, raw bytes in column 'image'",
@@ -432,6 +498,9 @@ def build_manifest(config: PrepareConfig, tally: Tally, repeated: int,
         "seed": config.seed,
         "split_fractions": list(config.split),
         "sources": {"real": list(config.real), "fake": list(config.fake)},
+        # Images per generator (`unknown`: fakes from unnamed sources) and named real source.
+        "generators": tally.named("fake", UNKNOWN),
+        "real_sources": tally.named("real", None),
         "per_class": config.per_class,
         "objects": tally.objects,
         "written": tally.written,

@@ -26,6 +26,8 @@ SHARD_SCHEMA = pa.schema(
     [
         ("image", pa.binary()),  # raw uint8 pixels, image_size x image_size x 3 (lossless)
         ("label", pa.int8()),
+        ("generator", pa.string()),  # a fake's source name (--fake NAME=URI); else null
+        ("source_name", pa.string()),  # the --real/--fake source's name; null if unnamed
         ("source_uri", pa.string()),
         ("source_format", pa.string()),
         ("width", pa.int32()),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,6 +19,7 @@ pytestmark = pytest.mark.e2e
 
 PER_CLASS = 150
 CORRUPT = 3
+FAMILIES = ("upsampler", "decoder-grid", "lowpass-tint")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def sampled(s3_server, local_ray):
 
     boto3.client("s3").create_bucket(Bucket="raw")
     write_sample("s3://raw/sample", SampleSpec(per_class=PER_CLASS, size=48, seed=3,
-                                               corrupt=CORRUPT))
+                                               corrupt=CORRUPT, generators=len(FAMILIES)))
     return "s3://raw/sample"
 
 
@@ -40,11 +43,17 @@ def membership(shards: str) -> dict[str, set[str]]:
             for split in shard_sets.SPLITS}
 
 
-def test_prepare_streams_s3_into_complete_shards(sampled):
+def test_prepare_streams_s3_into_complete_shards(sampled, capsys):
+    """Named sources: the families as generators, plus one unnamed fake folder and a named
+    real source."""
     import boto3
 
+    from detector.cli.common import print_prepare_summary
+
     boto3.client("s3").create_bucket(Bucket="shards")
-    manifest = prepare_into("s3://shards/run1", sampled)
+    fakes = tuple(f"{name}={sampled}/fake/{name}" for name in FAMILIES[:2])
+    manifest = prepare_into("s3://shards/run1", sampled, real=(f"camera={sampled}/real",),
+                            fake=(*fakes, f"{sampled}/fake/{FAMILIES[2]}"))
 
     total = 2 * PER_CLASS
     assert manifest["objects"] == total + 2 * CORRUPT
@@ -78,6 +87,33 @@ def test_prepare_streams_s3_into_complete_shards(sampled):
     assert stored["fingerprint"] == manifest["fingerprint"]
     assert stored["audit"]["warnings"] == []
 
+    # Every image's generator is its source's name; fakes from the unnamed folder are
+    # `unknown` in the manifest and null in the shards, as real images are.
+    rows = pa.concat_tables(shard_sets.read_split_local(
+        "s3://shards/run1", split, ["label", "generator", "source_name", "source_uri"])
+        for split in shard_sets.SPLITS).to_pylist()
+    expected = Counter()
+    for row in rows:
+        family = row["source_uri"].split("/")[5] if row["label"] else None
+        generator = family if family in FAMILIES[:2] else None
+        assert row["generator"] == generator
+        assert row["source_name"] == (generator if row["label"] else "camera")
+        expected[generator or ("unknown" if row["label"] else "real")] += 1
+    by_generator = {name: sum(manifest["generators"][split][name] for split in shard_sets.SPLITS)
+                    for name in manifest["generators"]["train"]}
+    assert by_generator == {name: expected[name] for name in (*FAMILIES[:2], "unknown")}
+    assert by_generator == {name: PER_CLASS // 3 for name in by_generator}
+    assert manifest["real_sources"] == {split: {"camera": manifest["counts"][split]["real"]}
+                                        for split in shard_sets.SPLITS}
+    for split in shard_sets.SPLITS:
+        assert sum(manifest["generators"][split].values()) == manifest["counts"][split]["fake"]
+    print_prepare_summary(manifest, "s3://shards/run1")
+    printed = capsys.readouterr().out
+    for name in (*FAMILIES[:2], "unknown"):
+        counts = manifest["generators"]
+        assert (f"generator {name}: train={counts['train'][name]} val={counts['val'][name]} "
+                f"test={counts['test'][name]}") in printed
+
 
 def test_rerun_gives_identical_membership_and_drops_stale_parts(sampled):
     import boto3
@@ -99,11 +135,18 @@ def test_rerun_gives_identical_membership_and_drops_stale_parts(sampled):
 
 
 def test_per_class_sampling_is_deterministic(sampled, tmp_path):
-    a = prepare_into(str(tmp_path / "a"), sampled, per_class=40, seed=5)
-    b = prepare_into(str(tmp_path / "b"), sampled, per_class=40, seed=5)
+    named = {"fake": (f"families={sampled}/fake",), "per_class": 40, "seed": 5}
+    a = prepare_into(str(tmp_path / "a"), sampled, **named)
+    b = prepare_into(str(tmp_path / "b"), sampled, **named)
     assert a["objects"] == b["objects"] == 80
     assert a["fingerprint"] == b["fingerprint"]
     assert membership(str(tmp_path / "a")) == membership(str(tmp_path / "b"))
+    # Sampled objects keep their source's name.
+    assert sum(a["generators"][split]["families"] for split in shard_sets.SPLITS) == 40 - sum(
+        1 for item in a["skipped"] if "/fake/" in item["uri"])
+    fakes = shard_sets.read_split_local(str(tmp_path / "a"), "train", ["label", "generator"])
+    assert {(row["label"], row["generator"]) for row in fakes.to_pylist()} == {
+        (0, None), (1, "families")}
 
 
 def test_biased_sample_makes_the_audit_warn(local_ray, tmp_path, capsys):
