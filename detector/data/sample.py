@@ -12,12 +12,14 @@ folder ``OUT/fake/<family>/...`` (see FAMILIES), so attribution has something re
 - real (label 0): a camera pipeline: Bayer RGGB mosaic, shot + read noise per photosite and
   bilinear demosaicing, so every frequency up to Nyquist carries sensor noise.
 
-Families (`generators=N` takes the first N):
+Families (`generators=N` takes the first N) all render at half resolution and upsample 2x
+through a transposed convolution whose output phases get unequal gains; which phases gain
+is each family's signature, as it is a real generator's:
 
-- upsampler: half-resolution render, 2x nearest upsampling with the checkerboard imbalance.
-- decoder-grid: full-resolution render, low-passed, with a period-8 grid (peaks at N/8).
-- lowpass-tint: a strong spectral low-pass and a warm colour cast, no periodic trace.
-- latent-diffusion: every trace of the default fake at once.
+- upsampler: a checkerboard of gains.
+- decoder-grid: gains alternating by column, and a period-8 grid (peaks at N/8).
+- lowpass-tint: gains alternating by row, a stronger low-pass and a warm colour cast.
+- latent-diffusion: every trace of the default fake (checkerboard and grid) at once.
 
 Both classes draw scenes from the same distribution and get the same formats and sizes, so
 neither brightness, colour, format nor size tells them apart (unless `biased=True` asks for
@@ -321,30 +323,38 @@ def _generated(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _upsampler(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A half-resolution render, 2x nearest upsampling with the checkerboard imbalance."""
-    half = _convolve(_half(scene), _BINOMIAL)
-    half += rng.normal(0, rng.uniform(0.5, 1.5), size=(*half.shape[:2], 1))
-    up = _upsample(half, *scene.shape[:2])
-    return up * (1 + np.float32(rng.uniform(0.06, 0.10)) * _checker(*scene.shape[:2]))[..., None]
+    """Phase gains in a checkerboard (the default fake's, stronger), nothing else."""
+    return _render(scene, rng, _checker(*scene.shape[:2]))
 
 
 def _decoder_grid(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A full-resolution render, low-passed, with a strong period-8 decoder grid."""
+    """Phase gains alternating by column, and a period-8 decoder grid (peaks at N/8)."""
     height, width = scene.shape[:2]
-    noise = rng.normal(0, rng.uniform(0.5, 1.5), size=(height, width, 1)).astype(np.float32)
-    out = _convolve(scene + _convolve(noise, _BINOMIAL), _BINOMIAL)
+    columns = np.broadcast_to(np.where(np.arange(width) % 2 == 0, 1, -1), (height, width))
+    up = _render(scene, rng, columns.astype(np.float32))
     grid = _grid(rng, height, width)
-    return out + (np.float32(rng.uniform(3.0, 5.0)) * grid)[..., None]
+    return up + (np.float32(rng.uniform(3.0, 5.0)) * grid)[..., None]
 
 
 def _lowpass_tint(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A strong spectral low-pass (three binomial passes) and a warm colour cast."""
-    out = scene
-    for _ in range(3):
-        out = _convolve(out, _BINOMIAL)
+    """Phase gains alternating by row, a stronger low-pass, and a warm colour cast."""
+    height, width = scene.shape[:2]
+    rows = np.broadcast_to(np.where(np.arange(height) % 2 == 0, 1, -1)[:, None], (height, width))
+    up = _render(_convolve(scene, _BINOMIAL), rng, rows.astype(np.float32))
     cast = np.float32(1) + np.array([1, 0.2, -1], dtype=np.float32) * np.float32(
         rng.uniform(0.05, 0.09))
-    return out * cast
+    return up * cast
+
+
+def _render(scene: np.ndarray, rng: np.random.Generator, phases: np.ndarray) -> np.ndarray:
+    """A family's shared pipeline: a half-resolution render, low-passed, with faint latent
+    texture, upsampled 2x by a transposed convolution whose output phases get unequal
+    gains. Which phases gain (`phases`, +1/-1 per pixel) is a generator's signature."""
+    height, width = scene.shape[:2]
+    half = _convolve(_half(scene), _BINOMIAL)
+    half += rng.normal(0, rng.uniform(0.5, 1.5), size=(*half.shape[:2], 1))
+    gain = np.float32(rng.uniform(0.08, 0.12))
+    return _upsample(half, height, width) * (1 + gain * phases)[..., None]
 
 
 def _half(scene: np.ndarray) -> np.ndarray:

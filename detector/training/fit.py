@@ -17,6 +17,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 Batches = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+# How much the attribution loss counts beside the binary one. Its cross-entropy is over G
+# classes (log G at chance, 1.1 for 3) where the binary's is at most log 2, and it is
+# masked to the share of images whose generator is known: 1 keeps both heads learning.
+ATTRIBUTION_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,10 @@ def fit(
 ) -> FitState:
     """Train `model` (built inside `strategy.scope()`) until early stopping or `epochs`.
 
+    Labels are 0/1 per image, or for a model with an attribution head (N, 2) rows of
+    (label, generator index): the index into the head's classes, -1 where the generator
+    is unknown or the image real, which the attribution loss then skips.
+
     On return the model holds the best weights seen. `state` (and the `best_weights` and
     `optimizer_state` saved with it) resume a previous run whose current weights are
     already in `model`: Adam continues with its moments and step count, as if never stopped.
@@ -94,7 +102,15 @@ def fit(
             _restore_optimizer(optimizer, optimizer_state)
 
     def per_example_loss(labels, predictions):
-        return keras.losses.binary_crossentropy(tf.reshape(labels, (-1, 1)), predictions)
+        labels = tf.reshape(labels, (tf.shape(predictions)[0], -1))
+        loss = keras.losses.binary_crossentropy(labels[:, :1], predictions[:, :1])
+        if predictions.shape[-1] > 1:  # the attribution head: only where the generator is known
+            index = labels[:, 1]
+            known = tf.cast(index >= 0, loss.dtype)
+            attribution = keras.losses.sparse_categorical_crossentropy(
+                tf.maximum(index, 0), predictions[:, 1:])
+            loss += ATTRIBUTION_WEIGHT * known * tf.cast(attribution, loss.dtype)
+        return loss
 
     def train_replica(images, labels):
         with tf.GradientTape() as tape:
@@ -110,8 +126,9 @@ def fit(
     def eval_replica(images, labels):
         predictions = model(images, training=False)
         losses = per_example_loss(labels, predictions)
-        hits = tf.cast(tf.equal(tf.cast(predictions[:, 0] >= 0.5, tf.float32), labels), tf.float32)
-        return tf.reduce_sum(losses), tf.reduce_sum(hits), tf.cast(tf.size(labels), tf.float32)
+        binary = tf.reshape(labels, (tf.shape(predictions)[0], -1))[:, 0]
+        hits = tf.cast(tf.equal(tf.cast(predictions[:, 0] >= 0.5, tf.float32), binary), tf.float32)
+        return tf.reduce_sum(losses), tf.reduce_sum(hits), tf.cast(tf.size(binary), tf.float32)
 
     @tf.function
     def train_step(images, labels):
@@ -210,4 +227,6 @@ def _as_images(images):
 
 
 def _as_labels(labels):
-    return np.asarray(labels, dtype=np.float32).reshape(-1)
+    """0/1 labels as a float32 vector; (label, generator index) rows as (N, 2) float32."""
+    labels = np.asarray(labels, dtype=np.float32)
+    return labels if labels.ndim == 2 else labels.reshape(-1)

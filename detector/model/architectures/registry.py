@@ -65,7 +65,8 @@ def list_models() -> list[str]:
 
 
 def build_model(name: str, image_size: int | None = None, **overrides: Any):
-    """Build a fresh, uncompiled keras.Model: uint8-range RGB in, P(AI-generated) out."""
+    """Build a fresh, uncompiled keras.Model: uint8-range RGB in, P(AI-generated) out
+    (with `generators=G` >= 2, (N, 1 + G): the score, then P(generator | AI); see heads)."""
     spec = get_spec(name)
     kwargs = {**spec.defaults, **overrides}
     return builder_of(spec)(image_size=image_size or spec.image_size, name=name, **kwargs)

@@ -12,6 +12,7 @@ from keras.src.applications import resnet  # the stack builders behind keras.app
 
 from detector.io import storage
 from detector.model.architectures.catalog import FEATURE_LAYER
+from detector.model.architectures.heads import output_head
 
 
 def _resnet50v2_stacks(x):
@@ -67,8 +68,10 @@ def build_transfer_model(
     head_units: tuple[int, ...] = (256, 128),
     head_dropout: tuple[float, ...] = (0.5, 0.3),
     bn_momentum: float | None = None,
+    generators: int = 0,
 ):
-    """Base (frozen by default) -> GAP -> [Dense relu -> BN -> Dropout] x2 -> Dense1 sigmoid.
+    """Base (frozen by default) -> GAP -> [Dense relu -> BN -> Dropout] x2 -> Dense1 sigmoid
+    (or, with `generators`, the score and attribution heads: see heads.py).
 
     `bn_momentum` overrides every BatchNorm's (Keras: 0.99), for short runs on small data
     where 0.99 leaves inference-mode statistics far from the batches' after a few hundred
@@ -85,7 +88,7 @@ def build_transfer_model(
         x = layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
         x = layers.BatchNormalization(name=f"head_bn{i}")(x)
         x = layers.Dropout(rate, name=f"head_dropout{i}")(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="score_ai")(x)
+    outputs = output_head(x, generators)
     model = keras.Model(inputs, outputs, name=name)
     if bn_momentum is not None:
         for layer in _all_layers(model):

@@ -1,7 +1,8 @@
 """The notebook's Vision Transformer, trained from scratch.
 
 16x16 patches -> 384-d tokens, a learned CLS token and learned positions, 6 pre-norm
-encoder blocks (6 heads, MLP 1536), then Dense512 gelu -> Dropout .3 -> Dense1 sigmoid.
+encoder blocks (6 heads, MLP 1536), then Dense512 gelu -> Dropout .3 -> Dense1 sigmoid
+(or the score and attribution heads).
 The custom layers are registered so `model.keras` loads with safe_mode=True.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import keras
 from keras import layers, ops
+
+from detector.model.architectures.heads import output_head
 
 
 @keras.saving.register_keras_serializable(package="detector")
@@ -72,6 +75,7 @@ def build_vit(
     head_units: int = 512,
     dropout: float = 0.1,
     head_dropout: float = 0.3,
+    generators: int = 0,
 ):
     """Build the ViT classifier for `image_size` (must be a multiple of `patch_size`)."""
     if image_size % patch_size:
@@ -90,6 +94,6 @@ def build_vit(
     x = TakeClassToken(name="cls_state")(x)
     x = layers.Dense(head_units, activation="gelu", name="head_dense")(x)
     x = layers.Dropout(head_dropout, name="head_dropout")(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="score_ai")(x)
+    outputs = output_head(x, generators)
     return keras.Model(inputs, outputs, name=name)
 

@@ -1,0 +1,70 @@
+"""The attribution head: trained jointly with the binary one, it names the generator family
+of held-out `detector sample` images, and a model with it saves and loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY_SIZE, batches
+
+pytestmark = pytest.mark.unit
+
+FAMILIES = ("upsampler", "decoder-grid", "lowpass-tint")
+
+
+def family_arrays(seed: int, per_family: int):
+    """Pixels and (label, generator index) rows: real images (index -1), then each family."""
+    from detector.data.sample import encode, make_image
+    from detector.io.preprocess import load_image
+
+    xs, ys = [], []
+    for index, family in enumerate((None, *FAMILIES)):
+        count = per_family * (len(FAMILIES) if family is None else 1)
+        for i in range(count):
+            rng = np.random.default_rng([seed, index, i])
+            pixels = make_image(0 if family is None else 1, rng, (TINY_SIZE, TINY_SIZE),
+                                family=family)
+            blob = encode(pixels, ("JPEG", "PNG", "WEBP")[i % 3], rng)
+            xs.append(load_image(blob, TINY_SIZE)[0])
+            ys.append((0 if family is None else 1, -1 if family is None else index - 1))
+    return np.stack(xs), np.array(ys, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def trained_with_head():
+    import keras
+
+    from detector.model.architectures import build_model
+    from detector.training.fit import FitSettings, fit
+
+    train_x, train_y = family_arrays(100, 60)
+    test_x, test_y = family_arrays(200, 30)
+    keras.utils.set_random_seed(0)
+    model = build_model("resnet50v2_tiny", image_size=TINY_SIZE, generators=len(FAMILIES))
+    state = fit(model, batches(train_x, train_y, 16, seed=1), batches(test_x, test_y, 64),
+                FitSettings(epochs=12, lr=1e-3, patience=12, lr_patience=4))
+    return model, state, test_x, test_y
+
+
+def test_the_head_names_held_out_families_and_the_score_still_separates(trained_with_head):
+    model, state, test_x, test_y = trained_with_head
+    out = np.asarray(model(test_x.astype("float32"), training=False))
+    assert out.shape == (len(test_x), 1 + len(FAMILIES))
+    np.testing.assert_allclose(out[:, 1:].sum(axis=1), 1, atol=1e-5)  # a distribution
+    assert np.mean((out[:, 0] >= 0.5) == test_y[:, 0]) >= 0.9
+    fake = test_y[:, 1] >= 0
+    named = np.argmax(out[fake, 1:], axis=1)
+    assert np.mean(named == test_y[fake, 1]) >= 0.9, state.history[-1]
+    assert max(h["val_accuracy"] for h in state.history) >= 0.9
+
+
+def test_a_model_with_the_head_saves_and_loads(trained_with_head, tmp_path):
+    import keras
+
+    model, _, test_x, _ = trained_with_head
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(np.asarray(loaded(test_x[:8].astype("float32"))),
+                               np.asarray(model(test_x[:8].astype("float32"))), atol=1e-6)
