@@ -87,8 +87,10 @@ class Explainer:
             y = maps
             for layer in self._layers[self._base + 1 : -1]:
                 y = layer(y, training=False)
-            last = self._layers[-1]  # Dense(1, sigmoid): explain its logit, which never
-            logit = tf.matmul(y, last.kernel) + last.bias  # saturates as P does
+            # The score's Dense(1, sigmoid), alone or inside the heads: explain its logit,
+            # which never saturates as P does.
+            last = getattr(self._layers[-1], "score", self._layers[-1])
+            logit = tf.matmul(y, last.kernel) + last.bias
         grads = tape.gradient(logit, maps)
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
         return tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1))

@@ -80,18 +80,27 @@ class Predictor:
         """uint8 (N, S, S, 3) -> float32 (N,) P(AI-generated), calibrated when the card
         carries a calibration and within the floor and ceiling (`calibration.SCORE_FLOOR`)
         always, in chunks of batch_size."""
+        return self.score_and_attribute(pixels)[0]
+
+    def score_and_attribute(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(scores as `score` gives them, P(generator | AI) float32 (N, G) in the order of
+        `card.generators`, or None for a model without an attribution head), from one
+        forward pass."""
         if len(pixels) == 0:
-            return np.zeros((0,), dtype=np.float32)
+            return np.zeros((0,), dtype=np.float32), None
         chunks = [
             self._forward(np.ascontiguousarray(pixels[i : i + self.batch_size],
                                                dtype=np.float32))
             for i in range(0, len(pixels), self.batch_size)
         ]
-        raw = np.concatenate([np.asarray(c).reshape(-1) for c in chunks]).astype(np.float32)
+        # Forwards give (n, K) rows (an ensemble's, (n,) means): column 0 is the score.
+        raw = np.concatenate([np.asarray(c, dtype=np.float32).reshape(len(c), -1)
+                              for c in chunks])
         calibration = self.card.calibration  # Platt scaling fitted on validation, if any
         fitted = Calibration(calibration["a"], calibration["b"]) if calibration \
             else Calibration()  # the identity still holds scores within the floor and ceiling
-        return fitted.apply(raw)
+        attribution = raw[:, 1:] if raw.shape[1] > 1 and self.card.generators else None
+        return fitted.apply(raw[:, 0]), attribution
 
     def predict_bytes(self, blobs: Sequence[bytes], consistency: bool = False
                       ) -> list[Prediction]:

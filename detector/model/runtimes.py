@@ -105,7 +105,10 @@ def load(uri: str, choice: Choice, card: ModelCard, threads: int | None = None
 
 def keras_forward(model, image_size: int, precision: str = "float32"
                   ) -> Callable[[np.ndarray], np.ndarray]:
-    """The Keras model as a compiled forward function, in float32 or mixed bfloat16."""
+    """The Keras model as a compiled forward function, in float32 or mixed bfloat16.
+
+    Every forward returns (N, K) float32: column 0 the raw P(AI), then a model's
+    attribution columns if it has them (see architectures/heads.py)."""
     import tensorflow as tf
 
     if precision not in ("float32", "bfloat16"):
@@ -119,7 +122,7 @@ def keras_forward(model, image_size: int, precision: str = "float32"
         input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)],
         reduce_retracing=True,
     )
-    return lambda pixels: np.asarray(compiled(pixels)).reshape(-1)
+    return lambda pixels: _rows(compiled(pixels), pixels)
 
 
 def with_dtype_policy(model, policy: str):
@@ -172,7 +175,7 @@ def openvino_forward(path: str, precision: str, threads: int | None
 
     def forward(pixels: np.ndarray) -> np.ndarray:
         with lock:
-            return np.asarray(request.infer([pixels])[0]).reshape(-1)
+            return _rows(request.infer([pixels])[0], pixels)
 
     return forward
 
@@ -191,9 +194,15 @@ def onnxruntime_forward(path: str, threads: int | None
     name = session.get_inputs()[0].name
 
     def forward(pixels: np.ndarray) -> np.ndarray:
-        return np.asarray(session.run(None, {name: pixels})[0]).reshape(-1)
+        return _rows(session.run(None, {name: pixels})[0], pixels)
 
     return forward
+
+
+def _rows(output, pixels: np.ndarray) -> np.ndarray:
+    """A model's output as one row per image: (N, 1) for a binary model, (N, 1 + G) with
+    an attribution head."""
+    return np.asarray(output, dtype=np.float32).reshape(len(pixels), -1)
 
 
 def gpu_present() -> bool:

@@ -19,6 +19,7 @@ from detector.data import augment, shards
 from detector.io import storage
 from detector.model.artifact import name_of, new_identity, publish_directory, resolve
 from detector.model.predictor import Predictor
+from detector.training.attribution import attribution_metrics
 from detector.verdicts import calibration
 
 TARGET_FPR = 0.01
@@ -34,6 +35,8 @@ class Scored:
     uris: list[str]
     sha256: list[str]
     robustness: dict[str, np.ndarray] = field(default_factory=dict)
+    generators: list[str | None] = field(default_factory=list)  # the shards' (if named)
+    attribution: np.ndarray | None = None  # P(generator | AI), in card.generators order
 
 
 @dataclass
@@ -50,8 +53,11 @@ class EvaluationReport:
     def headline(self) -> dict:
         keys = ("accuracy", "precision", "recall", "f1", "roc_auc", "specificity", "loss",
                 "tpr_at_1pct_fpr", "ece", "fpr", "threshold_policy")
+        attribution = self.metrics.get("attribution") or {}
         return {"threshold": self.threshold, "split": self.split,
-                **{k: self.metrics[k] for k in keys if k in self.metrics}}
+                **{k: self.metrics[k] for k in keys if k in self.metrics},
+                **{f"attribution_{k}": attribution[k] for k in ("accuracy", "macro_f1")
+                   if k in attribution}}
 
     def write(self, directory: str) -> None:
         """metrics.json, classification_report.txt, robustness/per-format tables,
@@ -73,11 +79,15 @@ class EvaluationReport:
         with open(os.path.join(directory, "robustness.md"), "w") as handle:
             handle.write(_robustness_markdown(self.robustness))
         s = self.scored
-        pq.write_table(
-            pa.table({"source_uri": s.uris, "sha256": s.sha256, "source_format": s.formats,
-                      "label": s.labels.astype(np.int8), "score_ai": s.scores}),
-            os.path.join(directory, "predictions.parquet"),
-        )
+        columns = {"source_uri": s.uris, "sha256": s.sha256, "source_format": s.formats,
+                   "label": s.labels.astype(np.int8), "score_ai": s.scores}
+        if s.generators:
+            columns["generator"] = pa.array(s.generators, pa.string())
+        classes = (self.metrics.get("attribution") or {}).get("classes")
+        if classes and s.attribution is not None:  # the head's top choice, and how sure
+            columns["generator_named"] = [classes[i] for i in np.argmax(s.attribution, 1)]
+            columns["generator_probability"] = np.max(s.attribution, 1).astype(np.float32)
+        pq.write_table(pa.table(columns), os.path.join(directory, "predictions.parquet"))
         _plot(self, directory)
 
 
@@ -85,13 +95,18 @@ def score_split(
     predictor: Predictor, shards_uri: str, split: str, robustness: bool = False
 ) -> Scored:
     """Score every image of a split, part by part (memory holds one part at a time)."""
-    labels, scores, formats, uris, hashes = [], [], [], [], []
+    labels, scores, formats, uris, hashes, generators, named = [], [], [], [], [], [], []
     perturbed: dict[str, list] = {name: [] for name in augment.ROBUSTNESS_CHECKS} \
         if robustness else {}
     size = predictor.image_size
     for pixels, table in _iter_parts(shards_uri, split, size):
         labels.append(np.asarray(table.column("label").to_numpy(), dtype=np.int64))
-        scores.append(predictor.score(pixels))
+        split_scores, attribution = predictor.score_and_attribute(pixels)
+        scores.append(split_scores)
+        if attribution is not None:
+            named.append(attribution)
+        if "generator" in table.column_names:  # shard sets from before names have none
+            generators += table.column("generator").to_pylist()
         formats += table.column("source_format").to_pylist()
         uris += table.column("source_uri").to_pylist()
         hashes += table.column("sha256").to_pylist()
@@ -103,6 +118,7 @@ def score_split(
         labels=np.concatenate(labels), scores=np.concatenate(scores), formats=formats,
         uris=uris, sha256=hashes,
         robustness={k: np.concatenate(v) for k, v in perturbed.items()},
+        generators=generators, attribution=np.concatenate(named) if named else None,
     )
 
 
@@ -186,11 +202,16 @@ def _tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
 
 
 def build_report(
-    scored: Scored, threshold: float, split: str, history: list[dict] | None = None
+    scored: Scored, threshold: float, split: str, history: list[dict] | None = None,
+    generators: list[str] | None = None,
 ) -> EvaluationReport:
+    """The report on a scored split; `generators`: the attribution head's classes."""
     from sklearn.metrics import classification_report
 
     metrics = compute_metrics(scored.labels, scored.scores, threshold)
+    if generators and scored.attribution is not None and scored.generators:
+        metrics["attribution"] = attribution_metrics(scored.generators, scored.attribution,
+                                                     generators)
     robustness = {"original": _summary(metrics)}
     for name, scores in scored.robustness.items():
         robustness[name] = _summary(compute_metrics(scored.labels, scores, threshold))
@@ -239,7 +260,7 @@ def evaluate_model(
                                                              threshold)
     card.threshold = threshold
     scored = score_split(predictor, shards_uri, split, robustness=True)  # calibrated
-    report = build_report(scored, threshold, split, history)
+    report = build_report(scored, threshold, split, history, card.generators)
     report.metrics["nll"] = calibration.quality(scored.labels, scored.scores)["nll"]
     report.metrics["uncertain_margin"] = card.uncertain_margin
     report.metrics["calibration"] = card.calibration
@@ -336,6 +357,17 @@ def _plot(report: EvaluationReport, directory: str) -> None:
         fig.savefig(os.path.join(directory, "roc.png"), dpi=110)
         plt.close(fig)
         _plot_reliability(report, directory)
+    attribution = report.metrics.get("attribution")
+    if attribution and attribution["images"]:
+        fig, ax = plt.subplots(figsize=(1.2 * len(attribution["classes"]) + 2.5,
+                                        1.1 * len(attribution["classes"]) + 2))
+        ConfusionMatrixDisplay(np.array(attribution["confusion_matrix"]),
+                               display_labels=attribution["classes"]).plot(
+            ax=ax, colorbar=False, xticks_rotation=30)
+        ax.set_title(f"Attribution ({report.split}, {attribution['images']} AI images)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, "attribution_confusion_matrix.png"), dpi=110)
+        plt.close(fig)
     if report.history:
         epochs = [h["epoch"] for h in report.history]
         fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))

@@ -32,6 +32,7 @@ from detector.io import storage
 from detector.io.preprocess import PREPROCESS_VERSION
 from detector.io.threads import configure_gpus, limit_threads, reserved_threads
 from detector.model.architectures import build_model, get_spec
+from detector.training.attribution import generator_classes
 
 FEATURES_VERSION = 1  # bump when the pass changes what it stores
 CACHE_DIR = "_features"
@@ -137,12 +138,13 @@ def compute(cfg, name: str, image_size: int, key: CacheKey, uri: str, manifest: 
     import ray
 
     resources = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
+    generators = len(generator_classes(manifest))  # the head is part of the weights
     ray.get(ray.remote(_write_initial_weights).options(**resources).remote(
-        name, image_size, cfg.weights, cfg.seed, storage.join(uri, WEIGHTS)))
+        name, image_size, cfg.weights, cfg.seed, storage.join(uri, WEIGHTS), generators))
+    columns = ["image", "label", "sha256"] + (["generator"] if generators else [])
     splits = []
     for split_name in ("val", "train"):
-        dataset = shards.read_split(cfg.data, split_name, columns=["image", "label", "sha256"],
-                                  manifest=manifest)
+        dataset = shards.read_split(cfg.data, split_name, columns=columns, manifest=manifest)
         splits.append(dataset.add_column(
             "split", lambda t, s=split_name: pa.array([s] * t.num_rows), batch_format="pyarrow"))
     features = splits[0].union(splits[1]).map_batches(
@@ -151,6 +153,7 @@ def compute(cfg, name: str, image_size: int, key: CacheKey, uri: str, manifest: 
             "weights_uri": storage.join(uri, WEIGHTS), "name": name, "image_size": image_size,
             "augment": cfg.augment, "views": key.views, "seed": cfg.seed,
             "cpus": cfg.cpus_per_worker, "gpus": cfg.gpus_per_worker,
+            "generators": generators,
         },
         batch_size=BATCH_ROWS, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.workers)),
@@ -171,7 +174,7 @@ def feature_files(uri: str, split_name: str, view: int = 0) -> tuple[Any, str, i
 
 
 def _write_initial_weights(name: str, image_size: int, weights: str, seed: int,
-                           uri: str) -> None:
+                           uri: str, generators: int = 0) -> None:
     """Build the model as a training run would (seeded) and store its weights: the feature
     actors and the training workers all load these, so the base is the same everywhere."""
     import keras
@@ -179,7 +182,7 @@ def _write_initial_weights(name: str, image_size: int, weights: str, seed: int,
     configure_gpus()
     keras.utils.set_random_seed(seed)
     overrides = {"weights": weights} if get_spec(name).pretrained else {}
-    model = build_model(name, image_size=image_size, **overrides)
+    model = build_model(name, image_size=image_size, generators=generators, **overrides)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, WEIGHTS)
         model.save_weights(local)
@@ -197,14 +200,14 @@ class FeatureExtractor:
     """Ray Data actor: shard rows -> the frozen base's features, `views` rows per image."""
 
     def __init__(self, weights_uri: str, name: str, image_size: int, augment: str,
-                 views: int, seed: int, cpus: float, gpus: float):
+                 views: int, seed: int, cpus: float, gpus: float, generators: int = 0):
         import tensorflow as tf
 
         configure_gpus()
         threads = reserved_threads(cpus, gpus)
         if threads:
             limit_threads(threads)
-        model = build_model(name, image_size=image_size, weights="none")
+        model = build_model(name, image_size=image_size, weights="none", generators=generators)
         load_weights(model, weights_uri)
         base, _ = split(model, feature_layer(name))
         self._forward = tf.function(lambda x: base(x, training=False))
@@ -215,7 +218,8 @@ class FeatureExtractor:
         asked (a batch may hold rows of both splits)."""
         pixels = shards.decode_pixels(batch["image"], self.image_size)
         train = np.asarray(batch["split"]) == "train"
-        out = {"features": [], "label": [], "split": [], "view": []}
+        carried = [c for c in ("label", "generator") if c in batch]  # as the rows have them
+        out = {"features": [], **{c: [] for c in carried}, "split": [], "view": []}
         for view in range(self.views):
             rows = np.arange(len(pixels)) if view == 0 else np.flatnonzero(train)
             if not len(rows):
@@ -227,7 +231,11 @@ class FeatureExtractor:
                     else pixels[i] for i in rows])
             out["features"].append(np.asarray(self._forward(shown.astype(np.float32)),
                                               np.float32))
-            out["label"].append(batch["label"][rows])
+            for column in carried:
+                values = np.asarray(batch[column])[rows]
+                if column == "generator":  # "" for null: every part then has one string type
+                    values = np.array([v if isinstance(v, str) else "" for v in values])
+                out[column].append(values)
             out["split"].append(np.asarray(batch["split"])[rows])
             out["view"].append(np.full(len(rows), view, dtype=np.int32))
         return {column: np.concatenate(parts) for column, parts in out.items()}

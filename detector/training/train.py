@@ -35,6 +35,7 @@ from detector.model.export import ExportRefused, export_from_shards
 from detector.model.predictor import Predictor
 from detector.model.runtimes import training_policy, with_dtype_policy
 from detector.training import evaluate, features
+from detector.training.attribution import generator_classes, labels_with_generators
 from detector.training.evaluate import parse_policy
 from detector.training.fit import EpochEnd, FitSettings, FitState, fit
 from detector.verdicts import familiarity
@@ -64,6 +65,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if threads:
         limit_threads(threads)  # not every core of the host; before the first model
     name, image_size = loop_config["model"], loop_config["image_size"]
+    classes = loop_config.get("generators") or []  # the attribution head's, if any
     cache = loop_config.get("feature_cache")  # train the head on cached features
     relay = loop_config.get("relay")  # lines for the person running the job (console.py)
     context = ray.train.get_context()
@@ -72,7 +74,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Ray sets TF_CONFIG for every worker; the strategy all-reduces gradients between them.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
-        model = build_model(name, image_size=image_size, **_build_overrides(name, cfg))
+        model = build_model(name, image_size=image_size,
+                            **_build_overrides(name, cfg, classes))
         if cfg.mixed_precision:  # same float32 weights, so checkpoints load either way
             model = with_dtype_policy(model, training_policy(cfg.gpus_per_worker))
         # What the optimizer trains: the head alone (its layers are the model's own) when
@@ -114,13 +117,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS if train else None,
                 local_shuffle_seed=int(rng.integers(2**31)) if train else None,
             ):
+                labels = labels_with_generators(batch["label"], batch["generator"], classes) \
+                    if classes else batch["label"]
                 if cache:
-                    yield batch["features"], batch["label"]
+                    yield batch["features"], labels
                     continue
                 pixels = shards.decode_pixels(batch["image"], image_size)
                 if train and cfg.augment == "robust":
                     pixels = np.stack([robust_augment(p, rng) for p in pixels])
-                yield pixels, batch["label"]
+                yield pixels, labels
 
         return generate
 
@@ -195,8 +200,10 @@ def _read_weights(model, path: str):
     return stored
 
 
-def _build_overrides(name: str, cfg: TrainConfig) -> dict:
-    return {"weights": cfg.weights} if get_spec(name).pretrained else {}
+def _build_overrides(name: str, cfg: TrainConfig, generators: list[str]) -> dict:
+    """build_model's settings for training `name`: its base weights, its head's classes."""
+    weights = {"weights": cfg.weights} if get_spec(name).pretrained else {}
+    return weights | {"generators": len(generators)}
 
 
 def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: str | None = None,
@@ -214,17 +221,25 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: s
     fs, path = storage.resolve(storage_path)
     if not storage.is_s3(storage_path):
         os.makedirs(path, exist_ok=True)
+    manifest = shards.read_manifest(cfg.data)
+    classes = generator_classes(manifest)
+    extra = ["generator"] if classes else []
     if feature_cache:
         views = features.views_of(cfg)
-        datasets = {"val": _feature_dataset(feature_cache, "val")}
-        datasets |= {train_view(k): _feature_dataset(feature_cache, "train", k)
+        datasets = {"val": _feature_dataset(feature_cache, "val", columns=extra)}
+        datasets |= {train_view(k): _feature_dataset(feature_cache, "train", k, extra)
                      for k in range(views)}
     else:
-        datasets = {split: _shard_dataset(cfg.data, split) for split in ("train", "val")}
+        datasets = {split: _shard_dataset(cfg.data, split, manifest, extra)
+                    for split in ("train", "val")}
+    if classes:
+        say(f"{name}: an attribution head over {len(classes)} generators "
+            f"({', '.join(classes)})")
     return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={"train_config": to_dict(cfg), "model": name, "image_size": image_size,
-                           "feature_cache": feature_cache, "relay": relay},
+                           "feature_cache": feature_cache, "relay": relay,
+                           "generators": classes},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.gpus_per_worker > 0,
@@ -290,16 +305,16 @@ READ_HERE_BELOW_BYTES = 64 << 20
 MATERIALIZE_BELOW_BYTES = 1 << 30
 
 
-def _shard_dataset(shards_uri: str, split: str):
-    manifest = shards.read_manifest(shards_uri)
+def _shard_dataset(shards_uri: str, split: str, manifest: dict, extra: list[str]):
     rows = sum(manifest["counts"][split].values())
     fs, paths = shards.split_files(shards_uri, split, manifest)
-    return training_dataset(fs, paths, ["image", "label"], rows * 3 * manifest["image_size"] ** 2)
+    return training_dataset(fs, paths, ["image", "label", *extra],
+                            rows * 3 * manifest["image_size"] ** 2)
 
 
-def _feature_dataset(cache_uri: str, split: str, view: int = 0):
+def _feature_dataset(cache_uri: str, split: str, view: int = 0, columns: list[str] = ()):
     fs, path, size = features.feature_files(cache_uri, split, view)
-    return training_dataset(fs, [path], ["features", "label"], size)
+    return training_dataset(fs, [path], ["features", "label", *columns], size)
 
 
 def training_dataset(fs, paths: list[str], columns: list[str], size_bytes: int):
@@ -322,7 +337,8 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
     manifest = shards.read_manifest(cfg.data)
     with open(os.path.join(checkpoint_dir, STATE)) as handle:
         state = FitState.from_dict(json.load(handle))
-    model = build_model(name, image_size=image_size, **_build_overrides(name, cfg))
+    classes = generator_classes(manifest)
+    model = build_model(name, image_size=image_size, **_build_overrides(name, cfg, classes))
     if feature_cache:  # the cache's base, then the best head trained on its features
         features.load_weights(model, storage.join(feature_cache, features.WEIGHTS))
         features.split(model, features.feature_layer(name))[1].load_weights(
@@ -336,6 +352,7 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
         preprocess_version=PREPROCESS_VERSION,
         data_fingerprint=manifest["fingerprint"],
         domain=training_domain(cfg.data, manifest),
+        generators=classes,
         config=to_dict(cfg) | {"best_epoch": state.best_epoch, "epochs_run": state.epoch},
     )
     report = evaluate.evaluate_model(Predictor.from_model(model, card), cfg.data,
@@ -416,6 +433,7 @@ COMPARISON_COLUMNS = (
     ("model", "Model"), ("id", "Version"), ("accuracy", "Accuracy"), ("precision", "Precision"),
     ("recall", "Recall"), ("f1", "F1"), ("roc_auc", "ROC AUC"), ("specificity", "Specificity"),
     ("tpr_at_1pct_fpr", "TPR@1%FPR"), ("ece", "ECE"), ("threshold", "Threshold"),
+    ("attribution_accuracy", "Attribution acc."), ("attribution_macro_f1", "Attribution F1"),
     ("best_epoch", "Best epoch"),
 )
 

@@ -68,3 +68,36 @@ def test_a_model_with_the_head_saves_and_loads(trained_with_head, tmp_path):
     loaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_allclose(np.asarray(loaded(test_x[:8].astype("float32"))),
                                np.asarray(model(test_x[:8].astype("float32"))), atol=1e-6)
+
+
+def test_the_heads_classes_are_the_named_generators_of_the_train_split():
+    from detector.training.attribution import generator_classes
+
+    manifest = {"generators": {"train": {"sdxl": 5, "unknown": 9, "mj": 3, "gone": 0},
+                               "val": {"sdxl": 1, "other": 1}}}
+    assert generator_classes(manifest) == ["mj", "sdxl"]
+    assert generator_classes({"generators": {"train": {"sdxl": 5, "unknown": 2}}}) == []
+    assert generator_classes({}) == []  # shards from before names: a binary model
+
+
+def test_labels_carry_the_generator_index_or_minus_one():
+    from detector.training.attribution import labels_with_generators
+
+    rows = labels_with_generators(np.array([0, 1, 1, 1], np.int8), [None, "mj", "other", ""],
+                                  ["mj", "sdxl"])
+    assert rows.dtype == np.float32
+    assert rows.tolist() == [[0, -1], [1, 0], [1, -1], [1, -1]]
+
+
+def test_attribution_metrics_count_only_known_generators():
+    from detector.training.attribution import attribution_metrics
+
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5], [0.1, 0.9]])
+    truth = ["mj", "sdxl", "sdxl", None, "unseen"]
+    metrics = attribution_metrics(truth, probabilities, ["mj", "sdxl"])
+    assert metrics["images"] == 3 and metrics["left_out"] == 2
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    assert metrics["confusion_matrix"] == [[1, 0], [1, 1]]
+    assert metrics["per_generator"] == {"mj": {"count": 1, "accuracy": 1.0},
+                                        "sdxl": {"count": 2, "accuracy": 0.5}}
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)

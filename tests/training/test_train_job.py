@@ -320,3 +320,70 @@ def test_frozen_base_trains_on_cached_features_reused_across_runs(cluster, shard
     lines = listed.rstrip().splitlines()
     assert len(lines) == 2 and lines[1].startswith(f"* resnet50v2_tiny_frozen@{second.name}")
     assert lines[0].startswith(f"  resnet50v2_tiny_frozen@{first.name}"), listed
+
+
+FAMILIES = ("decoder-grid", "lowpass-tint", "upsampler")  # sorted: the head's class order
+
+
+@pytest.fixture(scope="module")
+def named_shards(cluster, tmp_path_factory):
+    """`detector sample --generators 3`, prepared with each family named as a generator."""
+    from detector.data.sample import SampleSpec, write_sample
+
+    root = tmp_path_factory.mktemp("attribution-e2e")
+    write_sample(str(root / "bucket"), SampleSpec(per_class=240, size=SIZE, seed=21,
+                                                  generators=len(FAMILIES)))
+    fakes = [f"{name}={root / 'bucket' / 'fake' / name}" for name in FAMILIES]
+    out = submit(cluster["address"], "jobs/prepare.py", "--real", str(root / "bucket" / "real"),
+                 "--fake", *fakes, "--out", str(root / "shards"), "--image-size", str(SIZE))
+    assert "generator upsampler: train=" in out, out[-3000:]
+    return root
+
+
+def test_an_attribution_head_trains_on_named_generators_and_names_held_out_images(
+        cluster, named_shards):
+    from detector.data import shards as shard_sets
+    from detector.model.predictor import Predictor
+
+    models = named_shards / "models"
+    output = submit(cluster["address"], "jobs/train.py", "--data", str(named_shards / "shards"),
+                    "--model", "resnet50v2_tiny", "--out", str(models), "--workers", "2",
+                    "--epochs", "16", "--lr", "1e-3", "--batch-size", "16", "--patience", "16",
+                    "--lr-patience", "4")
+    assert "an attribution head over 3 generators (decoder-grid, lowpass-tint, upsampler)" \
+        in output
+    artifact = version(models / "resnet50v2_tiny")
+    card = json.loads((artifact / "detector.json").read_text())
+    assert card["generators"] == list(FAMILIES)
+    assert card["metrics"]["roc_auc"] > 0.9, card["metrics"]
+    # Evaluation on the test split: per-generator accuracy, macro-F1, the matrix and its
+    # picture, the head's choice per image, and the comparison table's columns.
+    attribution = json.loads((artifact / "metrics.json").read_text())["attribution"]
+    assert attribution["classes"] == list(FAMILIES) and attribution["left_out"] > 0
+    assert attribution["accuracy"] >= 0.9 and attribution["macro_f1"] >= 0.85, attribution
+    assert sum(map(sum, attribution["confusion_matrix"])) == attribution["images"]
+    assert card["metrics"]["attribution_accuracy"] == attribution["accuracy"]
+    assert (artifact / "attribution_confusion_matrix.png").exists()
+    predictions = pq.read_table(artifact / "predictions.parquet").to_pylist()
+    named = [row for row in predictions if row["generator"] is not None]
+    assert len(named) == attribution["images"]
+    assert np.mean([row["generator_named"] == row["generator"] for row in named]) == \
+        pytest.approx(attribution["accuracy"])
+    assert "Attribution acc." in (models / "comparison.md").read_text()
+
+    test = shard_sets.read_split_local(str(named_shards / "shards"), "test",
+                                       ["image", "label", "generator"])
+    pixels = shard_sets.decode_pixels(test["image"].to_pylist(), SIZE)
+    generators = test["generator"].to_pylist()
+    fake = np.array([name is not None for name in generators])
+    keras_scores, keras_named = Predictor.from_uri(str(artifact), backend="keras") \
+        .score_and_attribute(pixels)
+    named = [FAMILIES[i] for i in np.argmax(keras_named[fake], axis=1)]
+    truth = [name for name in generators if name is not None]
+    assert np.mean([a == b for a, b in zip(named, truth, strict=True)]) >= 0.9
+    # The head travels in the ONNX export: OpenVINO gives the same distribution.
+    assert "onnx" in card["exports"]
+    onnx_scores, onnx_named = Predictor.from_uri(str(artifact), backend="openvino") \
+        .score_and_attribute(pixels)
+    np.testing.assert_allclose(onnx_scores, keras_scores, atol=1e-3)
+    np.testing.assert_allclose(onnx_named, keras_named, atol=1e-3)

@@ -1,0 +1,62 @@
+"""Which generators a training run's attribution head learns, and the labels it learns from.
+
+The head's classes are the generators named in the training split (`prepare --fake
+NAME=URI`), sorted. With fewer than two there is nothing to choose between, so the model
+stays binary. Images whose generator is unknown (an unnamed fake source) and real images
+train the binary score only: their generator index is -1, which `fit` masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from detector.data.prepare import UNKNOWN
+
+
+def generator_classes(manifest: dict) -> list[str]:
+    """The attribution head's classes for shards with this manifest ([]: no head)."""
+    train = (manifest.get("generators") or {}).get("train", {})
+    names = sorted(name for name, count in train.items() if name != UNKNOWN and count > 0)
+    return names if len(names) >= 2 else []
+
+
+def labels_with_generators(labels: np.ndarray, generators: Sequence, classes: Sequence[str]
+                           ) -> np.ndarray:
+    """(N, 2) float32 rows of (label, index of the generator in `classes`, or -1)."""
+    index = {name: i for i, name in enumerate(classes)}
+    known = [index.get(name, -1) if isinstance(name, str) else -1 for name in generators]
+    return np.stack([np.asarray(labels, dtype=np.float32),
+                     np.asarray(known, dtype=np.float32)], axis=1)
+
+
+def attribution_metrics(truth: Sequence, probabilities: np.ndarray, classes: Sequence[str]
+                        ) -> dict:
+    """How well the head names the generator of the images whose generator it was trained
+    to know: accuracy, macro-F1, each generator's recall and the confusion matrix (rows:
+    truth, columns: named, both in `classes` order). Images of other or unknown generators
+    and real images are left out, and counted."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    index = {name: i for i, name in enumerate(classes)}
+    rows = [i for i, name in enumerate(truth) if name in index]
+    expected = np.array([index[truth[i]] for i in rows], dtype=np.int64)
+    named = np.argmax(probabilities[rows], axis=1) if rows else np.zeros(0, np.int64)
+    labels = list(range(len(classes)))
+    matrix = confusion_matrix(expected, named, labels=labels) if rows else \
+        np.zeros((len(classes), len(classes)), np.int64)
+    per_generator = {name: {"count": int(matrix[i].sum()),
+                            "accuracy": float(matrix[i, i] / matrix[i].sum())
+                            if matrix[i].sum() else None}
+                     for i, name in enumerate(classes)}
+    return {
+        "classes": list(classes),
+        "images": len(rows),
+        "left_out": len(truth) - len(rows),
+        "accuracy": float(accuracy_score(expected, named)) if rows else None,
+        "macro_f1": float(f1_score(expected, named, labels=labels, average="macro",
+                                   zero_division=0)) if rows else None,
+        "per_generator": per_generator,
+        "confusion_matrix": matrix.tolist(),
+    }
