@@ -43,6 +43,15 @@ def free_port() -> int:
             return port
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (see free_port): independent draws can repeat one, and
+    `ray start` refuses a port given to two of its components."""
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
+
+
 def client_env(extra: dict | None = None) -> dict[str, str]:
     """The environment for `ray`/`serve` commands and job entrypoints."""
     env = dict(os.environ)
@@ -92,8 +101,8 @@ def ray_head(log_dir: Path, num_cpus: int = 4, env: dict | None = None) -> Itera
 def _start_head(log_dir: Path, num_cpus: int, env: dict | None) -> dict:
     # Short: Ray's socket paths have a length limit.
     temp_dir = Path(f"/tmp/rc-{os.getpid()}-{next(_heads)}")
-    ports = {name: free_port() for name in ("gcs", "dashboard", "client", "agent", "grpc",
-                                            "runtime_env", "metrics")}
+    names = ("gcs", "dashboard", "client", "agent", "grpc", "runtime_env", "metrics")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     command = [
         str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
         "--num-gpus=0",

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_cluster import BIN, STOP_ENV, client_env, free_port, stop_group
+from ray_cluster import BIN, STOP_ENV, client_env, free_port, free_ports, stop_group
 
 from detector import deploy
 
@@ -109,9 +109,11 @@ def _autoscaling_cluster_class():
 
             config = Path(self.temp_dir) / "autoscaling.json"
             config.write_text(json.dumps(self._config))
-            ports = [f"--{flag}={free_port()}" for flag in (
-                "ray-client-server-port", "dashboard-agent-listen-port",
-                "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")]
+            flags = ("ray-client-server-port", "dashboard-agent-listen-port",
+                     "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+            # Distinct, and none the GCS port: `ray start` refuses a port given twice.
+            free = [port for port in free_ports(len(flags) + 1) if port != self.port]
+            ports = [f"--{flag}={port}" for flag, port in zip(flags, free, strict=False)]
             command = [
                 str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}",
                 "--num-cpus=0", "--num-gpus=0", f"--object-store-memory={OBJECT_STORE}",

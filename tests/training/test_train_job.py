@@ -342,48 +342,52 @@ def named_shards(cluster, tmp_path_factory):
 
 def test_an_attribution_head_trains_on_named_generators_and_names_held_out_images(
         cluster, named_shards):
+    """Both architectures, 2 workers: each names the generator family of held-out images,
+    in Keras and in its OpenVINO export, and evaluation reports it."""
     from detector.data import shards as shard_sets
     from detector.model.predictor import Predictor
 
     models = named_shards / "models"
     output = submit(cluster["address"], "jobs/train.py", "--data", str(named_shards / "shards"),
-                    "--model", "resnet50v2_tiny", "--out", str(models), "--workers", "2",
-                    "--epochs", "16", "--lr", "1e-3", "--batch-size", "16", "--patience", "16",
-                    "--lr-patience", "4")
-    assert "an attribution head over 3 generators (decoder-grid, lowpass-tint, upsampler)" \
-        in output
-    artifact = version(models / "resnet50v2_tiny")
-    card = json.loads((artifact / "detector.json").read_text())
-    assert card["generators"] == list(FAMILIES)
-    assert card["metrics"]["roc_auc"] > 0.9, card["metrics"]
-    # Evaluation on the test split: per-generator accuracy, macro-F1, the matrix and its
-    # picture, the head's choice per image, and the comparison table's columns.
-    attribution = json.loads((artifact / "metrics.json").read_text())["attribution"]
-    assert attribution["classes"] == list(FAMILIES) and attribution["left_out"] > 0
-    assert attribution["accuracy"] >= 0.9 and attribution["macro_f1"] >= 0.85, attribution
-    assert sum(map(sum, attribution["confusion_matrix"])) == attribution["images"]
-    assert card["metrics"]["attribution_accuracy"] == attribution["accuracy"]
-    assert (artifact / "attribution_confusion_matrix.png").exists()
-    predictions = pq.read_table(artifact / "predictions.parquet").to_pylist()
-    named = [row for row in predictions if row["generator"] is not None]
-    assert len(named) == attribution["images"]
-    assert np.mean([row["generator_named"] == row["generator"] for row in named]) == \
-        pytest.approx(attribution["accuracy"])
+                    "--model", "resnet50v2_tiny,vit_tiny", "--out", str(models), "--workers",
+                    "2", "--epochs", "16", "--lr", "1e-3", "--batch-size", "16", "--patience",
+                    "16", "--lr-patience", "4")
+    for name in ("resnet50v2_tiny", "vit_tiny"):
+        assert (f"{name}: an attribution head over 3 generators (decoder-grid, lowpass-tint, "
+                "upsampler)") in output
     assert "Attribution acc." in (models / "comparison.md").read_text()
-
     test = shard_sets.read_split_local(str(named_shards / "shards"), "test",
                                        ["image", "label", "generator"])
     pixels = shard_sets.decode_pixels(test["image"].to_pylist(), SIZE)
     generators = test["generator"].to_pylist()
-    fake = np.array([name is not None for name in generators])
-    keras_scores, keras_named = Predictor.from_uri(str(artifact), backend="keras") \
-        .score_and_attribute(pixels)
-    named = [FAMILIES[i] for i in np.argmax(keras_named[fake], axis=1)]
     truth = [name for name in generators if name is not None]
-    assert np.mean([a == b for a, b in zip(named, truth, strict=True)]) >= 0.9
-    # The head travels in the ONNX export: OpenVINO gives the same distribution.
-    assert "onnx" in card["exports"]
-    onnx_scores, onnx_named = Predictor.from_uri(str(artifact), backend="openvino") \
-        .score_and_attribute(pixels)
-    np.testing.assert_allclose(onnx_scores, keras_scores, atol=1e-3)
-    np.testing.assert_allclose(onnx_named, keras_named, atol=1e-3)
+    fake = np.array([name is not None for name in generators])
+    for name in ("resnet50v2_tiny", "vit_tiny"):
+        artifact = version(models / name)
+        card = json.loads((artifact / "detector.json").read_text())
+        assert card["generators"] == list(FAMILIES)
+        assert card["metrics"]["roc_auc"] > 0.9, card["metrics"]
+        # Evaluation on the test split: per-generator accuracy, macro-F1, the matrix and
+        # its picture, and the head's choice per image.
+        attribution = json.loads((artifact / "metrics.json").read_text())["attribution"]
+        assert attribution["classes"] == list(FAMILIES) and attribution["left_out"] > 0
+        assert attribution["accuracy"] >= 0.9 and attribution["macro_f1"] >= 0.85, attribution
+        assert sum(map(sum, attribution["confusion_matrix"])) == attribution["images"]
+        assert card["metrics"]["attribution_accuracy"] == attribution["accuracy"]
+        assert (artifact / "attribution_confusion_matrix.png").exists()
+        predictions = pq.read_table(artifact / "predictions.parquet").to_pylist()
+        named = [row for row in predictions if row["generator"] is not None]
+        assert len(named) == attribution["images"]
+        assert np.mean([row["generator_named"] == row["generator"] for row in named]) == \
+            pytest.approx(attribution["accuracy"])
+
+        keras_scores, keras_named = Predictor.from_uri(str(artifact), backend="keras") \
+            .score_and_attribute(pixels)
+        chosen = [FAMILIES[i] for i in np.argmax(keras_named[fake], axis=1)]
+        assert np.mean([a == b for a, b in zip(chosen, truth, strict=True)]) >= 0.9
+        # The head travels in the ONNX export: OpenVINO gives the same distribution.
+        assert "onnx" in card["exports"]
+        onnx_scores, onnx_named = Predictor.from_uri(str(artifact), backend="openvino") \
+            .score_and_attribute(pixels)
+        np.testing.assert_allclose(onnx_scores, keras_scores, atol=1e-3)
+        np.testing.assert_allclose(onnx_named, keras_named, atol=1e-3)
