@@ -2,7 +2,9 @@
 
 An ensemble is an artifact with a card and no weights of its own: `architecture` is
 "ensemble" and `config["members"]` names each member's version URI and weight. Its raw
-score is the weighted mean of the members' calibrated probabilities; like any model, it
+score is the weighted mean of the members' calibrated probabilities (and its attribution,
+the weighted mean of the heads of the members that have one, when they name the same
+generators: `generators_of`); like any model, it
 gets its own calibration, threshold and uncertain band on the validation split and is
 evaluated on the test split (`detector.training.ensemble.build`). `Predictor.from_uri`
 loads one like a model, so
@@ -49,11 +51,19 @@ def make_card(member_uris: Sequence[str], weights: Sequence[float] | None = None
     return ModelCard(
         name=name, architecture=ARCHITECTURE, image_size=cards[0].image_size,
         preprocess_version=cards[0].preprocess_version, calibration={},
-        domain=_domain(cards),
+        domain=_domain(cards), generators=generators_of(cards),
         config={"members": [{"uri": uri, "model": f"{card.name}@{card.id}",
                              "weight": weight / total}
                             for uri, card, weight in zip(members, cards, weights, strict=True)]},
     )
+
+
+def generators_of(cards: Sequence[ModelCard]) -> list[str]:
+    """The ensemble's attribution classes: those of its members with a head, when they
+    all name the same generators in the same order; otherwise none (averaging the heads of
+    different classes would mean nothing)."""
+    lists = {tuple(card.generators) for card in cards if card.generators}
+    return list(lists.pop()) if len(lists) == 1 else []
 
 
 def _domain(cards: Sequence[ModelCard]) -> dict:

@@ -148,12 +148,21 @@ def members_forward(card: ModelCard, batch_size: int = 32, backend: str = "auto"
                     ) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """(forward, runtime) for an ensemble card: each member loads on the runtime
     `backend`/`precision` resolve to for it; forward = the weighted mean of their
-    calibrated probabilities."""
+    calibrated probabilities, then (when the card names generators) the weighted mean of
+    the attribution of the members whose head names those generators."""
     members = [(Predictor.from_uri(m["uri"], batch_size, backend, precision, threads),
                 m["weight"]) for m in card.config["members"]]
+    heads = [(member, weight) for member, weight in members
+             if card.generators and member.card.generators == card.generators]
 
     def forward(pixels: np.ndarray) -> np.ndarray:
-        return sum(weight * member.score(pixels) for member, weight in members)
+        outputs = {id(member): member.score_and_attribute(pixels) for member, _ in members}
+        score = sum(weight * outputs[id(member)][0] for member, weight in members)
+        if not heads:
+            return score
+        total = sum(weight for _, weight in heads)
+        attribution = sum(weight * outputs[id(member)][1] for member, weight in heads) / total
+        return np.column_stack([score, attribution])
 
     runtime = "ensemble(" + ", ".join(member.runtime for member, _ in members) + ")"
     return forward, runtime

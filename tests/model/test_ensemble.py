@@ -78,3 +78,42 @@ def test_members_must_see_the_same_pixels(members, tmp_path):
     inner = publish(members, str(tmp_path / "models"))
     with pytest.raises(ValueError, match="ensembles of ensembles"):
         make_card([inner, members[0]])
+
+
+def test_an_ensemble_averages_the_heads_of_members_that_name_the_same_generators(
+        sample_arrays, tmp_path):
+    """Two members with attribution heads over the same generators and one binary member:
+    the ensemble's score averages all three, its attribution the two heads."""
+    from detector.io.preprocess import PREPROCESS_VERSION
+    from detector.model.architectures import build_model
+    from detector.model.artifact import ModelCard, save_artifact
+    from detector.model.ensemble import make_card, publish
+    from detector.model.predictor import Predictor
+
+    def member(name: str, generators: list[str], seed: int) -> str:
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        card = ModelCard(name=name, architecture="vit", image_size=TINY_SIZE,
+                         preprocess_version=PREPROCESS_VERSION, generators=generators)
+        uri = str(tmp_path / name)
+        save_artifact(build_model("vit_tiny", image_size=TINY_SIZE, generators=len(generators)),
+                      card, uri)
+        return uri
+
+    classes = ["mj", "sdxl", "unseen-here"]
+    uris = [member("a", classes, 1), member("b", classes, 2), member("c", [], 3)]
+    publish(uris, str(tmp_path / "models"), weights=[2, 1, 1])
+    ensemble = Predictor.from_uri(str(tmp_path / "models" / "ensemble"))
+    assert ensemble.card.generators == classes
+    pixels = sample_arrays[2][:8]
+    score, attribution = ensemble.score_and_attribute(pixels)
+    (a_score, a_heads), (b_score, b_heads), (c_score, c_heads) = (
+        Predictor.from_uri(uri).score_and_attribute(pixels) for uri in uris)
+    assert c_heads is None
+    np.testing.assert_allclose(score, 0.5 * a_score + 0.25 * b_score + 0.25 * c_score,
+                               atol=1e-6)
+    np.testing.assert_allclose(attribution, (2 * a_heads + b_heads) / 3, atol=1e-6)
+    # Members whose heads name other generators give an ensemble without attribution.
+    other = member("d", ["mj", "sdxl"], 4)
+    assert make_card([uris[0], other]).generators == []
