@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="fit calibration, threshold and band again on --data's "
                           "validation split and publish them as a new version of the model "
                           "(same weights), moving OUT/<name>/latest.json")
+    evaluate.add_argument("--holdout-generator", metavar="NAME", default=None,
+                          help="report what the model answers for --split's images of "
+                          "generator NAME, which it never saw: called real, unknown, or "
+                          "misattributed (trains nothing; hold NAME out when preparing the "
+                          "model's training shards)")
     evaluate.add_argument("--threshold-policy", default=None,
                           help="with --recalibrate: balanced or target-fpr:X (default: the "
                           "model's own)")
@@ -251,6 +256,12 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from detector.training.evaluate import evaluate_artifact
 
+    if args.holdout_generator:
+        from detector.training.evaluate import evaluate_holdout
+
+        print(json.dumps(evaluate_holdout(args.model, args.data, args.holdout_generator,
+                                          args.split, args.backend, args.precision), indent=2))
+        return 0
     if args.recalibrate:
         from detector.training.evaluate import recalibrate_artifact
 

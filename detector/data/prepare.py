@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from detector.config import PrepareConfig
 from detector.data import audit, duplicates
-from detector.data.shards import MANIFEST, SHARD_SCHEMA, SPLITS
+from detector.data.shards import MANIFEST, SHARD_SCHEMA, SPLITS, UNKNOWN
 from detector.io import listing, preprocess, storage
 from detector.io.reads import fetch_many
 
@@ -57,7 +57,6 @@ ROW_FIELDS = tuple(ROW_SCHEMA.names)
 LISTED_SCHEMA = pa.schema([("uri", pa.string()), ("label", pa.int8()),
                            ("source_name", pa.string()), ("size_bytes", pa.int64())])
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-UNKNOWN = "unknown"  # what attribution answers for a generator it cannot name: no source's name
 
 
 @dataclass(frozen=True)

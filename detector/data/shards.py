@@ -20,6 +20,9 @@ from detector.io import storage
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+# What attribution answers for a generator it cannot name; so no source may be named it,
+# and the manifest counts fakes from unnamed sources under it.
+UNKNOWN = "unknown"
 
 
 SHARD_SCHEMA = pa.schema(

@@ -50,8 +50,10 @@ class ModelCard:
     data_fingerprint: str = ""
     # The training data's formats and sizes (empty: unknown); see verdicts/familiarity.py
     domain: dict[str, Any] = field(default_factory=dict)
-    # The attribution head's classes, in the order of its outputs (empty: no head)
+    # The attribution head's classes, in the order of its outputs (empty: no head), and
+    # the open-set rule fitted on validation (see verdicts/attribution.py)
     generators: list[str] = field(default_factory=list)
+    attribution: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     # kind ("onnx", "int8") -> parity record of that export against Keras; see export.py
     exports: dict[str, Any] = field(default_factory=dict)

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from detector.data.prepare import UNKNOWN
+from detector.data.shards import UNKNOWN
+from detector.verdicts import attribution
 
 
 def generator_classes(manifest: dict) -> list[str]:
@@ -31,12 +32,22 @@ def labels_with_generators(labels: np.ndarray, generators: Sequence, classes: Se
                      np.asarray(known, dtype=np.float32)], axis=1)
 
 
-def attribution_metrics(truth: Sequence, probabilities: np.ndarray, classes: Sequence[str]
-                        ) -> dict:
+def open_set_rule(scored, classes: Sequence[str]) -> dict:
+    """The open-set rule fitted on a scored validation split's AI images of known
+    generators (`detector.training.evaluate.Scored`)."""
+    index = {name: i for i, name in enumerate(classes)}
+    rows = [i for i, name in enumerate(scored.generators) if name in index]
+    return attribution.fit_threshold(scored.attribution[rows],
+                                     [index[scored.generators[i]] for i in rows])
+
+
+def attribution_metrics(truth: Sequence, probabilities: np.ndarray, classes: Sequence[str],
+                        rule: dict | None = None) -> dict:
     """How well the head names the generator of the images whose generator it was trained
     to know: accuracy, macro-F1, each generator's recall and the confusion matrix (rows:
-    truth, columns: named, both in `classes` order). Images of other or unknown generators
-    and real images are left out, and counted."""
+    truth, columns: named, both in `classes` order), and with the open-set `rule` the
+    shares named correctly, misattributed and `unknown`. Images of other or unknown
+    generators and real images are left out, and counted."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
     index = {name: i for i, name in enumerate(classes)}
@@ -59,4 +70,16 @@ def attribution_metrics(truth: Sequence, probabilities: np.ndarray, classes: Seq
                                    zero_division=0)) if rows else None,
         "per_generator": per_generator,
         "confusion_matrix": matrix.tolist(),
+        **({"open_set": open_set_shares(probabilities[rows], expected, classes, rule)}
+           if rule and rows else {}),
     }
+
+
+def open_set_shares(probabilities: np.ndarray, expected: Sequence[int], classes: Sequence[str],
+                    rule: dict) -> dict:
+    """Shares of images the rule names correctly, names wrongly, or calls `unknown`."""
+    answers = [attribution.name(p, classes, rule)[0] for p in probabilities]
+    unknown = np.array([a == attribution.UNKNOWN for a in answers])
+    right = np.array([a == classes[e] for a, e in zip(answers, expected, strict=True)])
+    return {"threshold": rule["threshold"], "named_correctly": float(right.mean()),
+            "misattributed": float((~right & ~unknown).mean()), "unknown": float(unknown.mean())}

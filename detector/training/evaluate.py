@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,8 +20,8 @@ from detector.data import augment, shards
 from detector.io import storage
 from detector.model.artifact import name_of, new_identity, publish_directory, resolve
 from detector.model.predictor import Predictor
-from detector.training.attribution import attribution_metrics
-from detector.verdicts import calibration
+from detector.training.attribution import attribution_metrics, open_set_rule
+from detector.verdicts import attribution, calibration
 
 TARGET_FPR = 0.01
 
@@ -203,15 +204,16 @@ def _tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
 
 def build_report(
     scored: Scored, threshold: float, split: str, history: list[dict] | None = None,
-    generators: list[str] | None = None,
+    generators: list[str] | None = None, rule: dict | None = None,
 ) -> EvaluationReport:
-    """The report on a scored split; `generators`: the attribution head's classes."""
+    """The report on a scored split; `generators`: the attribution head's classes, and
+    `rule` its open-set rule (verdicts/attribution.py)."""
     from sklearn.metrics import classification_report
 
     metrics = compute_metrics(scored.labels, scored.scores, threshold)
     if generators and scored.attribution is not None and scored.generators:
         metrics["attribution"] = attribution_metrics(scored.generators, scored.attribution,
-                                                     generators)
+                                                     generators, rule)
     robustness = {"original": _summary(metrics)}
     for name, scores in scored.robustness.items():
         robustness[name] = _summary(compute_metrics(scored.labels, scores, threshold))
@@ -258,9 +260,11 @@ def evaluate_model(
                                                                  policy))
         card.uncertain_margin = calibration.uncertain_margin(val.labels, probabilities,
                                                              threshold)
+        if card.generators and val.attribution is not None:
+            card.attribution = open_set_rule(val, card.generators)
     card.threshold = threshold
     scored = score_split(predictor, shards_uri, split, robustness=True)  # calibrated
-    report = build_report(scored, threshold, split, history, card.generators)
+    report = build_report(scored, threshold, split, history, card.generators, card.attribution)
     report.metrics["nll"] = calibration.quality(scored.labels, scored.scores)["nll"]
     report.metrics["uncertain_margin"] = card.uncertain_margin
     report.metrics["calibration"] = card.calibration
@@ -290,6 +294,49 @@ def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str,
     else:
         report.write(storage.local_path(out_dir))
     return {**report.headline(), "runtime": predictor.runtime}
+
+
+def evaluate_holdout(model_uri: str, shards_uri: str, generator: str, split: str = "test",
+                     backend: str = "auto", precision: str = "float32") -> dict:
+    """`detector evaluate --holdout-generator NAME`: what a model with an attribution head
+    answers for images of a generator it never saw (the split's images whose `generator`
+    is NAME). Trains nothing: hold NAME out when preparing the model's training shards.
+    Each image is called real (score below the threshold), `unknown` by the open-set rule,
+    or misattributed to a generator the model knows; the shares say how honest it is."""
+    model_uri = resolve(model_uri)
+    predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision)
+    card = predictor.card
+    if not card.generators:
+        raise ValueError(f"{card.name}@{card.id} has no attribution head (its training "
+                         "shards named fewer than two generators)")
+    if generator in card.generators:
+        raise ValueError(f"{card.name}@{card.id} was trained on {generator!r}: hold it out "
+                         "of the training shards (prepare without it), train, then evaluate")
+    scored = score_split(predictor, shards_uri, split)
+    rows = [i for i, name in enumerate(scored.generators) if name == generator]
+    if not rows:
+        raise ValueError(f"no images of generator {generator!r} in the {split} split of "
+                         f"{shards_uri}")
+    called_real, unknown, misattributed_as = 0, 0, Counter()
+    for i in rows:
+        if scored.scores[i] < card.threshold:
+            called_real += 1
+            continue
+        answer = attribution.name(scored.attribution[i], card.generators, card.attribution)[0]
+        if answer == attribution.UNKNOWN:
+            unknown += 1
+        else:
+            misattributed_as[answer] += 1
+    called_ai = len(rows) - called_real
+    return {
+        "model": f"{card.name}@{card.id}", "generator": generator, "split": split,
+        "images": len(rows), "called_real": called_real / len(rows),
+        "unknown": unknown / len(rows), "misattributed": sum(misattributed_as.values()) /
+        len(rows), "misattributed_as": dict(misattributed_as.most_common()),
+        # Of the images the score calls AI: how often the generator is honestly unknown.
+        "unknown_when_called_ai": unknown / called_ai if called_ai else None,
+        "rule": card.attribution, "runtime": predictor.runtime,
+    }
 
 
 def recalibrate_artifact(model_uri: str, shards_uri: str, backend: str = "auto",

@@ -3,6 +3,8 @@ of held-out `detector sample` images, and a model with it saves and loads."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -101,3 +103,106 @@ def test_attribution_metrics_count_only_known_generators():
     assert metrics["per_generator"] == {"mj": {"count": 1, "accuracy": 1.0},
                                         "sdxl": {"count": 2, "accuracy": 0.5}}
     assert metrics["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+
+
+# --- a generator held out of training: called real, unknown or misattributed ---------------
+
+
+def write_shards(root, x: np.ndarray, y: np.ndarray, names: list[str | None]) -> str:
+    """A one-part test split as `prepare` writes it (the columns evaluation reads)."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "test").mkdir(parents=True)
+    pq.write_table(pa.table({
+        "image": [p.tobytes() for p in x], "label": pa.array(y[:, 0], pa.int8()),
+        "generator": pa.array(names, pa.string()), "source_format": ["PNG"] * len(x),
+        "source_uri": [f"mem://{i}" for i in range(len(x))],
+        "sha256": [hashlib.sha256(p.tobytes()).hexdigest() for p in x]}),
+        root / "test" / "p.parquet")
+    manifest = {"image_size": TINY_SIZE,
+                "parts": {"train": [], "val": [], "test": ["test/p.parquet"]}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def two_family_model(tmp_path_factory):
+    """A model trained on two families, its open-set rule fitted on validation images, and
+    a test split holding those two families, a third it never saw, and real images."""
+    import keras
+
+    from detector.io.preprocess import PREPROCESS_VERSION
+    from detector.model.architectures import build_model
+    from detector.model.artifact import ModelCard, save_artifact
+    from detector.training.fit import FitSettings, fit
+    from detector.verdicts.attribution import fit_threshold
+
+    global FAMILIES
+    everything, FAMILIES = FAMILIES, ("upsampler", "decoder-grid")
+    try:
+        train_x, train_y = family_arrays(100, 60)
+        val_x, val_y = family_arrays(300, 20)
+    finally:
+        FAMILIES = everything
+    keras.utils.set_random_seed(0)
+    model = build_model("resnet50v2_tiny", image_size=TINY_SIZE, generators=2)
+    fit(model, batches(train_x, train_y, 16, seed=1), batches(val_x, val_y, 64),
+        FitSettings(epochs=16, lr=1e-3, patience=16, lr_patience=4))
+    out = np.asarray(model(val_x.astype("float32"), training=False))
+    fake = val_y[:, 1] >= 0
+    card = ModelCard(name="two", architecture="resnet50v2", image_size=TINY_SIZE,
+                     preprocess_version=PREPROCESS_VERSION, generators=["upsampler",
+                                                                        "decoder-grid"],
+                     attribution=fit_threshold(out[fake, 1:], val_y[fake, 1]))
+    root = tmp_path_factory.mktemp("holdout")
+    save_artifact(model, card, str(root / "model"))
+    test_x, test_y = family_arrays(500, 20)  # all three families: lowpass-tint is new
+    names = [None if g < 0 else FAMILIES[int(g)] for g in test_y[:, 1]]
+    return str(root / "model"), write_shards(root / "shards", test_x, test_y, names)
+
+
+def test_holdout_reports_what_the_model_answers_for_a_generator_it_never_saw(
+        two_family_model, capsys):
+    from detector.cli.commands import main
+    from detector.data.shards import decode_pixels, read_split_local
+    from detector.model.predictor import Predictor
+    from detector.training.evaluate import evaluate_holdout
+    from detector.verdicts.attribution import name
+
+    model_uri, shards_uri = two_family_model
+    report = evaluate_holdout(model_uri, shards_uri, "lowpass-tint")
+    assert report["images"] == 20 and report["generator"] == "lowpass-tint"
+    assert report["called_real"] + report["unknown"] + report["misattributed"] == \
+        pytest.approx(1)
+    # The same answers, image by image, as the predictor and the rule give.
+    table = read_split_local(shards_uri, "test")
+    rows = [i for i, g in enumerate(table["generator"].to_pylist()) if g == "lowpass-tint"]
+    predictor = Predictor.from_uri(model_uri)
+    scores, heads = predictor.score_and_attribute(
+        decode_pixels(table["image"].to_pylist(), TINY_SIZE)[rows])
+    card = predictor.card
+    answers = ["real" if s < card.threshold else name(h, card.generators, card.attribution)[0]
+               for s, h in zip(scores, heads, strict=True)]
+    assert report["unknown"] == pytest.approx(answers.count("unknown") / 20)
+    assert report["called_real"] == pytest.approx(answers.count("real") / 20)
+    assert sum(report["misattributed_as"].values()) == sum(
+        a in card.generators for a in answers)
+    assert main(["evaluate", "--model", model_uri, "--data", shards_uri,
+                 "--holdout-generator", "lowpass-tint"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {k: printed[k] for k in ("images", "unknown", "called_real")} == {
+        k: report[k] for k in ("images", "unknown", "called_real")}
+    print(f"held-out lowpass-tint: {report}")  # the measurement, in -s runs
+
+
+def test_holdout_refuses_a_generator_the_model_was_trained_on(two_family_model):
+    from detector.training.evaluate import evaluate_holdout
+
+    model_uri, shards_uri = two_family_model
+    with pytest.raises(ValueError, match="was trained on 'upsampler'"):
+        evaluate_holdout(model_uri, shards_uri, "upsampler")
+    with pytest.raises(ValueError, match="no images of generator 'flux'"):
+        evaluate_holdout(model_uri, shards_uri, "flux")

@@ -374,6 +374,15 @@ def test_an_attribution_head_trains_on_named_generators_and_names_held_out_image
         assert attribution["accuracy"] >= 0.9 and attribution["macro_f1"] >= 0.85, attribution
         assert sum(map(sum, attribution["confusion_matrix"])) == attribution["images"]
         assert card["metrics"]["attribution_accuracy"] == attribution["accuracy"]
+        # The open-set rule, fitted on validation, names most test images and calls the
+        # rest unknown; the three outcomes cover every image.
+        rule = card["attribution"]
+        assert rule["fitted_on"] == "val" and 0 < rule["threshold"] < 1, rule
+        shares = attribution["open_set"]
+        assert shares["threshold"] == rule["threshold"]
+        assert sum(shares[k] for k in ("named_correctly", "misattributed", "unknown")) == \
+            pytest.approx(1)
+        assert shares["named_correctly"] >= 0.8, shares
         assert (artifact / "attribution_confusion_matrix.png").exists()
         predictions = pq.read_table(artifact / "predictions.parquet").to_pylist()
         named = [row for row in predictions if row["generator"] is not None]

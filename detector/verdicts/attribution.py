@@ -1,0 +1,48 @@
+"""Naming the generator: the attribution head's answer, or an honest `unknown`.
+
+The head is a softmax over the generators seen in training, so it names one of them for
+every image, including images from a generator it never saw. The open-set rule names a
+generator only when the head's top probability reaches a threshold fitted on validation:
+the lowest top probability among the `KEEP` share of correctly named validation images
+that the head is surest of (so about 1 - KEEP of images it would name correctly become
+`unknown` too: the price of an honest answer elsewhere). Anything below: `unknown`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from detector.data.shards import UNKNOWN
+
+KEEP = 0.95  # the share of correctly named validation images the threshold keeps named
+TOP = 3  # generator scores reported beside the name
+
+
+def fit_threshold(probabilities: np.ndarray, truth: Sequence[int]) -> dict:
+    """The rule's record for the card, from validation AI images of known generators:
+    (N, G) head outputs and each image's class index."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.int64)
+    if not len(truth):
+        return {}
+    top = probabilities.max(axis=1)
+    correct = np.argmax(probabilities, axis=1) == truth
+    # "lower": a value some image has, at or below which at least KEEP of them lie.
+    threshold = float(np.quantile(top[correct], 1 - KEEP, method="lower")) \
+        if correct.any() else 1.0
+    # Rounded down, so no image the quantile keeps falls below the stored threshold.
+    return {"threshold": math.floor(threshold * 1e6) / 1e6, "keep": KEEP, "fitted_on": "val",
+            "images": len(truth), "correct": int(correct.sum())}
+
+
+def name(probabilities: np.ndarray, classes: Sequence[str], rule: dict
+         ) -> tuple[str, list[dict]]:
+    """(the generator's name or `unknown`, the top scores as [{generator, score}]) for one
+    image's head output."""
+    order = np.argsort(probabilities)[::-1][:TOP]
+    scores = [{"generator": classes[i], "score": float(probabilities[i])} for i in order]
+    sure = rule and probabilities[order[0]] >= rule["threshold"]
+    return (classes[order[0]] if sure else UNKNOWN), scores
