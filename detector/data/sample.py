@@ -307,54 +307,49 @@ def _resize(plane: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def _generated(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Every generator trace: half-resolution low-passed render, 2x upsampling, decoder grid."""
-    height, width = scene.shape[:2]
-    half = _convolve(_half(scene), _BINOMIAL)  # diffusion decoders lack the top octave
-    # Faint latent "texture" at half resolution, so fakes are not flat where reals are noisy.
-    half += rng.normal(0, rng.uniform(0.5, 1.5), size=(*half.shape[:2], 1))
-    up = _upsample(half, height, width)
-    # A content-modulated checkerboard (peak at N/2) that averages to zero, so brightness
-    # is unchanged.
-    up *= (1 + np.float32(rng.uniform(0.04, 0.08)) * _checker(height, width))[..., None]
-    # A periodic decoder grid with period 8 (peaks at N/8), also zero-mean.
-    grid = _grid(rng, height, width)
-    up += (np.float32(rng.uniform(2.0, 4.0)) * grid)[..., None]
-    return up
+    """Every generator trace: a half-resolution low-passed render (diffusion decoders lack
+    the top octave), 2x upsampling with a content-modulated checkerboard of gains (peak at
+    N/2, zero-mean, so brightness is unchanged), and a decoder grid."""
+    up = _render(scene, rng, _phases(*scene.shape[:2], 1, 1), gains=(0.04, 0.08))
+    return _add_grid(up, rng, (2.0, 4.0))
 
 
 def _upsampler(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Phase gains in a checkerboard (the default fake's, stronger), nothing else."""
-    return _render(scene, rng, _checker(*scene.shape[:2]))
+    return _render(scene, rng, _phases(*scene.shape[:2], 1, 1))
 
 
 def _decoder_grid(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Phase gains alternating by column, and a period-8 decoder grid (peaks at N/8)."""
-    height, width = scene.shape[:2]
-    columns = np.broadcast_to(np.where(np.arange(width) % 2 == 0, 1, -1), (height, width))
-    up = _render(scene, rng, columns.astype(np.float32))
-    grid = _grid(rng, height, width)
-    return up + (np.float32(rng.uniform(3.0, 5.0)) * grid)[..., None]
+    return _add_grid(_render(scene, rng, _phases(*scene.shape[:2], 1, 0)), rng, (3.0, 5.0))
 
 
 def _lowpass_tint(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Phase gains alternating by row, a stronger low-pass, and a warm colour cast."""
-    height, width = scene.shape[:2]
-    rows = np.broadcast_to(np.where(np.arange(height) % 2 == 0, 1, -1)[:, None], (height, width))
-    up = _render(_convolve(scene, _BINOMIAL), rng, rows.astype(np.float32))
+    up = _render(_convolve(scene, _BINOMIAL), rng, _phases(*scene.shape[:2], 0, 1))
     cast = np.float32(1) + np.array([1, 0.2, -1], dtype=np.float32) * np.float32(
         rng.uniform(0.05, 0.09))
     return up * cast
 
 
-def _render(scene: np.ndarray, rng: np.random.Generator, phases: np.ndarray) -> np.ndarray:
-    """A family's shared pipeline: a half-resolution render, low-passed, with faint latent
-    texture, upsampled 2x by a transposed convolution whose output phases get unequal
-    gains. Which phases gain (`phases`, +1/-1 per pixel) is a generator's signature."""
+def _render(scene: np.ndarray, rng: np.random.Generator, phases: np.ndarray,
+            gains: tuple[float, float] = (0.08, 0.12)) -> np.ndarray:
+    """The fakes' shared pipeline: a half-resolution render, low-passed, with faint latent
+    texture (so fakes are not flat where reals are noisy), upsampled 2x by a transposed
+    convolution whose output phases get unequal gains. Which phases gain (`phases`, +1/-1
+    per pixel) is a generator's signature."""
     height, width = scene.shape[:2]
     half = _convolve(_half(scene), _BINOMIAL)
     half += rng.normal(0, rng.uniform(0.5, 1.5), size=(*half.shape[:2], 1))
-    gain = np.float32(rng.uniform(0.08, 0.12))
+    gain = np.float32(rng.uniform(*gains))
     return _upsample(half, height, width) * (1 + gain * phases)[..., None]
+
+
+def _add_grid(up: np.ndarray, rng: np.random.Generator, amplitudes: tuple[float, float]
+              ) -> np.ndarray:
+    """`up` plus a zero-mean period-8 decoder grid at a random phase and amplitude."""
+    grid = _grid(rng, *up.shape[:2])
+    return up + (np.float32(rng.uniform(*amplitudes)) * grid)[..., None]
 
 
 def _half(scene: np.ndarray) -> np.ndarray:
@@ -368,10 +363,11 @@ def _upsample(half: np.ndarray, height: int, width: int) -> np.ndarray:
     return half.repeat(2, axis=0).repeat(2, axis=1)[:height, :width]
 
 
-def _checker(height: int, width: int) -> np.ndarray:
-    """+1/-1 in a checkerboard: transposed convolutions weight the output phases unequally."""
-    return np.where((np.arange(width) + np.arange(height)[:, None]) % 2 == 0, 1, -1).astype(
-        np.float32)
+def _phases(height: int, width: int, along_x: int, along_y: int) -> np.ndarray:
+    """+1/-1 per pixel by the parity of `along_x * x + along_y * y`: (1, 1) a checkerboard,
+    (1, 0) alternating columns, (0, 1) alternating rows."""
+    parity = (along_x * np.arange(width) + along_y * np.arange(height)[:, None]) % 2
+    return np.where(parity == 0, 1, -1).astype(np.float32)
 
 
 def _grid(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

@@ -152,16 +152,17 @@ def members_forward(card: ModelCard, batch_size: int = 32, backend: str = "auto"
     the attribution of the members whose head names those generators."""
     members = [(Predictor.from_uri(m["uri"], batch_size, backend, precision, threads),
                 m["weight"]) for m in card.config["members"]]
-    heads = [(member, weight) for member, weight in members
-             if card.generators and member.card.generators == card.generators]
+    with_head = [bool(card.generators) and member.card.generators == card.generators
+                 for member, _ in members]
 
     def forward(pixels: np.ndarray) -> np.ndarray:
-        outputs = {id(member): member.score_and_attribute(pixels) for member, _ in members}
-        score = sum(weight * outputs[id(member)][0] for member, weight in members)
+        outputs = [(weight, *member.score_and_attribute(pixels)) for member, weight in members]
+        score = sum(weight * scores for weight, scores, _ in outputs)
+        heads = [(weight, named) for (weight, _, named), head in zip(outputs, with_head,
+                                                                    strict=True) if head]
         if not heads:
             return score
-        total = sum(weight for _, weight in heads)
-        attribution = sum(weight * outputs[id(member)][1] for member, weight in heads) / total
+        attribution = sum(w * named for w, named in heads) / sum(w for w, _ in heads)
         return np.column_stack([score, attribution])
 
     runtime = "ensemble(" + ", ".join(member.runtime for member, _ in members) + ")"

@@ -23,22 +23,26 @@ def generator_classes(manifest: dict) -> list[str]:
     return names if len(names) >= 2 else []
 
 
+def class_indices(generators: Sequence, classes: Sequence[str]) -> np.ndarray:
+    """Each image's index in `classes`, -1 for a generator not among them (or none)."""
+    index = {name: i for i, name in enumerate(classes)}
+    return np.array([index.get(name, -1) if isinstance(name, str) else -1
+                     for name in generators], dtype=np.int64)
+
+
 def labels_with_generators(labels: np.ndarray, generators: Sequence, classes: Sequence[str]
                            ) -> np.ndarray:
     """(N, 2) float32 rows of (label, index of the generator in `classes`, or -1)."""
-    index = {name: i for i, name in enumerate(classes)}
-    known = [index.get(name, -1) if isinstance(name, str) else -1 for name in generators]
     return np.stack([np.asarray(labels, dtype=np.float32),
-                     np.asarray(known, dtype=np.float32)], axis=1)
+                     class_indices(generators, classes).astype(np.float32)], axis=1)
 
 
 def open_set_rule(scored, classes: Sequence[str]) -> dict:
     """The open-set rule fitted on a scored validation split's AI images of known
     generators (`detector.training.evaluate.Scored`)."""
-    index = {name: i for i, name in enumerate(classes)}
-    rows = [i for i, name in enumerate(scored.generators) if name in index]
-    return attribution.fit_threshold(scored.attribution[rows],
-                                     [index[scored.generators[i]] for i in rows])
+    indices = class_indices(scored.generators, classes)
+    known = indices >= 0
+    return attribution.fit_threshold(scored.attribution[known], indices[known])
 
 
 def attribution_metrics(truth: Sequence, probabilities: np.ndarray, classes: Sequence[str],
@@ -50,12 +54,12 @@ def attribution_metrics(truth: Sequence, probabilities: np.ndarray, classes: Seq
     generators and real images are left out, and counted."""
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-    index = {name: i for i, name in enumerate(classes)}
-    rows = [i for i, name in enumerate(truth) if name in index]
-    expected = np.array([index[truth[i]] for i in rows], dtype=np.int64)
-    named = np.argmax(probabilities[rows], axis=1) if rows else np.zeros(0, np.int64)
+    indices = class_indices(truth, classes)
+    known = indices >= 0
+    expected, images = indices[known], int(known.sum())
+    named = np.argmax(probabilities[known], axis=1) if images else np.zeros(0, np.int64)
     labels = list(range(len(classes)))
-    matrix = confusion_matrix(expected, named, labels=labels) if rows else \
+    matrix = confusion_matrix(expected, named, labels=labels) if images else \
         np.zeros((len(classes), len(classes)), np.int64)
     per_generator = {name: {"count": int(matrix[i].sum()),
                             "accuracy": float(matrix[i, i] / matrix[i].sum())
@@ -63,15 +67,15 @@ def attribution_metrics(truth: Sequence, probabilities: np.ndarray, classes: Seq
                      for i, name in enumerate(classes)}
     return {
         "classes": list(classes),
-        "images": len(rows),
-        "left_out": len(truth) - len(rows),
-        "accuracy": float(accuracy_score(expected, named)) if rows else None,
+        "images": images,
+        "left_out": len(truth) - images,
+        "accuracy": float(accuracy_score(expected, named)) if images else None,
         "macro_f1": float(f1_score(expected, named, labels=labels, average="macro",
-                                   zero_division=0)) if rows else None,
+                                   zero_division=0)) if images else None,
         "per_generator": per_generator,
         "confusion_matrix": matrix.tolist(),
-        **({"open_set": open_set_shares(probabilities[rows], expected, classes, rule)}
-           if rule and rows else {}),
+        **({"open_set": open_set_shares(probabilities[known], expected, classes, rule)}
+           if rule and images else {}),
     }
 
 

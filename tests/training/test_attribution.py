@@ -15,14 +15,14 @@ pytestmark = pytest.mark.unit
 FAMILIES = ("upsampler", "decoder-grid", "lowpass-tint")
 
 
-def family_arrays(seed: int, per_family: int):
+def family_arrays(seed: int, per_family: int, families: tuple[str, ...] = FAMILIES):
     """Pixels and (label, generator index) rows: real images (index -1), then each family."""
     from detector.data.sample import encode, make_image
     from detector.io.preprocess import load_image
 
     xs, ys = [], []
-    for index, family in enumerate((None, *FAMILIES)):
-        count = per_family * (len(FAMILIES) if family is None else 1)
+    for index, family in enumerate((None, *families)):
+        count = per_family * (len(families) if family is None else 1)
         for i in range(count):
             rng = np.random.default_rng([seed, index, i])
             pixels = make_image(0 if family is None else 1, rng, (TINY_SIZE, TINY_SIZE),
@@ -140,13 +140,9 @@ def two_family_model(tmp_path_factory):
     from detector.training.fit import FitSettings, fit
     from detector.verdicts.attribution import fit_threshold
 
-    global FAMILIES
-    everything, FAMILIES = FAMILIES, ("upsampler", "decoder-grid")
-    try:
-        train_x, train_y = family_arrays(100, 60)
-        val_x, val_y = family_arrays(300, 20)
-    finally:
-        FAMILIES = everything
+    known = ("upsampler", "decoder-grid")
+    train_x, train_y = family_arrays(100, 60, known)
+    val_x, val_y = family_arrays(300, 20, known)
     keras.utils.set_random_seed(0)
     model = build_model("resnet50v2_tiny", image_size=TINY_SIZE, generators=2)
     fit(model, batches(train_x, train_y, 16, seed=1), batches(val_x, val_y, 64),
@@ -154,8 +150,7 @@ def two_family_model(tmp_path_factory):
     out = np.asarray(model(val_x.astype("float32"), training=False))
     fake = val_y[:, 1] >= 0
     card = ModelCard(name="two", architecture="resnet50v2", image_size=TINY_SIZE,
-                     preprocess_version=PREPROCESS_VERSION, generators=["upsampler",
-                                                                        "decoder-grid"],
+                     preprocess_version=PREPROCESS_VERSION, generators=list(known),
                      attribution=fit_threshold(out[fake, 1:], val_y[fake, 1]))
     root = tmp_path_factory.mktemp("holdout")
     save_artifact(model, card, str(root / "model"))
