@@ -127,6 +127,17 @@ def c2pa_signed(image: bytes, mime: str, source_type: str | None, chain: Chain,
     return out.getvalue()
 
 
+def chatgpt_image(chain: Chain, fmt: str = "PNG") -> bytes:
+    """What ChatGPT writes for GPT-4o images: claim generator ChatGPT, a c2pa.created
+    action by the GPT-4o agent declaring trainedAlgorithmicMedia, then c2pa.converted by
+    the OpenAI API."""
+    return c2pa_signed(photo(fmt), f"image/{fmt.lower()}", None, chain, generator="ChatGPT",
+                       actions=[{"action": "c2pa.created", "digitalSourceType": AI,
+                                 "softwareAgent": {"name": "GPT-4o"}},
+                                {"action": "c2pa.converted",
+                                 "softwareAgent": {"name": "OpenAI API"}}])
+
+
 def xmp_packet(body: str) -> bytes:
     return (
         '<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?>'

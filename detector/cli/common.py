@@ -92,6 +92,9 @@ def print_scan_summary(summary: dict, explain: bool = False) -> None:
           f"{summary['reused']} reused from the previous report")
     print("  by verdict: " + (", ".join(f"{k}={v}" for k, v in summary["by_verdict"].items())
                               or "none"))
+    if summary.get("by_generator"):  # only for models or files that name generators
+        print("  by generator: " + ", ".join(f"{k}={v}"
+                                             for k, v in summary["by_generator"].items()))
     print("  by error:   " + (", ".join(f"{k}={v}" for k, v in summary["by_error"].items())
                               or "none"))
     not_read = summary.get("not_scanned") or {}
@@ -141,6 +144,8 @@ def predict_files(model: str, images: list[str], backend: str = "auto",
         else:
             line = f"{uri}\t{prediction.score_ai:.6f}\t{prediction.verdict}\t" \
                    f"{prediction.decided_by}"
+            if prediction.generator is not None:
+                line += f"\tgenerator={prediction.generator} ({prediction.generator_decided_by})"
             if prediction.evidence:  # what made it uncertain, else the strongest finding
                 doubts = ("consistency", "familiarity") \
                     if prediction.decided_by == "classifier" else ()

@@ -6,8 +6,9 @@
                                 the validation split
 
 Every export carries a parity record on the card (`card.exports[kind]`): the largest
-score difference from Keras, verdict agreement and the ROC AUC change on the test split.
-An int8 model whose AUC drops by more than `max_auc_drop` is refused, never published.
+score difference from Keras, verdict agreement and the ROC AUC change on the test split,
+and for a model with an attribution head, that head's too (`attribution`: the largest
+difference in P(generator | AI) and top-1 agreement). An int8 model whose AUC drops by more than `max_auc_drop` is refused, never published.
 """
 
 from __future__ import annotations
@@ -148,20 +149,21 @@ def export_into(model, card, directory: str, test_pixels: np.ndarray,
     def verdict(score: float) -> str:
         return classify_for(card, score)
 
-    def scores(forward) -> np.ndarray:
-        return Predictor(forward, card).score(test_pixels)
+    def outputs(forward) -> tuple[np.ndarray, np.ndarray | None]:
+        return Predictor(forward, card).score_and_attribute(test_pixels)
 
-    reference = scores(keras_forward(model, card.image_size))
+    reference, reference_heads = outputs(keras_forward(model, card.image_size))
     onnx_path = os.path.join(directory, ONNX_FILE)
     write_onnx(model, card.image_size, onnx_path)
+    exported, heads = outputs(openvino_forward(onnx_path, "float32", None))
     records = {"onnx": {"file": ONNX_FILE, "runtime": "openvino/float32", **parity(
-        reference, scores(openvino_forward(onnx_path, "float32", None)), test_labels,
-        verdict).to_dict()}}
+        reference, exported, test_labels, verdict).to_dict(),
+        **head_parity(reference_heads, heads)}}
     if calibration is not None:
         int8_path = os.path.join(directory, INT8_FILE)
         write_int8(onnx_path, calibration, int8_path)
-        record = parity(reference, scores(openvino_forward(int8_path, "int8", None)),
-                        test_labels, verdict)
+        exported, heads = outputs(openvino_forward(int8_path, "int8", None))
+        record = parity(reference, exported, test_labels, verdict)
         try:
             check_int8(record, max_auc_drop)
         except ExportRefused as refused:
@@ -169,8 +171,20 @@ def export_into(model, card, directory: str, test_pixels: np.ndarray,
                 os.remove(os.path.join(directory, name))
             raise ExportRefused(str(refused), kept=records) from None
         records["int8"] = {"file": INT8_FILE, "runtime": "openvino/int8",
-                           "calibration_images": len(calibration), **record.to_dict()}
+                           "calibration_images": len(calibration), **record.to_dict(),
+                           **head_parity(reference_heads, heads)}
     return records
+
+
+def head_parity(reference: np.ndarray | None, exported: np.ndarray | None) -> dict:
+    """The attribution head's parity, for a model with one: the largest difference in
+    P(generator | AI), and the share of images whose top generator is the same."""
+    if reference is None or exported is None:
+        return {}
+    return {"attribution": {
+        "max_abs_diff": round(float(np.max(np.abs(reference - exported))), 6),
+        "top1_agreement": round(float(np.mean(np.argmax(reference, axis=1)
+                                              == np.argmax(exported, axis=1))), 4)}}
 
 
 def export_from_shards(model, card, directory: str, shards_uri: str, int8: bool = False,

@@ -17,7 +17,7 @@ from detector.io import preprocess
 from detector.model import runtimes
 from detector.model.artifact import ModelCard, load_card, resolve
 from detector.model.ensemble import is_ensemble
-from detector.verdicts import consistency, familiarity, provenance
+from detector.verdicts import attribution, consistency, familiarity, provenance
 from detector.verdicts.calibration import Calibration
 from detector.verdicts.verdict import classify_for, decide_for
 
@@ -37,6 +37,10 @@ class Prediction:
     height: int | None = None
     error: str | None = None
     error_detail: str | None = None
+    # Which generator made it (detector.verdicts.attribution): a name, `unknown`, or None
+    generator: str | None = None
+    generator_scores: list[dict] | None = None  # the attribution head's top 3
+    generator_decided_by: str | None = None  # provenance | classifier
 
 
 class Predictor:
@@ -121,16 +125,25 @@ class Predictor:
             evidence[i] += [flag] if flag else []
         if decoded:
             images = np.stack([pixels for _, pixels, _ in decoded])
-            scores = self.score(images)
+            scores, heads = self.score_and_attribute(images)
             if consistency:
                 self._check_consistency(images, scores, [evidence[i] for i, _, _ in decoded])
-            for (i, _, info), score in zip(decoded, scores, strict=True):
+            for row, ((i, _, info), score) in enumerate(zip(decoded, scores, strict=True)):
                 verdict, decided_by = decide_for(self.card, float(score), evidence[i])
+                named = self.attribute(verdict, evidence[i],
+                                       None if heads is None else heads[row])
                 results[i] = Prediction(
                     float(score), verdict, decided_by, [e.to_dict() for e in evidence[i]],
-                    info.format, info.width, info.height,
+                    info.format, info.width, info.height, generator=named.generator,
+                    generator_scores=named.scores, generator_decided_by=named.decided_by,
                 )
         return results  # type: ignore[return-value]
+
+    def attribute(self, verdict: str, evidence: Sequence[provenance.Evidence],
+                  head: np.ndarray | None) -> attribution.Attribution:
+        """The generator for one image under this card's classes and open-set rule."""
+        return attribution.attribute(verdict, evidence, head, self.card.generators,
+                                     self.card.attribution)
 
     def _check_consistency(self, images: np.ndarray, scores: np.ndarray,
                            evidence: list[list]) -> None:

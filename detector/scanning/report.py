@@ -32,10 +32,13 @@ PLAN = "_plan.json"
 NEAR_DUPLICATES = "_near_duplicates.parquet"  # with --group-duplicates, committed with it
 PART_PREFIX = "part-"
 META_KEY = b"detector"
-FORMAT_VERSION = 3  # 3: decided_by and evidence
+FORMAT_VERSION = 4  # 3: decided_by and evidence; 4: generator columns, evidence names it
 
 EVIDENCE_TYPE = pa.list_(pa.struct([("source", pa.string()), ("kind", pa.string()),
-                                    ("strength", pa.string()), ("detail", pa.string())]))
+                                    ("strength", pa.string()), ("detail", pa.string()),
+                                    ("generator", pa.string())]))
+GENERATOR_SCORES_TYPE = pa.list_(pa.struct([("generator", pa.string()),
+                                            ("score", pa.float64())]))
 REPORT_SCHEMA = pa.schema(
     [
         ("uri", pa.string()),
@@ -49,6 +52,10 @@ REPORT_SCHEMA = pa.schema(
         ("verdict", pa.string()),
         ("decided_by", pa.string()),  # provenance | classifier; see detector.verdicts.verdict
         ("evidence", EVIDENCE_TYPE),  # provenance findings, strongest first; see provenance
+        # which generator made it: a name, `unknown` or null (detector.verdicts.attribution)
+        ("generator", pa.string()),
+        ("generator_scores", GENERATOR_SCORES_TYPE),  # the attribution head's top 3
+        ("generator_decided_by", pa.string()),  # provenance | classifier
         ("model", pa.string()),
         ("threshold", pa.float64()),
         ("error", pa.string()),

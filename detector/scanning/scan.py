@@ -612,9 +612,10 @@ def _progress_bar():
 def _manifest(config: ScanConfig, ledger: Ledger, run: dict, via: str, started_at: str,
               seconds: float) -> dict:
     parts = sorted(ledger.committed.values(), key=lambda m: m["file"])
-    verdicts, errors = Counter(), Counter()
+    verdicts, generators, errors = Counter(), Counter(), Counter()
     for part in parts:
         verdicts.update(part["by_verdict"])
+        generators.update(part.get("by_generator") or {})
         errors.update(part["by_error"])
     objects = sum(p["rows"] for p in parts)
     scanned = sum(p["scanned"] for p in parts if "kept" not in ledger.listed[p["partition"]])
@@ -636,6 +637,7 @@ def _manifest(config: ScanConfig, ledger: Ledger, run: dict, via: str, started_a
         "scanned": scanned,
         "reused": objects - scanned,
         "by_verdict": dict(sorted(verdicts.items())),
+        "by_generator": dict(sorted(generators.items())),  # images with a generator named
         "by_error": dict(sorted(errors.items())),
         "objects_per_second": round(scanned / seconds, 1) if seconds else None,
         "timeline": ledger.timeline(),
@@ -649,7 +651,8 @@ def _manifest(config: ScanConfig, ledger: Ledger, run: dict, via: str, started_a
 
 def summarize(manifest: dict) -> dict:
     """The scan's summary, from its commit manifest (never from reading the rows)."""
-    keys = ("out", "objects", "scanned", "reused", "by_verdict", "by_error", "via",
+    keys = ("out", "objects", "scanned", "reused", "by_verdict", "by_generator", "by_error",
+            "via",
             "seconds", "objects_per_second", "model", "threshold", "not_scanned")
     extra = {"near_duplicates": manifest["near_duplicates"]} \
         if "near_duplicates" in manifest else {}

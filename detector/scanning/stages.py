@@ -33,6 +33,7 @@ from detector.model.predictor import Predictor
 from detector.scanning import gate, report
 from detector.scanning.partitions import Partition, Span, cut, partition_id
 from detector.verdicts import consistency, familiarity, provenance
+from detector.verdicts.attribution import attribute
 from detector.verdicts.verdict import classify_for, decide_for
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,8 @@ class ScoreWithPredictor:
         self.threshold, self.check_consistency = threshold, check_consistency
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return finish_rows(table, self.predictor.card, self.threshold, self.predictor.score,
-                           self.check_consistency)
+        return finish_rows(table, self.predictor.card, self.threshold,
+                           self.predictor.score_and_attribute, self.check_consistency)
 
 
 class ScoreWithServe:
@@ -213,13 +214,15 @@ class ScoreWithServe:
         self._check(self.card.id)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        def score(pixels: np.ndarray) -> np.ndarray:
-            scores = []
+        def score(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            scores, heads = [], []
             for i in range(0, len(pixels), self.batch_size):  # one request per batch
                 answer = self._call("score_pixels", pixels[i : i + self.batch_size])
                 self._check(answer["model"])
                 scores.append(np.asarray(answer["scores"]).reshape(-1))
-            return np.concatenate(scores)
+                heads.append(answer.get("heads"))
+            return np.concatenate(scores), \
+                None if heads[0] is None else np.concatenate(heads)
 
         return finish_rows(table, self.card, self.threshold, score, self.check_consistency)
 
@@ -246,20 +249,22 @@ class ScoreWithServe:
                 pause = min(pause * 2, 30.0)
 
 
-def finish_rows(table: pa.Table, card, threshold: float, score,
+def finish_rows(table: pa.Table, card, threshold: float, score_and_attribute,
                 check_consistency: bool = False) -> pa.Table:
-    """Score the decoded rows of `table` and fill in the report columns of every object
-    row scanned now; reused rows and headers pass through as they are. With
-    `check_consistency`, each image's re-encoded copies are scored too (see
+    """Score the decoded rows of `table` (`score_and_attribute`: pixels -> (scores, head
+    outputs or None), as `Predictor.score_and_attribute`) and fill in the report columns
+    of every object row scanned now; reused rows and headers pass through as they are.
+    With `check_consistency`, each image's re-encoded copies are scored too (see
     `detector.verdicts.consistency`)."""
     rows = table.to_pylist()
     decoded = [r for r in rows if r["pixels"] is not None]
     if decoded:
         batch = shards.decode_pixels([r["pixels"] for r in decoded], card.image_size)
-        scores = score(batch)
-        copies = (consistency.copy_scores(batch, score) if check_consistency
-                  else [None] * len(decoded))
-        for row, value, copy_scores in zip(decoded, scores, copies, strict=True):
+        scores, heads = score_and_attribute(batch)
+        copies = (consistency.copy_scores(batch, lambda p: score_and_attribute(p)[0])
+                  if check_consistency else [None] * len(decoded))
+        for i, (row, value, copy_scores) in enumerate(zip(decoded, scores, copies,
+                                                          strict=True)):
             evidence = _evidence(row)
             found = [familiarity.check(card.domain, row["format"], row["width"], row["height"])]
             if copy_scores is not None:
@@ -269,8 +274,11 @@ def finish_rows(table: pa.Table, card, threshold: float, score,
                 evidence += [f for f in found if f is not None]
                 row["evidence"] = [e.to_dict() for e in evidence]
             verdict, decided_by = decide_for(card, float(value), evidence, threshold)
+            named = attribute(verdict, evidence, None if heads is None else heads[i],
+                              card.generators, card.attribution)
             row.update(score_ai=float(value), verdict=verdict, decided_by=decided_by,
-                       pixels=None)
+                       generator=named.generator, generator_scores=named.scores,
+                       generator_decided_by=named.decided_by, pixels=None)
     now = dt.datetime.now(dt.UTC)
     label = f"{card.name}@{card.id}"
     for row in rows:
@@ -345,6 +353,7 @@ class PartWriter:
             "listed_at": header.get("listed_at"),
             "scanned": table.num_rows - reused, "reused": reused,
             "by_verdict": _counts(table.column("verdict")),
+            "by_generator": _counts(table.column("generator")),
             "by_error": _counts(table.column("error")),
             "format_version": report.FORMAT_VERSION, **self.run,
         }

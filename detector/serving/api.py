@@ -33,6 +33,14 @@ class EvidenceItem(ApiModel):
     kind: str
     strength: Literal["strong", "weak", "info"]
     detail: str
+    generator: str | None = Field(default=None, description="the tool this finding names")
+
+
+class GeneratorScore(ApiModel):
+    """One of the attribution head's top guesses: P(this generator | AI-generated)."""
+
+    generator: str
+    score: float = Field(ge=0, le=1)
 
 
 class DetectResult(ApiModel):
@@ -52,6 +60,15 @@ class DetectResult(ApiModel):
         "the model looked coloured over the square it scored")
     explanation: Literal["grad-cam", "attention-rollout"] | None = Field(
         default=None, description="how heatmap_png was made")
+    generator: str | None = Field(
+        default=None, description="which generator made it: a name, `unknown` (none the model "
+        "can name with confidence), or null (a `real` verdict, or a model without an "
+        "attribution head that no provenance names)")
+    generator_scores: list[GeneratorScore] | None = Field(
+        default=None, description="the attribution head's top 3 (null without a head, or "
+        "for a `real` verdict)")
+    generator_decided_by: Literal["provenance", "classifier"] | None = Field(
+        default=None, description="provenance: a decisive finding names the tool")
 
 
 class ModelInfo(ApiModel):
@@ -67,6 +84,10 @@ class ModelInfo(ApiModel):
     metrics: dict[str, Any]
     preprocess_version: int
     created_at: str
+    generators: list[str] = Field(default_factory=list, description="the attribution "
+                                  "head's classes (empty: no head)")
+    attribution: dict[str, Any] = Field(default_factory=dict, description="its open-set "
+                                        "rule, fitted on validation")
 
 
 class Health(ApiModel):

@@ -52,6 +52,7 @@ from detector.model.predictor import Predictor
 from detector.scanning import service as scan_service
 from detector.serving import api
 from detector.verdicts import consistency, familiarity, provenance
+from detector.verdicts.attribution import attribute
 from detector.verdicts.verdict import classify_for, decide_for
 
 # Serve routes the "ray.serve" logger into each replica's log file with the request id.
@@ -204,25 +205,28 @@ class Model:
         return self.predictor.card.id
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def score(self, images: list[np.ndarray]) -> list[tuple[float, int]]:
-        """One decoded image per caller -> (score_ai, size of the batch it ran in)."""
+    async def score(self, images: list[np.ndarray]
+                    ) -> list[tuple[float, np.ndarray | None, int]]:
+        """One decoded image per caller -> (score_ai, its attribution head's output or
+        None, size of the batch it ran in)."""
         # The forward pass blocks this replica's user event loop ON PURPOSE. Serve 2.60 starts
         # forming the next batch as soon as this one is dispatched, so with the pass in a
         # worker thread the next batch is whatever trickles in during batch_wait_timeout_s
         # (measured with ResNet50V2 and 32 clients: mean batch 2). Blocked, arrivals wait in
         # the replica's queue and the next batch takes all of them (mean 24, same load).
         # Serve's own control loop runs on another thread and stays responsive.
-        scores = self.predictor.score(np.stack(images))
+        scores, heads = self.predictor.score_and_attribute(np.stack(images))
         self.batch_sizes.observe(len(images))
-        return [(float(s), len(images)) for s in scores]
+        return [(float(s), None if heads is None else heads[i], len(images))
+                for i, s in enumerate(scores)]
 
     def score_pixels(self, pixels: np.ndarray) -> dict[str, Any]:
         """A whole batch from a bucket scan (already batched by the scan) -> scores, so
         scans and online traffic share these autoscaled replicas. The answer names the
         model, so a scan can tell when a redeployed app serves another one."""
-        scores = self.predictor.score(pixels)
+        scores, heads = self.predictor.score_and_attribute(pixels)
         self.batch_sizes.observe(len(pixels))
-        return {"scores": scores, "model": self.predictor.card.id}
+        return {"scores": scores, "heads": heads, "model": self.predictor.card.id}
 
     async def check_health(self) -> None:
         """Serve restarts the replica when this raises: the model must still score."""
@@ -454,10 +458,10 @@ class Ingress:
         flag = familiarity.check(self.model_card.domain, info.format, info.width, info.height)
         evidence += [flag] if flag else []
         start = outcome.lap("provenance", start)
-        score, outcome.batch_size = await self._score(pixels)
+        score, head, outcome.batch_size = await self._score(pixels)
         if check:  # the copies join the model's batches like any other request
             copies = await asyncio.to_thread(consistency.variants, pixels)
-            copy_scores = [s for s, _ in await asyncio.gather(*map(self._score, copies))]
+            copy_scores = [s for s, _, _ in await asyncio.gather(*map(self._score, copies))]
             flip = consistency.finding(functools.partial(classify_for, self.model_card), score,
                                        copy_scores)
             evidence = evidence + ([flip] if flip else [])
@@ -470,11 +474,16 @@ class Ingress:
                          "explanation": method}
             outcome.lap("explain", start)
         verdict, decided_by = decide_for(self.model_card, score, evidence)
+        named = attribute(verdict, evidence, head, self.model_card.generators,
+                          self.model_card.attribution)
         return api.DetectResult(
             score_ai=score, verdict=verdict, decided_by=decided_by,
             evidence=[api.EvidenceItem(**e.to_dict()) for e in evidence],
             threshold=self.card["threshold"], model=f"{self.card['name']}@{self.card['id']}",
             format=info.format, width=info.width, height=info.height,
+            generator=named.generator, generator_decided_by=named.decided_by,
+            generator_scores=None if named.scores is None else
+            [api.GeneratorScore(**s) for s in named.scores],
             **explained,
         )
 
@@ -563,7 +572,7 @@ class Ingress:
             status = {"too-large": 413, "unsupported-format": 415}.get(err.code, 400)
             raise ApiError(status, err.code, err.detail) from None
 
-    async def _score(self, pixels: np.ndarray) -> tuple[float, int]:
+    async def _score(self, pixels: np.ndarray) -> tuple[float, np.ndarray | None, int]:
         return await self._call(self.model.score.remote(pixels))
 
     async def _call(self, response: Any) -> Any:

@@ -38,6 +38,8 @@ class Scored:
     robustness: dict[str, np.ndarray] = field(default_factory=dict)
     generators: list[str | None] = field(default_factory=list)  # the shards' (if named)
     attribution: np.ndarray | None = None  # P(generator | AI), in card.generators order
+    # the head's outputs on each robustness check's perturbed copies (a model with a head)
+    robustness_attribution: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,6 +101,7 @@ def score_split(
     labels, scores, formats, uris, hashes, generators, named = [], [], [], [], [], [], []
     perturbed: dict[str, list] = {name: [] for name in augment.ROBUSTNESS_CHECKS} \
         if robustness else {}
+    perturbed_named: dict[str, list] = {name: [] for name in perturbed}
     size = predictor.image_size
     for pixels, table in _iter_parts(shards_uri, split, size):
         labels.append(np.asarray(table.column("label").to_numpy(), dtype=np.int64))
@@ -112,7 +115,11 @@ def score_split(
         uris += table.column("source_uri").to_pylist()
         hashes += table.column("sha256").to_pylist()
         for name, perturb in augment.ROBUSTNESS_CHECKS.items() if robustness else ():
-            perturbed[name].append(predictor.score(np.stack([perturb(p) for p in pixels])))
+            copy_scores, copy_named = predictor.score_and_attribute(
+                np.stack([perturb(p) for p in pixels]))
+            perturbed[name].append(copy_scores)
+            if copy_named is not None:
+                perturbed_named[name].append(copy_named)
     if not labels:
         raise ValueError(f"split {split!r} of {shards_uri} has no images")
     return Scored(
@@ -120,6 +127,7 @@ def score_split(
         uris=uris, sha256=hashes,
         robustness={k: np.concatenate(v) for k, v in perturbed.items()},
         generators=generators, attribution=np.concatenate(named) if named else None,
+        robustness_attribution={k: np.concatenate(v) for k, v in perturbed_named.items() if v},
     )
 
 
@@ -217,6 +225,11 @@ def build_report(
     robustness = {"original": _summary(metrics)}
     for name, scores in scored.robustness.items():
         robustness[name] = _summary(compute_metrics(scored.labels, scores, threshold))
+    if "attribution" in metrics:  # the head under the same perturbations
+        robustness["original"]["attribution_accuracy"] = metrics["attribution"]["accuracy"]
+        for name, named in scored.robustness_attribution.items():
+            robustness[name]["attribution_accuracy"] = attribution_metrics(
+                scored.generators, named, generators, rule)["accuracy"]
     per_format = {}
     formats = np.array(scored.formats)
     for fmt in sorted(set(scored.formats)):
@@ -371,10 +384,15 @@ def recalibrate_artifact(model_uri: str, shards_uri: str, backend: str = "auto",
 
 
 def _robustness_markdown(robustness: dict) -> str:
-    lines = ["| Perturbation | Accuracy | ROC AUC | TPR@1%FPR |", "|---|---|---|---|"]
+    head = any("attribution_accuracy" in m for m in robustness.values())
+    lines = ["| Perturbation | Accuracy | ROC AUC | TPR@1%FPR |"
+             + (" Attribution accuracy |" if head else ""),
+             "|---|---|---|---|" + ("---|" if head else "")]
     for name, m in robustness.items():
+        extra = f" {m['attribution_accuracy']:.4f} |" if head and \
+            m.get("attribution_accuracy") is not None else (" |" if head else "")
         lines.append(f"| {name} | {m['accuracy']:.4f} | {m['roc_auc']:.4f} | "
-                     f"{m['tpr_at_1pct_fpr']:.4f} |")
+                     f"{m['tpr_at_1pct_fpr']:.4f} |{extra}")
     return "\n".join(lines) + "\n"
 
 

@@ -6,16 +6,22 @@ generator only when the head's top probability reaches a threshold fitted on val
 the lowest top probability among the `KEEP` share of correctly named validation images
 that the head is surest of (so about 1 - KEEP of images it would name correctly become
 `unknown` too: the price of an honest answer elsewhere). Anything below: `unknown`.
+
+`attribute` is the one rule predict, serve and scan use: provenance that names the tool
+first, then the head.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from detector.data.shards import UNKNOWN
+from detector.verdicts.familiarity import unfamiliar
+from detector.verdicts.provenance import Evidence, named_generator
 
 KEEP = 0.95  # the share of correctly named validation images the threshold keeps named
 TOP = 3  # generator scores reported beside the name
@@ -46,3 +52,37 @@ def name(probabilities: np.ndarray, classes: Sequence[str], rule: dict
     scores = [{"generator": classes[i], "score": float(probabilities[i])} for i in order]
     sure = rule and probabilities[order[0]] >= rule["threshold"]
     return (classes[order[0]] if sure else UNKNOWN), scores
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Which generator made an image, as predict, serve and scan report it."""
+
+    generator: str | None = None  # a name, `unknown`, or None (a `real` verdict, no head)
+    scores: list[dict] | None = None  # the head's top TOP, [{generator, score}]
+    decided_by: str | None = None  # provenance | classifier | None
+
+
+def attribute(verdict: str, evidence: Iterable[Evidence], probabilities: np.ndarray | None,
+              classes: Sequence[str], rule: dict) -> Attribution:
+    """The generator for an image given its verdict, provenance evidence and the head's
+    output (None for a model without one).
+
+    1. Decisive provenance that names the tool names the generator (decided_by
+       `provenance`), whatever the head says.
+    2. A `real` verdict names none.
+    3. Otherwise the head's answer under the open-set rule (`name`), except that an image
+       outside the training domain (`detector.verdicts.familiarity`) is `unknown`: the
+       head never saw its like either. A model without a head names none.
+    """
+    evidence = list(evidence)
+    scores = None
+    head = probabilities is not None and len(classes) > 0
+    if head:
+        named, scores = name(np.asarray(probabilities), classes, rule)
+    tool = named_generator(evidence)
+    if tool is not None:
+        return Attribution(tool, scores, "provenance")
+    if verdict == "real" or not head:
+        return Attribution()
+    return Attribution(UNKNOWN if unfamiliar(evidence) else named, scores, "classifier")

@@ -14,11 +14,13 @@
                 or RGB), found from the first pixel rows alone
     metadata    a metadata block Pillow refuses (a text chunk inflating past 1 MB)
 
-Each finding is an `Evidence` (source, kind, strength, detail). Strength `strong` is
+Each finding is an `Evidence` (source, kind, strength, detail, generator). Strength `strong` is
 decisive (see `detector.verdicts.verdict`), `weak` and `info` are shown and never decide. Parsing
 is bounded: Pillow reads headers only (no pixels) and caps text chunks, XMP goes through
 defusedxml, and a malformed manifest or metadata block is an `error` finding, never an
-exception.
+exception. A finding that names the tool (a claim generator or software agent, a
+front-end's own parameters, Software / CreatorTool) carries its name in `generator`, in
+the words of `TOOLS` (the agent's own name for a C2PA AI action by an unlisted tool).
 """
 
 from __future__ import annotations
@@ -72,8 +74,38 @@ AI_CREDIT = re.compile(r"\b(made|created|generated|edited)\s+(with|by|using)\s+(
                        re.I)
 DETAIL_CHARS = 200  # evidence details are summaries, never whole prompts or manifests
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The generator a finding names, in the words of its own metadata: the first pattern
+# that matches a claim generator, software agent, Software / CreatorTool or credit line
+# names the tool (front-ends before the model family they run, vendors before their
+# products' shared words).
+TOOLS = tuple((re.compile(pattern, re.I), name) for pattern, name in (
+    (r"adobe[\s_-]?firefly|com\.adobe\.generative-ai", "Adobe Firefly"),
+    (r"\bdall[-·\s]?e\b", "OpenAI DALL-E"),
+    (r"\bsora\b", "OpenAI Sora"),
+    (r"\bopenai\b|chatgpt|gpt-4o|gpt-image", "OpenAI"),
+    (r"microsoft designer", "Microsoft Designer"),
+    (r"image creator", "Bing Image Creator"),
+    (r"microsoft[\s_]responsible[\s_]ai", "Microsoft"),
+    (r"\bgemini\b", "Google Gemini"),
+    (r"\bimagen\b", "Google Imagen"),
+    (r"\bgoogle ai\b", "Google AI"),
+    (r"midjourney", "Midjourney"),
+    (r"novelai", "NovelAI"),
+    (r"comfyui", "ComfyUI"),
+    (r"automatic1111|\ba1111\b", "AUTOMATIC1111"),
+    (r"fooocus", "Fooocus"),
+    (r"invokeai", "InvokeAI"),
+    (r"sd\.next", "SD.Next"),
+    (r"draw things", "Draw Things"),
+    (r"leonardo\.ai", "Leonardo.Ai"),
+    (r"ideogram", "Ideogram"),
+    (r"flux\.1", "FLUX.1"),
+    (r"dreamstudio|stability ai", "Stability AI"),
+    (r"\bsdxl\b|stable[\s-]?diffusion[\s-]?xl", "Stable Diffusion XL"),
+    (r"stable[\s-]?diffusion", "Stable Diffusion"),
+))
 # Bumped when a rule above changes what is found: a resumed scan then re-reads every row.
-RULES_VERSION = 2
+RULES_VERSION = 3  # 3: findings name their generator
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +117,9 @@ class Evidence:
     #            synthetic-source-type | camera | remote-manifest | error
     strength: str  # strong | weak | info
     detail: str
+    generator: str | None = None  # the tool the finding names (TOOLS), if it names one
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, str | None]:
         return asdict(self)
 
 
@@ -135,6 +168,18 @@ def rules_id() -> str:
 def decisive(evidence: Iterable[Evidence]) -> Evidence | None:
     """The finding that decides a verdict on its own: strong evidence of AI generation."""
     return next((e for e in evidence if e.strength == STRONG and e.kind in AI_KINDS), None)
+
+
+def named_generator(evidence: Iterable[Evidence]) -> str | None:
+    """The generator that decisive evidence names (the first such finding's), or None
+    when none of it names one (an IPTC source type alone, stealth bits)."""
+    return next((e.generator for e in evidence
+                 if e.strength == STRONG and e.kind in AI_KINDS and e.generator), None)
+
+
+def tool_name(text: str) -> str | None:
+    """The generator `text` names (`TOOLS`), or None."""
+    return next((name for pattern, name in TOOLS if pattern.search(text)), None)
 
 
 # ------------------------------------------------------------------------------ C2PA
@@ -265,14 +310,17 @@ def _manifest_evidence(manifest: dict, path: str, failures: list[str],
     decides = not broken and (trusted or not require_trusted())
     where = f"in the {path}" + (f" from {generator}" if generator else "")
     actions = list(_actions(manifest))
+    tool = _c2pa_tool(manifest, actions, generator)
     for code in dict.fromkeys(source_type_code(a.get("digitalSourceType")) for a in actions):
         kind = source_type_kind(code)
         if kind is not None:
-            strength = (STRONG if decides else WEAK) if kind == "ai-source-type" else INFO
-            yield Evidence("c2pa", kind, strength, _clip(f"{code} {where}; {state}"))
+            ai = kind == "ai-source-type"
+            strength = (STRONG if decides else WEAK) if ai else INFO
+            yield Evidence("c2pa", kind, strength, _clip(f"{code} {where}; {state}"),
+                           tool if ai else None)
     for signal in _vendor_signals(manifest, actions, generator):
         yield Evidence("c2pa", "ai-assertion", STRONG if decides else WEAK,
-                       _clip(f"{signal} {where}; {state}"))
+                       _clip(f"{signal} {where}; {state}"), tool)
 
 
 def _actions(manifest: dict) -> Iterator[dict]:
@@ -307,20 +355,43 @@ def _vendor_signals(manifest: dict, actions: list[dict], generator: str) -> Iter
     """AI named by a vendor's own assertion or words rather than a source type: early
     Adobe Firefly's `com.adobe.generative-ai`, a claim generator or an action's software
     agent that only image generators are, an action described as AI generated."""
-    for assertion in manifest.get("assertions") or []:
-        label = str(assertion.get("label", "")) if isinstance(assertion, dict) else ""
+    for label in _assertion_labels(manifest):
         if label.split(".v")[0] in AI_ASSERTIONS:
             yield f"assertion {label}"
     if generator and AI_SERVICES.search(generator):
         yield f"claim generator {generator}"
     for action in actions:
-        agent = action.get("softwareAgent")
-        agent = agent.get("name", "") if isinstance(agent, dict) else str(agent or "")
+        agent = _agent(action)
         if agent and AI_SERVICES.search(agent):
             yield f"{action.get('action', 'action')} by {agent}"
         text = str(action.get("description") or "")
         if AI_DESCRIPTION.search(text):
             yield f"{action.get('action', 'action')} described as {text!r}"
+
+
+def _assertion_labels(manifest: dict) -> list[str]:
+    return [str(a.get("label", "")) for a in manifest.get("assertions") or []
+            if isinstance(a, dict)]
+
+
+def _agent(action: dict) -> str:
+    """An action's software agent by name (a string in claims v1, an object in v2)."""
+    agent = action.get("softwareAgent")
+    return str(agent.get("name", "")) if isinstance(agent, dict) else str(agent or "")
+
+
+def _c2pa_tool(manifest: dict, actions: list[dict], generator: str) -> str | None:
+    """The generator a manifest names: the first known tool (`TOOLS`) among the software
+    agents of its AI actions, its other agents, its claim generator and a vendor's AI
+    assertion; else an AI action's agent by its own name (the action says that agent
+    made the image); else None (the claim says "AI" without saying which)."""
+    ai_agents = [_agent(a) for a in actions
+                 if source_type_code(a.get("digitalSourceType")) in AI_SOURCE_TYPES]
+    texts = [*ai_agents, *map(_agent, actions), generator,
+             *(label for label in _assertion_labels(manifest)
+               if label.split(".v")[0] in AI_ASSERTIONS)]
+    known = next(filter(None, map(tool_name, filter(None, texts))), None)
+    return known or next((_clip(a)[:60] for a in ai_agents if a), None)
 
 
 def _anchors() -> bool:
@@ -386,10 +457,12 @@ def _xmp_evidence(xmp: dict | Exception) -> Iterator[Evidence]:
             yield Evidence("xmp", kind, INFO, f"IPTC DigitalSourceType {code}{note}")
     for tool in dict.fromkeys(_walk(xmp, "CreatorTool")):
         if GENERATORS.search(tool):
-            yield Evidence("xmp", "generator-software", STRONG, _clip(f"CreatorTool {tool}"))
+            yield Evidence("xmp", "generator-software", STRONG, _clip(f"CreatorTool {tool}"),
+                           tool_name(tool))
     for credit in dict.fromkeys(_walk(xmp, "Credit")):  # photoshop:Credit
         if AI_CREDIT.search(credit):
-            yield Evidence("xmp", "generator-software", STRONG, _clip(f"Credit {credit}"))
+            yield Evidence("xmp", "generator-software", STRONG, _clip(f"Credit {credit}"),
+                           tool_name(credit))
 
 
 def _png_text(info: dict) -> Iterator[Evidence]:
@@ -398,31 +471,35 @@ def _png_text(info: dict) -> Iterator[Evidence]:
     if isinstance(parameters, str) and "Steps:" in parameters:  # A1111, SD.Next, Forge
         settings = parameters[parameters.rfind("Steps:"):]
         yield Evidence("png-text", "generator-metadata", STRONG,
-                       _clip(f"A1111 parameters: {settings}"))
+                       _clip(f"A1111 parameters: {settings}"), A1111)
     elif "fooocus_scheme" in info or _json_keys(parameters) & FOOOCUS_KEYS:
         yield Evidence("png-text", "generator-metadata", STRONG,
-                       _clip(f"Fooocus parameters ({info.get('fooocus_scheme') or 'json'})"))
+                       _clip(f"Fooocus parameters ({info.get('fooocus_scheme') or 'json'})"),
+                       "Fooocus")
     for key in ("prompt", "workflow"):
         text = info.get(key)
         if isinstance(text, str) and _is_json_object(text):
             yield Evidence("png-text", "generator-metadata", STRONG,
-                           f"ComfyUI {key} ({len(text)} characters of graph)")
+                           f"ComfyUI {key} ({len(text)} characters of graph)", "ComfyUI")
     for key in INVOKEAI_KEYS:
         text = info.get(key)
         dream = key == "Dream" and isinstance(text, str) and bool(text.strip())
         if dream or (isinstance(text, str) and _is_json_object(text)):
             yield Evidence("png-text", "generator-metadata", STRONG,
-                           f"InvokeAI {key} ({len(text)} characters)")
+                           f"InvokeAI {key} ({len(text)} characters)", "InvokeAI")
     software = info.get("Software")
     if isinstance(software, str) and GENERATORS.search(software):  # NovelAI
         source = info.get("Source")
         yield Evidence("png-text", "generator-software", STRONG, _clip(
-            f"Software {software}" + (f" ({source})" if isinstance(source, str) else "")))
+            f"Software {software}" + (f" ({source})" if isinstance(source, str) else "")),
+            tool_name(software))
     if _json_keys(info.get("Comment")) >= {"steps", "sampler"}:  # NovelAI's settings
         yield Evidence("png-text", "generator-metadata", STRONG, "generation settings in "
-                       "Comment (steps, sampler, ...)")
+                       "Comment (steps, sampler, ...)", tool_name(str(info.get("Software"))))
 
 
+# A1111's "parameters" text: also written by its forks (Forge, SD.Next), named as one.
+A1111 = "AUTOMATIC1111"
 FOOOCUS_KEYS = frozenset({"base_model", "guidance_scale", "performance", "styles"})
 INVOKEAI_KEYS = ("invokeai_metadata", "invokeai_graph", "sd-metadata", "Dream")
 
@@ -441,16 +518,18 @@ def _json_keys(text) -> set[str]:
 def _exif(exif) -> Iterator[Evidence]:
     software = _text(exif.get(0x0131))
     if software and GENERATORS.search(software):
-        yield Evidence("exif", "generator-software", STRONG, _clip(f"Software {software}"))
+        yield Evidence("exif", "generator-software", STRONG, _clip(f"Software {software}"),
+                       tool_name(software))
     try:  # UserComment: in the Exif IFD (A1111, piexif), or in IFD0 (Fooocus, Pillow)
         comment = _text(exif.get_ifd(0x8769).get(0x9286)) or _text(exif.get(0x9286))
     except Exception:  # (a broken Exif IFD is only a missing comment)
         comment = ""
     if "Steps:" in comment and "Sampler:" in comment:  # A1111 and Forge in JPEG / WebP
         yield Evidence("exif", "generator-metadata", STRONG,
-                       _clip(f"A1111 parameters: {comment[comment.rfind('Steps:'):]}"))
+                       _clip(f"A1111 parameters: {comment[comment.rfind('Steps:'):]}"), A1111)
     elif _json_keys(comment) & FOOOCUS_KEYS:
-        yield Evidence("exif", "generator-metadata", STRONG, "Fooocus parameters in UserComment")
+        yield Evidence("exif", "generator-metadata", STRONG,
+                       "Fooocus parameters in UserComment", "Fooocus")
     # ComfyUI's WebP writer stores its graphs as "prompt:{json}" in Model and
     # "workflow:{json}" in Make (then ImageDescription...): no camera made those.
     graphs = [tag for tag in (0x010F, 0x0110, 0x010E)
@@ -458,7 +537,7 @@ def _exif(exif) -> Iterator[Evidence]:
     if graphs:
         names = ", ".join(_text(exif.get(t)).split(":", 1)[0].strip() for t in graphs)
         yield Evidence("exif", "generator-metadata", STRONG,
-                       f"ComfyUI graph in EXIF ({names})")
+                       f"ComfyUI graph in EXIF ({names})", "ComfyUI")
     make, model = ("" if 0x010F in graphs else _text(exif.get(0x010F)),
                    "" if 0x0110 in graphs else _text(exif.get(0x0110)))
     if make or model:

@@ -184,6 +184,11 @@ def test_report_is_a_committed_dataset_with_one_row_per_selected_object(scan_buc
         assert (row["verdict"], row["decided_by"]) == ("ai-generated", "provenance")
         assert [(e["source"], e["strength"]) for e in row["evidence"]] == [(source, "strong")]
     assert sum(1 for r in rows.values() if r["evidence"]) == 4
+    # A binary model names no generator (null columns); only a file's own metadata does.
+    assert {u.rsplit("/", 1)[-1]: (r["generator"], r["generator_decided_by"])
+            for u, r in rows.items() if r["generator"] or r["generator_scores"]} == \
+        {"comfy.webp": ("ComfyUI", "provenance")}
+    assert manifest["by_generator"] == {"ComfyUI": 1}
     assert any("ü" in u for u in uris)
 
     sample_uris = [u for u in uris if rows[u]["error"] is None][:25]
@@ -398,6 +403,116 @@ def test_an_ensemble_scans_and_serves_as_predict_scores_it(scan_bucket, model_ur
             assert answer.json()["model"] == label
     finally:
         serve.delete("ensemble")
+
+
+ATTRIBUTION = "s3://scan/attribution"
+FAMILIES = ("upsampler", "decoder-grid", "lowpass-tint")
+
+
+@pytest.fixture(scope="module")
+def attribution_bucket(scan_bucket) -> str:
+    """Sample images of three families and real ones, and files whose metadata names the
+    tool that made them (ChatGPT's C2PA claim, A1111 parameters, a ComfyUI graph)."""
+    import boto3
+    import provenance_fixtures as fx
+
+    write_sample(ATTRIBUTION, SampleSpec(per_class=12, size=SIZE, seed=21, generators=3))
+    s3 = boto3.client("s3")
+    for key, blob in (("chatgpt.png", fx.chatgpt_image(fx.test_chain())),
+                      ("a1111.png", fx.a1111_png()),
+                      ("comfy.webp", fx.comfyui_webp())):
+        s3.put_object(Bucket="scan", Key=f"attribution/named/{key}", Body=blob)
+    return ATTRIBUTION
+
+
+@pytest.fixture(scope="module")
+def head_model(attribution_bucket, tmp_path_factory) -> str:
+    """A vit_tiny with an attribution head over three sample families, exported to OpenVINO
+    int8 too. Untrained: its threshold and open-set rule sit midway between the middle two
+    of its outputs on the bucket's images, so its answers mix `real`, named generators and
+    `unknown`, which is what the paths must agree on."""
+    import keras
+
+    from detector.io.preprocess import load_image
+    from detector.model.architectures import build_model
+    from detector.model.artifact import CARD_FILE, ModelCard, save_artifact
+    from detector.model.export import export_into
+    from detector.model.predictor import Predictor
+
+    def middle(values: np.ndarray) -> float:
+        low, high = np.sort(values)[len(values) // 2 - 1 : len(values) // 2 + 1]
+        return float((low + high) / 2)
+
+    keras.utils.set_random_seed(3)
+    model = build_model("vit_tiny", image_size=SIZE, generators=len(FAMILIES))
+    pixels = np.stack([load_image(storage.read_bytes(o.uri), SIZE)[0]
+                       for o in storage.list_objects(attribution_bucket)])
+    card = ModelCard(name="vit_tiny_heads", architecture="vit", image_size=SIZE,
+                     preprocess_version=1, uncertain_margin=0.0, generators=list(FAMILIES))
+    scores, heads = Predictor.from_model(model, card).score_and_attribute(pixels)
+    card.threshold = middle(scores)
+    card.attribution = {"threshold": middle(heads.max(axis=1))}
+    path = str(tmp_path_factory.mktemp("head-model") / "vit_tiny_heads")
+    save_artifact(model, card, path)
+    card.exports = export_into(model, card, path, pixels, None, calibration=pixels)
+    assert card.exports["int8"]["attribution"]["max_abs_diff"] < 0.2, card.exports
+    with open(f"{path}/{CARD_FILE}", "w") as handle:
+        handle.write(card.to_json())
+    return path
+
+
+@pytest.mark.parametrize("backend, precision, via", [("keras", "float32", "data"),
+                                                     ("openvino", "int8", "serve")])
+def test_the_same_image_gets_the_same_generator_in_predict_http_and_a_scan(
+        attribution_bucket, head_model, serve_app, backend, precision, via):
+    """On Keras and on OpenVINO int8, a scan's rows (scored by its own actors, or by the
+    Serve replicas whose heads travel back with the scores), the HTTP answer and predict
+    name the same generator with the same top scores; the file's own metadata names it
+    first; the summary counts images by generator."""
+    import requests
+    from ray import serve
+
+    from detector.model.predictor import Predictor
+    from detector.serving.app import ServeConfig, build_app_from_config
+
+    serve.run(build_app_from_config(ServeConfig(
+        model_uri=head_model, backend=backend, precision=precision, max_replicas=1,
+        num_cpus=0.5, ingress_num_cpus=0.25)), name="heads", route_prefix="/heads")
+    try:
+        out = f"s3://scan/reports/attribution-{precision}"
+        summary = scan(config(attribution_bucket, head_model, out, via=via, serve_app="heads",
+                              backend=backend, precision=precision), progress=False)
+        assert summary["via"] == via
+        rows = sorted(dataset(out).to_table().to_pylist(), key=lambda r: r["uri"])
+        assert rows and all(r["error"] is None for r in rows)
+        predictor = Predictor.from_uri(head_model, backend=backend, precision=precision)
+        assert predictor.runtime == f"{backend}/{precision}"
+        expected = predictor.predict_bytes([storage.read_bytes(r["uri"]) for r in rows])
+        for row, want in zip(rows, expected, strict=True):
+            answer = requests.post(f"{serve_app}/heads/v1/detect", timeout=60,
+                                   data=storage.read_bytes(row["uri"]),
+                                   headers={"Content-Type": "application/octet-stream"})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            for got in (row, body):
+                assert (got["verdict"], got["generator"], got["generator_decided_by"]) == \
+                    (want.verdict, want.generator, want.generator_decided_by), row["uri"]
+                assert [s["generator"] for s in got["generator_scores"] or []] == \
+                    [s["generator"] for s in want.generator_scores or []]
+                assert [s["score"] for s in got["generator_scores"] or []] == pytest.approx(
+                    [s["score"] for s in want.generator_scores or []], abs=1e-5)
+    finally:
+        serve.delete("heads")
+    named = {r["uri"].rsplit("/", 1)[-1]: r["generator"] for r in rows
+             if r["generator_decided_by"] == "provenance"}
+    assert named == {"chatgpt.png": "OpenAI", "a1111.png": "AUTOMATIC1111",
+                     "comfy.webp": "ComfyUI"}
+    by_head = [r["generator"] for r in rows if r["generator_decided_by"] == "classifier"]
+    assert set(by_head) & set(FAMILIES) and "unknown" in by_head, by_head  # both answers
+    assert all(r["generator"] is None for r in rows if r["verdict"] == "real")
+    counts = {g: by_head.count(g) for g in set(by_head)}
+    assert summary["by_generator"] == dict(sorted(
+        {**counts, **dict.fromkeys(named.values(), 1)}.items()))
 
 
 def test_scan_never_labels_rows_with_a_model_it_did_not_use(scan_bucket, other_model_uri,

@@ -212,7 +212,10 @@ def test_valid_image_scores_like_the_predictor(base, predictor, fmt):
     body = response.json()
     expected = predictor.predict_bytes([blob])[0]
     assert set(body) == {"score_ai", "verdict", "decided_by", "evidence", "threshold", "model",
-                         "format", "width", "height"}
+                         "format", "width", "height", "generator", "generator_scores",
+                         "generator_decided_by"}
+    # A model without an attribution head (as every artifact before it) names no generator.
+    assert (body["generator"], body["generator_scores"]) == (None, None)
     assert body["score_ai"] == pytest.approx(expected.score_ai, abs=1e-5)
     # A format the model never saw in training is flagged, as predict flags it.
     unseen = fmt not in SEEN
@@ -241,17 +244,21 @@ def test_provenance_decides_over_http_as_in_predict(base, predictor):
     firefly = fx.c2pa_signed(fx.photo(), "image/jpeg", None, chain, claim_version=1,
                              assertions=[{"label": "com.adobe.generative-ai",
                                           "data": {"description": "Adobe Firefly"}}])
-    cases = [(signed, "image/jpeg", "provenance"), (in_ingredient, "image/jpeg", "provenance"),
-             (firefly, "image/jpeg", "provenance"),
-             (fx.a1111_exif("JPEG"), "image/jpeg", "provenance"),
-             (fx.stealth_png(), "image/png", "provenance"),
-             (fx.comfyui_webp(), "image/webp", "provenance"),
-             (fx.camera_jpeg(), "image/jpeg", "classifier")]
-    for blob, content_type, decided_by in cases:
+    cases = [(signed, "image/jpeg", "provenance", None),
+             (in_ingredient, "image/jpeg", "provenance", None),
+             (firefly, "image/jpeg", "provenance", "Adobe Firefly"),
+             (fx.a1111_exif("JPEG"), "image/jpeg", "provenance", "AUTOMATIC1111"),
+             (fx.stealth_png(), "image/png", "provenance", None),
+             (fx.comfyui_webp(), "image/webp", "provenance", "ComfyUI"),
+             (fx.camera_jpeg(), "image/jpeg", "classifier", None)]
+    for blob, content_type, decided_by, generator in cases:
         body = post(base, blob, content_type).json()
         expected = predictor.predict_bytes([blob])[0]
         assert (body["verdict"], body["decided_by"]) == (expected.verdict, decided_by)
         assert body["evidence"] == expected.evidence
+        # The tool the file names is the generator, even from a model without a head.
+        assert (body["generator"], expected.generator) == (generator, generator)
+        assert body["generator_decided_by"] == ("provenance" if generator else None)
     assert body["evidence"][0]["kind"] == "camera"  # the last one: weak, shown
 
 
@@ -606,11 +613,13 @@ def test_page_in_headless_chromium(base, predictor, tmp_path):
         assert f"{100 * expected.score_ai:.1f}%" in browser.evaluate("score.textContent")
         assert "probability" in browser.evaluate("explain.textContent")
 
-        # A file whose C2PA manifest declares AI: the page says what decided, and why.
+        # A file whose C2PA manifest declares AI (as ChatGPT writes it): the page says what
+        # decided, why, and which generator the file names.
         import provenance_fixtures as fx
 
-        signed = tmp_path / "signed.jpg"
-        signed.write_bytes(fx.c2pa_signed(fx.photo(), "image/jpeg", fx.AI, fx.test_chain()))
+        assert browser.evaluate("generator.textContent") == ""  # none named
+        signed = tmp_path / "signed.png"
+        signed.write_bytes(fx.chatgpt_image(fx.test_chain()))
         browser.send("DOM.setFileInputFiles", files=[str(signed)], nodeId=node)
         browser.wait_for("evidence.children.length > 0")
         shot = browser.send("Page.captureScreenshot", format="png")["data"]
@@ -619,6 +628,8 @@ def test_page_in_headless_chromium(base, predictor, tmp_path):
         assert "provenance" in browser.evaluate("score.textContent")
         assert "c2pa (strong): trainedAlgorithmicMedia" in \
             browser.evaluate("evidence.textContent")
+        assert browser.evaluate("generator.textContent") == \
+            "Generator: OpenAI (named by the file's provenance)"
     finally:
         browser.close()
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)

@@ -399,7 +399,11 @@ def test_an_attribution_head_trains_on_named_generators_and_names_held_out_image
         chosen = [FAMILIES[i] for i in np.argmax(keras_named[fake], axis=1)]
         assert np.mean([a == b for a, b in zip(chosen, truth, strict=True)]) >= 0.7
         # The head travels in the ONNX export: OpenVINO gives the same distribution.
-        assert "onnx" in card["exports"]
+        assert card["exports"]["onnx"]["attribution"]["top1_agreement"] >= 0.99
+        # Robustness covers the head: its accuracy on each perturbed copy.
+        robust = json.loads((artifact / "robustness.json").read_text())
+        assert all(m["attribution_accuracy"] is not None for m in robust.values()), robust
+        assert "Attribution accuracy" in (artifact / "robustness.md").read_text()
         onnx_scores, onnx_named = Predictor.from_uri(str(artifact), backend="openvino") \
             .score_and_attribute(pixels)
         np.testing.assert_allclose(onnx_scores, keras_scores, atol=1e-3)

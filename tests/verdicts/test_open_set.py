@@ -48,3 +48,28 @@ def test_open_set_shares_add_up():
                                   {"threshold": 0.6})
     assert metrics["open_set"] == {"threshold": 0.6, "named_correctly": 0.5,
                                    "misattributed": 0.25, "unknown": 0.25}
+
+
+def test_the_generator_rule_for_every_verdict():
+    """Provenance naming a tool first; a real verdict names none; an unfamiliar image is
+    unknown; a model without a head names none (an artifact from before attribution)."""
+    from detector.verdicts.attribution import attribute
+    from detector.verdicts.provenance import Evidence
+
+    head, rule = np.array([0.05, 0.9, 0.05]), {"threshold": 0.5}
+    named = Evidence("png-text", "generator-metadata", "strong", "A1111 parameters",
+                     "AUTOMATIC1111")
+    odd = Evidence("familiarity", "unfamiliar", "info", "format AVIF was never seen")
+    camera = Evidence("exif", "camera", "weak", "camera Canon", None)
+    assert attribute("ai-generated", [named], head, CLASSES, rule).generator == "AUTOMATIC1111"
+    assert attribute("ai-generated", [camera], head, CLASSES, rule).generator == "sdxl"
+    real = attribute("real", [camera], head, CLASSES, rule)
+    assert (real.generator, real.scores, real.decided_by) == (None, real.scores, None)
+    assert attribute("uncertain", [odd], head, CLASSES, rule).generator == UNKNOWN
+    assert attribute("ai-generated", [], np.array([0.4, 0.35, 0.25]), CLASSES,
+                     rule).generator == UNKNOWN
+    binary = attribute("ai-generated", [], None, [], {})
+    assert (binary.generator, binary.scores, binary.decided_by) == (None, None, None)
+    # Weak provenance (a manifest changed after signing) never names it either.
+    weak = Evidence("c2pa", "ai-source-type", "weak", "edited", "OpenAI")
+    assert attribute("ai-generated", [weak], head, CLASSES, rule).decided_by == "classifier"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import provenance_fixtures as fx
 import pytest
 
@@ -418,3 +419,57 @@ def test_heic_and_avif_carry_their_provenance(chain, fmt, mime):
     assert findings(fx.c2pa_signed(image(), mime, fx.AI, chain)) == \
         [("c2pa", "ai-source-type", "strong")]
     assert findings(image()) == []
+
+
+@pytest.mark.parametrize("make, named", [
+    (fx.chatgpt_image, "OpenAI"),
+    (lambda chain: fx.chatgpt_image(chain, "JPEG"), "OpenAI"),
+    (lambda chain: fx.c2pa_signed(fx.photo(), "image/jpeg", None, chain, claim_version=1,
+                                  generator="Adobe_Firefly", assertions=[{
+                                      "label": "com.adobe.generative-ai",
+                                      "data": {"description": "Adobe Firefly"}}]),
+     "Adobe Firefly"),
+    (lambda chain: fx.c2pa_signed(fx.photo(), "image/jpeg", None, chain, claim_version=1,
+                                  generator="Microsoft Responsible AI Image Provenance",
+                                  actions=[{"action": "c2pa.created",
+                                            "description": "AI Generated Image",
+                                            "softwareAgent": "Bing Image Creator"}]),
+     "Bing Image Creator"),
+    # An AI action by a tool no list knows: the claim says which agent made it.
+    (lambda chain: fx.c2pa_signed(fx.photo(), "image/jpeg", None, chain,
+                                  generator="Acme Web App", actions=[{
+                                      "action": "c2pa.created", "digitalSourceType": fx.AI,
+                                      "softwareAgent": {"name": "Acme Diffusion 2"}}]),
+     "Acme Diffusion 2"),
+    (lambda chain: fx.a1111_png(), "AUTOMATIC1111"),
+    (lambda chain: fx.a1111_exif("WEBP"), "AUTOMATIC1111"),
+    (lambda chain: fx.comfyui_png(), "ComfyUI"),
+    (lambda chain: fx.comfyui_webp(), "ComfyUI"),
+    (lambda chain: fx.novelai_png(), "NovelAI"),
+    (lambda chain: fx.fooocus_jpeg(), "Fooocus"),
+    (lambda chain: fx.invokeai_png("sd-metadata"), "InvokeAI"),
+    (lambda chain: fx.photo(xmp=fx.xmp_packet(
+        "<xmp:CreatorTool>Midjourney v7</xmp:CreatorTool>")), "Midjourney"),
+    (lambda chain: fx.photo(xmp=fx.xmp_packet(
+        '<photoshop:Credit xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/">Made with '
+        "Google AI</photoshop:Credit>")), "Google AI"),
+    # AI, but no tool named: the classifier's head (if any) answers instead.
+    (lambda chain: fx.iptc_xmp_jpeg(), None),
+    (lambda chain: fx.stealth_png(), None),
+    (lambda chain: fx.c2pa_signed(fx.photo(), "image/jpeg", fx.AI, chain,
+                                  generator="Acme Web App"), None),
+], ids=["chatgpt", "chatgpt-jpeg", "firefly", "bing", "unlisted-agent", "a1111-png", "a1111-webp",
+        "comfyui", "comfyui-webp", "novelai", "fooocus", "invokeai", "midjourney",
+        "google-credit", "iptc-only", "stealth", "unnamed-c2pa"])
+def test_provenance_names_the_generator_when_the_file_does(chain, make, named):
+    from detector.verdicts.attribution import attribute
+    from detector.verdicts.provenance import inspect, named_generator
+
+    evidence = inspect(make(chain))
+    assert named_generator(evidence) == named
+    # It decides the generator whatever a head says; with none named, the head answers.
+    head = np.array([0.1, 0.85, 0.05])
+    answer = attribute("ai-generated", evidence, head, ["a", "b", "c"], {"threshold": 0.5})
+    assert (answer.generator, answer.decided_by) == \
+        ((named, "provenance") if named else ("b", "classifier"))
+    assert [s["generator"] for s in answer.scores] == ["b", "a", "c"]
