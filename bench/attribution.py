@@ -19,10 +19,16 @@ one preprocessing path), trains in one process:
 from __future__ import annotations
 
 import argparse
+import os
 import time
+import warnings
 
 import numpy as np
 from _measure import machine, print_machine, save_json
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banners
+# Keras warns on every call of a functional model with a bare tensor; the calls are ours.
+warnings.filterwarnings("ignore", message=".*structure of `inputs`.*")
 
 FAMILIES = ("upsampler", "decoder-grid", "lowpass-tint")
 

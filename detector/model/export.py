@@ -8,7 +8,8 @@
 Every export carries a parity record on the card (`card.exports[kind]`): the largest
 score difference from Keras, verdict agreement and the ROC AUC change on the test split,
 and for a model with an attribution head, that head's too (`attribution`: the largest
-difference in P(generator | AI) and top-1 agreement). An int8 model whose AUC drops by more than `max_auc_drop` is refused, never published.
+difference in P(generator | AI) and top-1 agreement). An int8 model whose AUC drops by
+more than `max_auc_drop` is refused, never published.
 """
 
 from __future__ import annotations

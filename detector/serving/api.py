@@ -84,6 +84,11 @@ class ModelInfo(ApiModel):
     metrics: dict[str, Any]
     preprocess_version: int
     created_at: str
+    calibration: dict[str, Any] = Field(default_factory=dict, description="how score_ai "
+                                        "was calibrated on validation (method, ECE before "
+                                        "and after); empty: never calibrated")
+    domain: dict[str, Any] = Field(default_factory=dict, description="the formats and "
+                                   "longer sides seen in training (outside: `uncertain`)")
     generators: list[str] = Field(default_factory=list, description="the attribution "
                                   "head's classes (empty: no head)")
     attribution: dict[str, Any] = Field(default_factory=dict, description="its open-set "

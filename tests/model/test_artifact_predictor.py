@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import provenance_fixtures as fx
 import pytest
 from conftest import TINY_SIZE
 
@@ -101,12 +102,24 @@ def test_predict_cli_prints_a_line_per_file(trained_tiny, tmp_path, capsys):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     missing = tmp_path / "missing.png"
-    assert main(["predict", "--model", uri, str(good), str(bad), str(missing)]) == 0
+    named = tmp_path / "a1111.png"
+    named.write_bytes(fx.a1111_png())
+    assert main(["predict", "--model", uri, str(good), str(bad), str(missing),
+                 str(named)]) == 0
     lines = capsys.readouterr().out.rstrip().splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert lines[0].startswith(str(good)) and lines[0].split("\t")[2] in (
         "real", "ai-generated", "uncertain")
+    assert "generator=" not in lines[0]  # a binary model names none
     assert "error=" in lines[1] and "error=read-failed" in lines[2]
+    # The file's own parameters name the tool, in the line and in --json.
+    assert lines[3].split("\t")[2:5] == ["ai-generated", "provenance",
+                                        "generator=AUTOMATIC1111 (provenance)"]
+    assert main(["predict", "--json", "--model", uri, str(good), str(named)]) == 0
+    plain, a1111 = map(json.loads, capsys.readouterr().out.splitlines())
+    assert (plain["generator"], plain["generator_scores"]) == (None, None)
+    assert (a1111["generator"], a1111["generator_decided_by"]) == ("AUTOMATIC1111",
+                                                                   "provenance")
 
 
 def test_predict_explain_writes_overlays_without_changing_scores(trained_tiny, tmp_path,

@@ -377,7 +377,9 @@ def test_unknown_route_and_method_are_json(base):
 def test_model_card_health_and_docs(base, predictor):
     card = requests.get(f"{base}/v1/model", timeout=30).json()
     assert card["id"] == predictor.card.id and card["image_size"] == SIZE
-    assert {"name", "architecture", "threshold", "metrics", "created_at"} <= set(card)
+    assert {"name", "architecture", "threshold", "metrics", "created_at", "calibration",
+            "domain", "generators", "attribution"} <= set(card)
+    assert card["calibration"] == predictor.card.calibration
     health = requests.get(f"{base}/healthz", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert requests.get(f"{base}/docs", timeout=30).status_code == 200
