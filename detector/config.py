@@ -193,6 +193,9 @@ class ServeConfig:
     scan_allow: tuple[str, ...] = ()
     max_running_scans: int = 2  # more POST /v1/scans get 429 until one finishes
     keep_finished_scans_s: float = 3600.0  # then GET /v1/scans/{id} says 404; reports stay
+    # Where POST /v1/labels appends reviewers' labels (detector.data.labels); empty = off.
+    # A labelled URI must lie under scan_allow and exist.
+    labels_uri: str = ""
 
     def model_max_ongoing(self) -> int:
         # A replica must hold one full batch plus the next one filling up; and never so few

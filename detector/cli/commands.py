@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from detector.cli.common import (
     print_prepare_summary,
     print_scan_summary,
 )
+from detector.data.labels import LABEL_VALUES
 from detector.io import console
 
 log = logging.getLogger("detector")
@@ -144,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_arguments(scan, cfg.ScanConfig)
     scan.set_defaults(run=run_scan)
 
+    label = commands.add_parser("label", help="store reviewers' labels in a labels dataset")
+    label.add_argument("--labels", required=True, help="labels dataset URI (a prefix)")
+    label.add_argument("images", nargs="*", help="image URIs, all labelled --label")
+    label.add_argument("--csv", help="CSV with uri or sha256, label[, generator, note]")
+    label.add_argument("--report", help="a scan report (OUT); with --verdict: its rows")
+    label.add_argument("--verdict", choices=("ai-generated", "real", "uncertain"),
+                       help="which of the report's rows to label")
+    label.add_argument("--label", choices=LABEL_VALUES,
+                       help="the label for images given as URIs or by --report")
+    label.add_argument("--generator", help="which generator made them (ai-generated only)")
+    label.add_argument("--note")
+    label.add_argument("--reviewer", default=getpass.getuser(), help="default: your login")
+    label.set_defaults(run=run_label)
+
     srv = commands.add_parser("serve", help="HTTP endpoint on Ray Serve (blocks until Ctrl-C)")
     srv.add_argument("--model", required=True, help="model artifact URI")
     srv.add_argument("--host", default="127.0.0.1")
@@ -153,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(srv)
     srv.add_argument("--scan-allow", nargs="*", default=[],
                      help="URI prefixes POST /v1/scans may read and write (default: none)")
+    srv.add_argument("--labels", default="", help="labels dataset URI POST /v1/labels "
+                     "appends to (default: labels off); labelled URIs must lie under "
+                     "--scan-allow")
     srv.set_defaults(run=run_serve)
 
     demo = commands.add_parser("demo", help="the whole product end to end on sample data")
@@ -246,7 +265,7 @@ def run_serve(args: argparse.Namespace) -> int:
         run(cfg.ServeConfig(model_uri=args.model, min_replicas=args.min_replicas,
                         max_replicas=args.max_replicas, backend=args.backend,
                         precision=args.precision,
-                        scan_allow=tuple(args.scan_allow)),
+                        scan_allow=tuple(args.scan_allow), labels_uri=args.labels),
             host=args.host, port=args.port)
     finally:  # a Ray this process started goes with it: no agents left behind
         ray.shutdown()
@@ -291,6 +310,12 @@ def run_ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_label(args: argparse.Namespace) -> int:
+    from detector.cli import label
+
+    return label.run(args)
+
+
 def run_predict(args: argparse.Namespace) -> int:
     predict_files(args.model, args.images, args.backend, args.precision, args.consistency,
                   args.explain, args.json)
@@ -331,8 +356,18 @@ def list_trained(out: str | None) -> int:
                                 ("accuracy", "roc_auc", "tpr_at_1pct_fpr", "ece")
                                 if isinstance(version.get(key), float))
             mark = "*" if version["latest"] else " "
+            trust = f"threshold={version['threshold']:.4f}"
+            if version["threshold_policy"]:
+                trust += f" ({version['threshold_policy']})"
+            if version["calibration"]:
+                trust += f"  calibration={version['calibration']}"
+                if isinstance(version["ece_before"], float):
+                    trust += (f" (val ECE {version['ece_before']:.4f} -> "
+                              f"{version['ece_after']:.4f})")
+            if version["generators"]:
+                trust += f"  generators={','.join(version['generators'])}"
             print(f"{mark} {version['name']}@{version['id']}  {version['created_at']}  "
-                  f"{metrics}  {version['uri']}")
+                  f"{metrics}  {trust}  {version['uri']}")
     return 0
 
 

@@ -146,7 +146,8 @@ def resolve(uri: str) -> str:
 
 def list_versions(name_uri: str) -> list[dict]:
     """Every version under `OUT/<name>`, oldest first: id, created_at, headline metrics,
-    and whether `latest.json` points at it."""
+    threshold and its policy, calibration (method, validation ECE before and after), the
+    generators it names, and whether `latest.json` points at it."""
     name_uri = name_uri.rstrip("/")
     pointer = storage.join(name_uri, POINTER_FILE)
     latest = json.loads(storage.read_bytes(pointer))["id"] if storage.exists(pointer) else None
@@ -159,7 +160,14 @@ def list_versions(name_uri: str) -> list[dict]:
         card = ModelCard.from_json(storage.read_bytes(item.uri).decode())
         versions.append({"id": card.id, "name": card.name, "created_at": card.created_at,
                          "uri": storage.join(name_uri, directory), "latest": card.id == latest,
-                         **{k: card.metrics.get(k) for k in HEADLINE}})
+                         **{k: card.metrics.get(k) for k in HEADLINE},
+                         # what a reviewer needs to trust it
+                         "threshold": card.threshold,
+                         "threshold_policy": card.metrics.get("threshold_policy"),
+                         "calibration": card.calibration.get("method"),
+                         "ece_before": card.calibration.get("ece_before"),
+                         "ece_after": card.calibration.get("ece_after"),
+                         "generators": list(card.generators)})
     return sorted(versions, key=lambda v: v["created_at"])
 
 

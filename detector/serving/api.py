@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from detector.data.labels import LABEL_VALUES, MAX_BATCH, MAX_NOTE, SHA256
+
 Verdict = Literal["ai-generated", "real", "uncertain"]
 
 
@@ -100,6 +102,32 @@ class Health(ApiModel):
     model: str = Field(description="name@version of the model answering")
 
 
+class LabelItem(ApiModel):
+    """One reviewer's decision on one image, named by its URI or the sha256 of its bytes."""
+
+    uri: str | None = Field(default=None, max_length=2048,
+                            examples=["s3://bucket/images/cat.jpg"])
+    sha256: str | None = Field(default=None, pattern=SHA256.pattern,
+                               description="of the image's bytes, lowercase hex")
+    label: Literal[LABEL_VALUES]  # type: ignore[valid-type]
+    generator: str | None = Field(default=None, max_length=200,
+                                  description="which generator made it, if known")
+    note: str | None = Field(default=None, max_length=MAX_NOTE)
+
+
+class LabelBatch(ApiModel):
+    """POST /v1/labels: one batch, stored whole or not at all."""
+
+    labels: list[LabelItem] = Field(min_length=1, max_length=MAX_BATCH)
+    reviewer: str | None = Field(default=None, min_length=1, max_length=200,
+                                 description="who decided (default: `api-key`)")
+
+
+class LabelsStored(ApiModel):
+    batch: str = Field(description="the labels dataset part this batch was written to")
+    labels: int
+
+
 class ScanRequest(ApiModel):
     """POST /v1/scans: both URIs must lie under the app's `scan_allow` prefixes."""
 
@@ -141,7 +169,7 @@ ERROR_MEANINGS = {
     400: "undecodable image or malformed body",
     401: "missing or wrong API key (when the app has one)",
     403: "a URI outside the scan allow-list",
-    404: "no such resource",
+    404: "no such resource (or labels are not enabled on this app)",
     413: "too many bytes or pixels",
     415: "unsupported content type, or an image format refused on purpose (PSD, EPS, ...)",
     422: "a request that does not match this schema",

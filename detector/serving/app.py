@@ -51,6 +51,7 @@ from detector.model.explain import Explainer, overlay_png
 from detector.model.predictor import Predictor
 from detector.scanning import service as scan_service
 from detector.serving import api
+from detector.serving import labels as label_store
 from detector.verdicts import consistency, familiarity, provenance
 from detector.verdicts.attribution import attribute
 from detector.verdicts.verdict import classify_for, decide_for
@@ -94,6 +95,7 @@ def _json(body: api.ApiModel, status: int = 200, headers: dict | None = None) ->
 
 
 MAX_SCAN_REQUEST_BYTES = 64 * 1024  # {source, output}: two URIs
+MAX_LABELS_REQUEST_BYTES = 4 * 1024 * 1024  # up to labels.MAX_BATCH labels with notes
 
 
 def _flag(value: str | None, name: str) -> bool:
@@ -516,6 +518,26 @@ class Ingress:
                                   headers={"Retry-After": "60"})
         return _json(api.ScanStarted(id=scan_id, status="running",
                                      status_url=f"/v1/scans/{scan_id}"), status=202)
+
+    @app.post("/v1/labels", status_code=201, response_model=api.LabelsStored,
+              responses=api.errors(401, 403, 404, 413, 422), dependencies=BEARER)
+    async def post_labels(self, request: Request) -> JSONResponse:
+        """Store a batch of reviewers' labels `{labels: [{uri or sha256, label, ...}]}`
+        as one new part of the app's labels dataset -> 201 `{batch, labels}`."""
+        try:
+            self._authorize(request)
+            asked = api.LabelBatch.model_validate_json(
+                await read_bounded(request, MAX_LABELS_REQUEST_BYTES))
+            stored = await asyncio.to_thread(label_store.store, asked, self.config)
+        except ApiError as err:
+            return err.response()
+        except ValidationError as err:
+            return error_response(422, "invalid-request", 'send JSON {"labels": [{"uri" or '
+                                  '"sha256", "label": "real" | "ai-generated", ...}]}: '
+                                  + "; ".join(e["msg"] for e in err.errors())[:300])
+        except label_store.Refused as refused:
+            return error_response(refused.status, refused.code, refused.detail)
+        return _json(stored, status=201)
 
     @app.get("/v1/scans", response_model=api.ScanList, responses=api.errors(401),
              dependencies=BEARER)

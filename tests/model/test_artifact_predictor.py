@@ -239,8 +239,11 @@ def test_versions_are_immutable_and_a_name_resolves_to_the_latest(trained_tiny, 
     first = publish_version(model, dataclasses.replace(card, id="a" * 12,
                                                        created_at="2026-01-01T00:00:00+00:00"),
                             str(name))
-    second_card = dataclasses.replace(card, id="b" * 12, threshold=0.7,
-                                      created_at="2026-02-01T00:00:00+00:00")
+    second_card = dataclasses.replace(
+        card, id="b" * 12, threshold=0.7, created_at="2026-02-01T00:00:00+00:00",
+        generators=["mj", "sdxl"], metrics={"threshold_policy": "target-fpr:0.01"},
+        calibration={"method": "platt", "a": 1.2, "b": 0.1, "ece_before": 0.0412,
+                     "ece_after": 0.0133})
     second = publish_version(model, second_card, str(name))
     assert (first, second) == (str(name / ("a" * 12)), str(name / ("b" * 12)))
     assert json.loads((name / POINTER_FILE).read_text())["id"] == "b" * 12
@@ -255,6 +258,11 @@ def test_versions_are_immutable_and_a_name_resolves_to_the_latest(trained_tiny, 
     lines = capsys.readouterr().out.rstrip().splitlines()
     assert lines[0].startswith(f"  {card.name}@{'a' * 12}")
     assert lines[1].startswith(f"* {card.name}@{'b' * 12}")
+    # What a reviewer needs to trust a version: threshold and policy, calibration,
+    # generators.
+    assert "threshold=0.7000 (target-fpr:0.01)  calibration=platt (val ECE 0.0412 -> " \
+        "0.0133)  generators=mj,sdxl" in lines[1]
+    assert "calibration" not in lines[0] and "generators" not in lines[0]
 
 
 def test_consistency_makes_a_flipping_verdict_uncertain_and_says_why(trained_tiny,

@@ -86,7 +86,14 @@ def serve_port():
 
 
 @pytest.fixture(scope="module")
-def base(serve_port, model_uri) -> str:
+def reviewed(tmp_path_factory) -> dict:
+    """The main app's labels dataset, and the folder of images its labels may name."""
+    root = tmp_path_factory.mktemp("reviewed")
+    return {"labels": str(root / "labels"), "images": root / "images"}
+
+
+@pytest.fixture(scope="module")
+def base(serve_port, model_uri, reviewed) -> str:
     """The "main" app, built through `build_app(args)` with string values, as `serve run
     detector.serving:build_app key=value ...` would pass them."""
     from ray import serve
@@ -98,6 +105,7 @@ def base(serve_port, model_uri) -> str:
         "num_cpus": "0.5", "ingress_num_cpus": "0.25",
         # A variable nobody sets: a developer's exported DETECTOR_API_KEY must not leak in.
         "api_key_env": "DETECTOR_SERVE_TEST_UNSET",
+        "labels_uri": reviewed["labels"], "scan_allow": str(reviewed["images"]),
     }
     serve.run(build_app(args), name="main", route_prefix="/")
     return f"http://127.0.0.1:{serve_port}"
@@ -260,6 +268,59 @@ def test_provenance_decides_over_http_as_in_predict(base, predictor):
         assert (body["generator"], expected.generator) == (generator, generator)
         assert body["generator_decided_by"] == ("provenance" if generator else None)
     assert body["evidence"][0]["kind"] == "camera"  # the last one: weak, shown
+
+
+def test_labels_from_16_concurrent_reviewers_are_all_stored_exactly_once(base, reviewed):
+    """400 labels in 80 batches from 16 clients at once: every one stored once, each batch
+    its own part; refused batches (unknown or forbidden URIs, bad values) store nothing."""
+    import concurrent.futures
+
+    from detector.data import labels
+
+    folder = reviewed["images"]
+    folder.mkdir(exist_ok=True)
+    uris = []
+    for i in range(400):
+        (folder / f"img-{i:03d}.png").write_bytes(IMAGES["PNG"][1]())
+        uris.append(str(folder / f"img-{i:03d}.png"))
+
+    def post_batch(first: int) -> requests.Response:
+        batch = [{"uri": uri, "label": ("real", "ai-generated")[j % 2]}
+                 for j, uri in enumerate(uris[first:first + 5], start=first)]
+        return requests.post(f"{base}/v1/labels", timeout=120, json={
+            "labels": batch, "reviewer": f"reviewer-{first % 16}"})
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(post_batch, range(0, 400, 5)))
+    assert [a.status_code for a in answers] == [201] * 80, answers[0].text
+    assert len({a.json()["batch"] for a in answers}) == 80
+    stored, summary = labels.latest(reviewed["labels"])
+    assert summary == {"labels": 400, "images": 400, "conflicting": 0}
+    assert sorted(stored.column("uri").to_pylist()) == uris
+    assert [row["label"] for row in sorted(stored.to_pylist(), key=lambda r: r["uri"])] == \
+        [("real", "ai-generated")[i % 2] for i in range(400)]
+
+    def refused(items: list, status: int, code: str) -> None:
+        answer = requests.post(f"{base}/v1/labels", json={"labels": items}, timeout=30)
+        assert_error(answer, status, code)
+
+    refused([{"uri": uris[0], "label": "ai-generated"},
+             {"uri": str(folder / "never-written.png"), "label": "real"}], 422, "unknown-uri")
+    refused([{"uri": "/etc/passwd", "label": "real"}], 403, "forbidden")
+    refused([{"uri": uris[0], "label": "fake"}], 422, "invalid-request")
+    refused([{"uri": uris[0], "label": "real", "generator": "sdxl"}], 422, "invalid-label")
+    refused([{"sha256": "ab" * 31, "label": "real"}], 422, "invalid-request")
+    refused([], 422, "invalid-request")
+    assert labels.latest(reviewed["labels"])[1]["labels"] == 400  # nothing half-stored
+    # A later decision on the same image wins; the disagreement is counted.
+    again = requests.post(f"{base}/v1/labels", timeout=30, json={"labels": [
+        {"uri": uris[0], "label": "ai-generated", "generator": "sdxl", "note": "on review"}]})
+    assert again.status_code == 201, again.text
+    stored, summary = labels.latest(reviewed["labels"])
+    assert summary == {"labels": 401, "images": 400, "conflicting": 1}
+    [first] = [r for r in stored.to_pylist() if r["uri"] == uris[0]]
+    assert (first["label"], first["generator"], first["reviewer"]) == \
+        ("ai-generated", "sdxl", "api-key")
 
 
 def test_consistency_checks_over_http_as_in_predict(base, predictor):
@@ -458,6 +519,7 @@ def test_openapi_contract_holds_under_schemathesis(serve_port, model_uri, tmp_pa
     config = ServeConfig(model_uri=model_uri, max_replicas=1, max_body_bytes=MAX_BODY,
                          max_pixels=MAX_PIXELS, num_cpus=0.5, ingress_num_cpus=0.25,
                          scan_allow=(str(tmp_path / "allowed"),),
+                         labels_uri=str(tmp_path / "labels"),
                          api_key_env="DETECTOR_SERVE_TEST_UNSET")
     serve.run(build_app_from_config(config, api_key=key), name="typed",
               route_prefix="/typed")
@@ -692,6 +754,8 @@ def test_api_key_is_required_when_set(tight):
     assert_error(basic, 401, "unauthorized")
     assert post(tight, blob, key=API_KEY).status_code == 200
     assert_error(requests.get(f"{tight}/v1/model", timeout=30), 401, "unauthorized")
+    assert_error(requests.post(f"{tight}/v1/labels", timeout=30, json={"labels": [
+        {"uri": "/x.jpg", "label": "real"}]}), 401, "unauthorized")
     assert requests.get(f"{tight}/healthz", timeout=30).status_code == 200
     assert '"auth": true' in requests.get(f"{tight}/", timeout=30).text
 
