@@ -110,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(ensemble)
     ensemble.set_defaults(run=run_ensemble)
 
+    compare = commands.add_parser(
+        "compare", help="a candidate model against a baseline, slice by slice, with a gate "
+        "(exit 1 when a slice regresses)")
+    compare.add_argument("--baseline", required=True, help="model URI (a name: its latest)")
+    compare.add_argument("--candidate", required=True, help="model URI")
+    compare.add_argument("--data", required=True, help="shards URI")
+    compare.add_argument("--split", default="test", choices=("train", "val", "test"))
+    compare.add_argument("--tolerance", type=float, default=None,
+                         help="the largest drop in a slice's accuracy or TPR@1%%FPR allowed "
+                         "(default 0.01)")
+    compare.add_argument("--out", help="local directory for compare.md and compare.json")
+    compare.add_argument("--backend", default="auto", choices=cfg.BACKENDS)
+    compare.set_defaults(run=run_compare)
+
     export = commands.add_parser("export", help="add ONNX / OpenVINO int8 exports to a model")
     export.add_argument("--model", required=True, help="model artifact URI")
     export.add_argument("--int8", action="store_true",
@@ -184,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that start Ray or TensorFlow, so have chatter to hide.
-CHATTY_COMMANDS = ("prepare", "train", "evaluate", "ensemble", "export", "predict", "scan",
-                   "serve", "demo")
+CHATTY_COMMANDS = ("prepare", "train", "evaluate", "ensemble", "compare", "export", "predict",
+                   "scan", "serve", "demo")
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -308,6 +322,18 @@ def run_ensemble(args: argparse.Namespace) -> int:
           f"{row['roc_auc']:.4f}, accuracy {row['accuracy']:.4f} -> {row['artifact']}")
     print(storage.read_bytes(storage.join(args.out, "comparison.md")).decode(), end="")
     return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from detector.training import compare
+
+    tolerance = compare.TOLERANCE if args.tolerance is None else args.tolerance
+    record = compare.compare(args.baseline, args.candidate, args.data, args.split,
+                             tolerance, args.backend)
+    if args.out:
+        compare.write(record, args.out)
+    print(compare.markdown(record), end="")
+    return 0 if record["passed"] else 1
 
 
 def run_label(args: argparse.Namespace) -> int:

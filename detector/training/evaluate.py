@@ -37,6 +37,7 @@ class Scored:
     sha256: list[str]
     robustness: dict[str, np.ndarray] = field(default_factory=dict)
     generators: list[str | None] = field(default_factory=list)  # the shards' (if named)
+    sources: list[str | None] = field(default_factory=list)  # named sources (if any)
     attribution: np.ndarray | None = None  # P(generator | AI), in card.generators order
     # the head's outputs on each robustness check's perturbed copies (a model with a head)
     robustness_attribution: dict[str, np.ndarray] = field(default_factory=dict)
@@ -99,6 +100,7 @@ def score_split(
 ) -> Scored:
     """Score every image of a split, part by part (memory holds one part at a time)."""
     labels, scores, formats, uris, hashes, generators, named = [], [], [], [], [], [], []
+    sources: list[str | None] = []
     perturbed: dict[str, list] = {name: [] for name in augment.ROBUSTNESS_CHECKS} \
         if robustness else {}
     perturbed_named: dict[str, list] = {name: [] for name in perturbed}
@@ -111,6 +113,8 @@ def score_split(
             named.append(attribution)
         if "generator" in table.column_names:  # shard sets from before names have none
             generators += table.column("generator").to_pylist()
+        if "source_name" in table.column_names:
+            sources += table.column("source_name").to_pylist()
         formats += table.column("source_format").to_pylist()
         uris += table.column("source_uri").to_pylist()
         hashes += table.column("sha256").to_pylist()
@@ -126,7 +130,8 @@ def score_split(
         labels=np.concatenate(labels), scores=np.concatenate(scores), formats=formats,
         uris=uris, sha256=hashes,
         robustness={k: np.concatenate(v) for k, v in perturbed.items()},
-        generators=generators, attribution=np.concatenate(named) if named else None,
+        generators=generators, sources=sources,
+        attribution=np.concatenate(named) if named else None,
         robustness_attribution={k: np.concatenate(v) for k, v in perturbed_named.items() if v},
     )
 
@@ -196,14 +201,15 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) ->
         "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
         "roc_auc": float(skm.roc_auc_score(labels, scores)) if both else float("nan"),
         "loss": float(skm.log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
-        "tpr_at_1pct_fpr": _tpr_at_fpr(labels, scores, TARGET_FPR) if both else float("nan"),
+        "tpr_at_1pct_fpr": tpr_at_fpr(labels, scores, TARGET_FPR) if both else float("nan"),
         "ece": calibration.expected_calibration_error(labels, scores),
         "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
     }
     return result
 
 
-def _tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The highest true-positive rate at a false-positive rate of at most `target`."""
     from sklearn.metrics import roc_curve
 
     fpr, tpr, _ = roc_curve(labels, scores)

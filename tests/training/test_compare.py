@@ -1,0 +1,87 @@
+"""`detector compare`: before/after per slice (named sources, generators) and the gate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import TINY_SIZE
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def sliced_split(sample_arrays, tmp_path_factory) -> str:
+    """The sample test images as a shard set whose real images come from two named
+    sources and whose fakes from two named generators (30 of each)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, _, x, y = sample_arrays
+    real, fake = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    sources = np.empty(len(y), object)
+    sources[real] = ["coco" if i < len(real) // 2 else "flickr" for i in range(len(real))]
+    sources[fake] = ["sdxl" if i < len(fake) // 2 else "mj" for i in range(len(fake))]
+    generators = [s if label else None for s, label in zip(sources, y, strict=True)]
+    root = tmp_path_factory.mktemp("sliced")
+    (root / "test").mkdir()
+    pq.write_table(pa.table({
+        "image": [p.tobytes() for p in x], "label": pa.array(y, pa.int8()),
+        "generator": pa.array(generators, pa.string()),
+        "source_name": pa.array(list(sources), pa.string()),
+        "source_format": ["PNG"] * len(x), "source_uri": [f"mem://{i}" for i in range(len(x))],
+        "sha256": [hashlib.sha256(p.tobytes()).hexdigest() for p in x]}),
+        root / "test" / "p.parquet")
+    (root / "manifest.json").write_text(json.dumps({
+        "image_size": TINY_SIZE, "parts": {"train": [], "val": [], "test": ["test/p.parquet"]}}))
+    return str(root)
+
+
+def with_threshold(uri: str, threshold: float, target) -> str:
+    """A copy of the artifact whose card decides at another threshold."""
+    shutil.copytree(uri, target)
+    card = json.loads((target / "detector.json").read_text())
+    card.update(threshold=threshold, id="c" * 12)
+    (target / "detector.json").write_text(json.dumps(card))
+    return str(target)
+
+
+def test_the_same_model_passes_and_every_slice_is_reported(trained_tiny, sliced_split):
+    from detector.training.compare import compare
+
+    record = compare(trained_tiny[0], trained_tiny[0], sliced_split, backend="keras")
+    assert record["passed"] and record["regressions"] == []
+    assert [row["slice"] for row in record["slices"]] == [
+        "all", "source:coco", "source:flickr", "source:mj", "source:sdxl", "generator:mj",
+        "generator:sdxl"]
+    for row in record["slices"]:
+        assert row["gated"] and row["change"] == {"accuracy": 0.0, "tpr_at_1pct_fpr": 0.0}
+    coco = next(r for r in record["slices"] if r["slice"] == "source:coco")["baseline"]
+    assert (coco["images"], coco["ai"]) == (30, 0)
+    # A one-class slice is measured against the other class of the whole split.
+    assert coco["tpr_at_1pct_fpr"] is not None
+
+
+def test_a_candidate_that_regresses_on_a_slice_fails_the_gate(trained_tiny, sliced_split,
+                                                              tmp_path, capsys):
+    from detector.cli.commands import main
+
+    # A threshold no score reaches: every fake is called real.
+    worse = with_threshold(trained_tiny[0], 0.99999, tmp_path / "worse")
+    out = tmp_path / "compare"
+    assert main(["compare", "--baseline", trained_tiny[0], "--candidate", worse, "--data",
+                 sliced_split, "--out", str(out), "--backend", "keras"]) == 1
+    printed = capsys.readouterr().out
+    assert "Gate (a drop of more than 0.01" in printed and "FAILED: " in printed
+    record = json.loads((out / "compare.json").read_text())
+    failed = {(r["slice"], r["metric"]) for r in record["regressions"]}
+    assert {("generator:sdxl", "accuracy"), ("generator:mj", "accuracy"),
+            ("all", "accuracy")} <= failed
+    assert ("source:coco", "accuracy") not in failed  # real images are still called real
+    assert (out / "compare.md").read_text().startswith("Baseline resnet50v2_tiny@")
+    # Within a loose enough tolerance the same candidate passes.
+    assert main(["compare", "--baseline", trained_tiny[0], "--candidate", worse, "--data",
+                 sliced_split, "--tolerance", "1", "--backend", "keras"]) == 0
