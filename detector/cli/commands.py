@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--backend", default="auto", choices=cfg.BACKENDS)
     compare.set_defaults(run=run_compare)
 
+    promote = commands.add_parser(
+        "promote", help="point a model name's latest at a version, if it passes the gate")
+    promote.add_argument("version", help="the candidate version URI (OUT/<name>/<id>)")
+    promote.add_argument("--data", help="shards to gate on (default: the candidate's)")
+    promote.add_argument("--tolerance", type=float, default=None,
+                         help="as for compare (default 0.01)")
+    promote.add_argument("--force", action="store_true",
+                         help="promote even if the gate fails (recorded in the pointer)")
+    promote.add_argument("--backend", default="auto", choices=cfg.BACKENDS)
+    promote.set_defaults(run=run_promote)
+
     export = commands.add_parser("export", help="add ONNX / OpenVINO int8 exports to a model")
     export.add_argument("--model", required=True, help="model artifact URI")
     export.add_argument("--int8", action="store_true",
@@ -198,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that start Ray or TensorFlow, so have chatter to hide.
-CHATTY_COMMANDS = ("prepare", "train", "evaluate", "ensemble", "compare", "export", "predict",
-                   "scan", "serve", "demo")
+CHATTY_COMMANDS = ("prepare", "train", "evaluate", "ensemble", "compare", "promote", "export",
+                   "predict", "scan", "serve", "demo")
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -334,6 +345,23 @@ def run_compare(args: argparse.Namespace) -> int:
         compare.write(record, args.out)
     print(compare.markdown(record), end="")
     return 0 if record["passed"] else 1
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    from detector.training import compare, promote
+
+    tolerance = compare.TOLERANCE if args.tolerance is None else args.tolerance
+    result = promote.promote(args.version, args.data, args.force, tolerance, args.backend)
+    if result["gate"] is not None:
+        print(compare.markdown(result["gate"]), end="")
+    if result["promoted"]:
+        forced = " (forced past a failed gate)" if result["forced"] else ""
+        print(f"promoted: {result['name']} latest {result['previous']} -> "
+              f"{result['candidate']}{forced}")
+        return 0
+    print(f"not promoted: {result['reason']}; {result['name']} latest stays "
+          f"{result['previous']}")
+    return 0 if result["reason"] == "already the latest" else 1
 
 
 def run_label(args: argparse.Namespace) -> int:

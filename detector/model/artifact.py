@@ -95,7 +95,7 @@ def publish_version(model, card: ModelCard, name_uri: str,
     it. Returns the version's URI. Readers of `name_uri` see the old version until the
     pointer moves, and never a version without its card."""
     version = save_artifact(model, card, storage.join(name_uri, card.id), extra_files)
-    _point(name_uri, card)
+    point(name_uri, card)
     return version
 
 
@@ -106,13 +106,17 @@ def publish_directory(local_dir: str, card: ModelCard, name_uri: str) -> str:
         handle.write(card.to_json())
     version = storage.join(name_uri, card.id)
     storage.publish_dir(local_dir, version, commit_file=CARD_FILE)
-    _point(name_uri, card)
+    point(name_uri, card)
     return version
 
 
-def _point(name_uri: str, card: ModelCard) -> None:
+def point(name_uri: str, card: ModelCard, promotion: dict | None = None) -> None:
+    """Move `name_uri`'s `latest.json` to the version `card` describes (one whole write:
+    readers see the old pointer or the new). `promotion`: how it got there, when a gate
+    (or a forced promotion) moved it rather than publishing."""
     pointer = {"id": card.id, "name": card.name, "created_at": card.created_at,
-               "metrics": {k: card.metrics.get(k) for k in HEADLINE if k in card.metrics}}
+               "metrics": {k: card.metrics.get(k) for k in HEADLINE if k in card.metrics},
+               **({"promotion": promotion} if promotion else {})}
     storage.write_bytes(storage.join(name_uri, POINTER_FILE), json.dumps(pointer).encode())
 
 

@@ -40,11 +40,11 @@ def sliced_split(sample_arrays, tmp_path_factory) -> str:
     return str(root)
 
 
-def with_threshold(uri: str, threshold: float, target) -> str:
-    """A copy of the artifact whose card decides at another threshold."""
+def with_threshold(uri: str, threshold: float, target, ident: str = "c" * 12) -> str:
+    """A copy of the artifact, as version `ident`, whose card decides at `threshold`."""
     shutil.copytree(uri, target)
     card = json.loads((target / "detector.json").read_text())
-    card.update(threshold=threshold, id="c" * 12)
+    card.update(threshold=threshold, id=ident)
     (target / "detector.json").write_text(json.dumps(card))
     return str(target)
 
@@ -85,3 +85,35 @@ def test_a_candidate_that_regresses_on_a_slice_fails_the_gate(trained_tiny, slic
     # Within a loose enough tolerance the same candidate passes.
     assert main(["compare", "--baseline", trained_tiny[0], "--candidate", worse, "--data",
                  sliced_split, "--tolerance", "1", "--backend", "keras"]) == 0
+
+
+def test_promote_moves_latest_only_past_the_gate_or_when_forced(trained_tiny, sliced_split,
+                                                                tmp_path, capsys):
+    from detector.cli.commands import main
+    from detector.model.artifact import POINTER_FILE, load_card, point, resolve
+
+    name = tmp_path / "models" / "resnet50v2_tiny"
+    good = with_threshold(trained_tiny[0], load_card(trained_tiny[0]).threshold,
+                          name / ("a" * 12), "a" * 12)
+    worse = with_threshold(trained_tiny[0], 0.99999, name / ("b" * 12), "b" * 12)
+    point(str(name), load_card(good))
+
+    def latest() -> dict:
+        return json.loads((name / POINTER_FILE).read_text())
+
+    # The worse version fails the gate: latest does not move.
+    assert main(["promote", worse, "--data", sliced_split, "--backend", "keras"]) == 1
+    assert "not promoted: the gate failed" in capsys.readouterr().out
+    assert latest()["id"] == "a" * 12 and resolve(str(name)) == good
+    # Forced: it moves, and the pointer says it was forced past which regressions.
+    assert main(["promote", worse, "--data", sliced_split, "--force", "--backend",
+                 "keras"]) == 0
+    assert "(forced past a failed gate)" in capsys.readouterr().out
+    promotion = latest()["promotion"]
+    assert latest()["id"] == "b" * 12 and promotion["forced"] and promotion["from"] == "a" * 12
+    assert promotion["gate"]["regressions"] and not promotion["gate"]["passed"]
+    # Back to the good version: it passes the gate against the worse one.
+    assert main(["promote", good, "--data", sliced_split, "--backend", "keras"]) == 0
+    assert latest()["id"] == "a" * 12 and latest()["promotion"]["forced"] is False
+    assert main(["promote", good, "--data", sliced_split]) == 0  # already the latest
+    assert "already the latest" in capsys.readouterr().out
