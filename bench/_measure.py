@@ -112,3 +112,17 @@ class OwnPeakRss:
     @property
     def mb(self) -> int:
         return round(self._peak / 2**20)
+
+
+def batches(x, y, size: int, seed: int | None = None):
+    """A Keras-fit batch source over arrays (`detector.training.fit` takes callables that
+    yield (pixels, labels)): shuffled by `seed`, in order when it is None."""
+    import numpy as np
+
+    def generate():
+        order = np.random.default_rng(seed).permutation(len(x)) if seed is not None else \
+            np.arange(len(x))
+        for i in range(0, len(x), size):
+            yield x[order[i:i + size]], y[order[i:i + size]]
+
+    return generate

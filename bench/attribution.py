@@ -24,7 +24,7 @@ import time
 import warnings
 
 import numpy as np
-from _measure import machine, print_machine, save_json
+from _measure import batches, machine, print_machine, save_json
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banners
 # Keras warns on every call of a functional model with a bare tensor; the calls are ours.
@@ -49,16 +49,6 @@ def family_arrays(seed: int, per_family: int, families: tuple[str, ...], size: i
             labels.append(0 if family is None else 1)
             indices.append(-1 if family is None else index - 1)
     return np.stack(xs), np.array(labels, np.float32), np.array(indices, np.int64)
-
-
-def batches(x, y, size, seed=None):
-    def generate():
-        order = np.random.default_rng(seed).permutation(len(x)) if seed is not None else \
-            np.arange(len(x))
-        for i in range(0, len(x), size):
-            yield x[order[i:i + size]], y[order[i:i + size]]
-
-    return generate
 
 
 def train(arch: str, size: int, generators: int, data: dict, epochs: int, seed: int):

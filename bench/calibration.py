@@ -21,7 +21,7 @@ import os
 import warnings
 
 import numpy as np
-from _measure import machine, print_machine, save_json
+from _measure import batches, machine, print_machine, save_json
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banners
 warnings.filterwarnings("ignore", message=".*structure of `inputs`.*")
@@ -102,17 +102,9 @@ def main() -> None:
     train_x, train_y = images(100, args.per_class, args.size)
     val_x, val_y = images(300, args.per_class // 3, args.size)
 
-    def batches(x, y, size, shuffle):
-        def generate():
-            order = np.random.default_rng(1).permutation(len(x)) if shuffle else \
-                np.arange(len(x))
-            for i in range(0, len(x), size):
-                yield x[order[i:i + size]], y[order[i:i + size]]
-        return generate
-
     keras.utils.set_random_seed(0)
     model = build_model(args.arch, image_size=args.size)
-    fit(model, batches(train_x, train_y, 16, True), batches(val_x, val_y, 64, False),
+    fit(model, batches(train_x, train_y, 16, seed=1), batches(val_x, val_y, 64),
         FitSettings(epochs=args.epochs, lr=1e-3, patience=args.epochs, lr_patience=4))
     calibration, record = fit_platt(val_y, scores_of(model, val_x))
     print(f"calibration on validation: {record['method']} a={record['a']:.3f} "

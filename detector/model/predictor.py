@@ -130,20 +130,14 @@ class Predictor:
                 self._check_consistency(images, scores, [evidence[i] for i, _, _ in decoded])
             for row, ((i, _, info), score) in enumerate(zip(decoded, scores, strict=True)):
                 verdict, decided_by = decide_for(self.card, float(score), evidence[i])
-                named = self.attribute(verdict, evidence[i],
-                                       None if heads is None else heads[row])
+                named = attribution.attribute_for(self.card, verdict, evidence[i],
+                                                  None if heads is None else heads[row])
                 results[i] = Prediction(
                     float(score), verdict, decided_by, [e.to_dict() for e in evidence[i]],
                     info.format, info.width, info.height, generator=named.generator,
                     generator_scores=named.scores, generator_decided_by=named.decided_by,
                 )
         return results  # type: ignore[return-value]
-
-    def attribute(self, verdict: str, evidence: Sequence[provenance.Evidence],
-                  head: np.ndarray | None) -> attribution.Attribution:
-        """The generator for one image under this card's classes and open-set rule."""
-        return attribution.attribute(verdict, evidence, head, self.card.generators,
-                                     self.card.attribution)
 
     def _check_consistency(self, images: np.ndarray, scores: np.ndarray,
                            evidence: list[list]) -> None:

@@ -33,7 +33,7 @@ from detector.model.predictor import Predictor
 from detector.scanning import gate, report
 from detector.scanning.partitions import Partition, Span, cut, partition_id
 from detector.verdicts import consistency, familiarity, provenance
-from detector.verdicts.attribution import attribute
+from detector.verdicts.attribution import attribute_for
 from detector.verdicts.verdict import classify_for, decide_for
 
 log = logging.getLogger(__name__)
@@ -274,8 +274,8 @@ def finish_rows(table: pa.Table, card, threshold: float, score_and_attribute,
                 evidence += [f for f in found if f is not None]
                 row["evidence"] = [e.to_dict() for e in evidence]
             verdict, decided_by = decide_for(card, float(value), evidence, threshold)
-            named = attribute(verdict, evidence, None if heads is None else heads[i],
-                              card.generators, card.attribution)
+            named = attribute_for(card, verdict, evidence,
+                                  None if heads is None else heads[i])
             row.update(score_ai=float(value), verdict=verdict, decided_by=decided_by,
                        generator=named.generator, generator_scores=named.scores,
                        generator_decided_by=named.decided_by, pixels=None)

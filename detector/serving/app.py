@@ -53,7 +53,7 @@ from detector.scanning import service as scan_service
 from detector.serving import api
 from detector.serving import labels as label_store
 from detector.verdicts import consistency, familiarity, provenance
-from detector.verdicts.attribution import attribute
+from detector.verdicts.attribution import attribute_for
 from detector.verdicts.verdict import classify_for, decide_for
 
 # Serve routes the "ray.serve" logger into each replica's log file with the request id.
@@ -476,8 +476,7 @@ class Ingress:
                          "explanation": method}
             outcome.lap("explain", start)
         verdict, decided_by = decide_for(self.model_card, score, evidence)
-        named = attribute(verdict, evidence, head, self.model_card.generators,
-                          self.model_card.attribution)
+        named = attribute_for(self.model_card, verdict, evidence, head)
         return api.DetectResult(
             score_ai=score, verdict=verdict, decided_by=decided_by,
             evidence=[api.EvidenceItem(**e.to_dict()) for e in evidence],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -86,3 +87,16 @@ def attribute(verdict: str, evidence: Iterable[Evidence], probabilities: np.ndar
     if verdict == "real" or not head:
         return Attribution()
     return Attribution(UNKNOWN if unfamiliar(evidence) else named, scores, "classifier")
+
+
+class Classes(Protocol):
+    """What a model card carries for the rule: its head's classes and open-set rule."""
+
+    generators: list[str]
+    attribution: dict
+
+
+def attribute_for(card: Classes, verdict: str, evidence: Iterable[Evidence],
+                  probabilities: np.ndarray | None) -> Attribution:
+    """`attribute` with the card's generators and open-set rule."""
+    return attribute(verdict, evidence, probabilities, card.generators, card.attribution)

@@ -165,16 +165,20 @@ def rules_id() -> str:
     return f"{RULES_VERSION}{suffix}{'+trusted-only' if require_trusted() else ''}"
 
 
+def decides(finding: Evidence) -> bool:
+    """True for a finding that decides a verdict on its own: strong evidence of AI."""
+    return finding.strength == STRONG and finding.kind in AI_KINDS
+
+
 def decisive(evidence: Iterable[Evidence]) -> Evidence | None:
-    """The finding that decides a verdict on its own: strong evidence of AI generation."""
-    return next((e for e in evidence if e.strength == STRONG and e.kind in AI_KINDS), None)
+    """The first finding that decides a verdict on its own."""
+    return next(filter(decides, evidence), None)
 
 
 def named_generator(evidence: Iterable[Evidence]) -> str | None:
     """The generator that decisive evidence names (the first such finding's), or None
     when none of it names one (an IPTC source type alone, stealth bits)."""
-    return next((e.generator for e in evidence
-                 if e.strength == STRONG and e.kind in AI_KINDS and e.generator), None)
+    return next((e.generator for e in evidence if decides(e) and e.generator), None)
 
 
 def tool_name(text: str) -> str | None:
@@ -355,9 +359,8 @@ def _vendor_signals(manifest: dict, actions: list[dict], generator: str) -> Iter
     """AI named by a vendor's own assertion or words rather than a source type: early
     Adobe Firefly's `com.adobe.generative-ai`, a claim generator or an action's software
     agent that only image generators are, an action described as AI generated."""
-    for label in _assertion_labels(manifest):
-        if label.split(".v")[0] in AI_ASSERTIONS:
-            yield f"assertion {label}"
+    for label in _ai_assertions(manifest):
+        yield f"assertion {label}"
     if generator and AI_SERVICES.search(generator):
         yield f"claim generator {generator}"
     for action in actions:
@@ -369,9 +372,11 @@ def _vendor_signals(manifest: dict, actions: list[dict], generator: str) -> Iter
             yield f"{action.get('action', 'action')} described as {text!r}"
 
 
-def _assertion_labels(manifest: dict) -> list[str]:
-    return [str(a.get("label", "")) for a in manifest.get("assertions") or []
-            if isinstance(a, dict)]
+def _ai_assertions(manifest: dict) -> list[str]:
+    """The labels of a manifest's vendor AI assertions (`AI_ASSERTIONS`, any version)."""
+    labels = (str(a.get("label", "")) for a in manifest.get("assertions") or []
+              if isinstance(a, dict))
+    return [label for label in labels if label.split(".v")[0] in AI_ASSERTIONS]
 
 
 def _agent(action: dict) -> str:
@@ -387,9 +392,7 @@ def _c2pa_tool(manifest: dict, actions: list[dict], generator: str) -> str | Non
     made the image); else None (the claim says "AI" without saying which)."""
     ai_agents = [_agent(a) for a in actions
                  if source_type_code(a.get("digitalSourceType")) in AI_SOURCE_TYPES]
-    texts = [*ai_agents, *map(_agent, actions), generator,
-             *(label for label in _assertion_labels(manifest)
-               if label.split(".v")[0] in AI_ASSERTIONS)]
+    texts = [*ai_agents, *map(_agent, actions), generator, *_ai_assertions(manifest)]
     known = next(filter(None, map(tool_name, filter(None, texts))), None)
     return known or next((_clip(a)[:60] for a in ai_agents if a), None)
 
