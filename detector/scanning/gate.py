@@ -51,6 +51,8 @@ class ListingGate:
         self.window, self.patience_s = window, patience_s
         self.in_flight = 0
         self.most_in_flight = 0
+        self.most_held = 0  # the most rows waiting tasks held unsent at once
+        self.forced = 0  # partitions let through after `patience_s` without progress
         self.held: dict[str, int] = {}  # waiting task -> rows it may hold unsent
         self.last_move = time.monotonic()
         self.moved = asyncio.Condition()
@@ -60,11 +62,13 @@ class ListingGate:
         task emitted that may not have left it yet."""
         async with self.moved:
             self.held[task] = unsent
+            self.most_held = max(self.most_held, sum(self.held.values()))
             try:
                 while not self._fits(rows):
                     waited = time.monotonic() - self.last_move
                     if waited >= self.patience_s:
-                        break  # nothing moved for a long time: let one partition through
+                        self.forced += 1  # nothing moved for long: let one partition through
+                        break
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.moved.wait(), self.patience_s - waited)
             finally:
@@ -87,7 +91,8 @@ class ListingGate:
 
     def stats(self) -> dict:
         return {"window": self.window, "in_flight": self.in_flight,
-                "most_in_flight": self.most_in_flight}
+                "most_in_flight": self.most_in_flight, "most_held": self.most_held,
+                "forced": self.forced}
 
 
 class Admission:

@@ -228,11 +228,16 @@ def _run_pass(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
             written = ledger.update(batch.cast(NOTE_SCHEMA).to_pylist())
             if written:
                 listing_gate.release.remote(written)
-        most = ray.get(listing_gate.stats.remote())["most_in_flight"]
-        ledger.listed_ahead = {"window": window,
-                               "most": max(most, ledger.listed_ahead.get("most", 0))}
-        log.info("scan pass: at most %d objects listed ahead of the writer (window %d)",
-                 most, window)
+        stats = ray.get(listing_gate.stats.remote())
+        ahead = ledger.listed_ahead  # over every pass: the most of each, forced summed
+        ledger.listed_ahead = {
+            "window": window,
+            "most": max(stats["most_in_flight"], ahead.get("most", 0)),
+            "most_held": max(stats["most_held"], ahead.get("most_held", 0)),
+            "forced": stats["forced"] + ahead.get("forced", 0)}
+        log.info("scan pass: at most %d objects listed ahead of the writer (window %d, "
+                 "%d partitions let through after %d s without progress)",
+                 stats["most_in_flight"], window, stats["forced"], gate.PATIENCE_S)
     finally:
         ray.kill(listing_gate)
 

@@ -9,6 +9,7 @@ finished scan's actor is removed once it has been kept `keep_finished_s` (its re
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 import uuid
@@ -18,9 +19,9 @@ from typing import Any
 import ray
 
 from detector.config import ScanConfig
-from detector.scanning.scan import scan
 
 NAMESPACE = "detector-scans"
+STARTUP_WAIT_S = 20.0  # how long start_scan waits for a new scan's actor to answer
 
 
 def allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
@@ -44,6 +45,9 @@ class ScanJob:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
+        # Imported here, not with the module: the actor answers status questions as soon
+        # as its process is up, before Ray Data and the model code are loaded.
+        from detector.scanning.scan import scan
 
         try:
             self.state["summary"] = scan(self.config, progress=False,
@@ -75,8 +79,12 @@ def start_scan(source: str, output: str, model_uri: str, app_name: str,
     scan_id = uuid.uuid4().hex[:12]
     config = {"source": source, "out": output, "model": model_uri, "via": "serve",
               "serve_app": app_name}
-    ScanJob.options(name=f"scan-{scan_id}", namespace=NAMESPACE, lifetime="detached",
-                    max_restarts=0).remote(scan_id, config)
+    job = ScanJob.options(name=f"scan-{scan_id}", namespace=NAMESPACE, lifetime="detached",
+                          max_restarts=0).remote(scan_id, config)
+    # The 202 says the scan runs: wait until its actor answers. One that is slow to start
+    # (a busy cluster) still counts as running (`reap`), so the limit holds meanwhile.
+    with contextlib.suppress(ray.exceptions.GetTimeoutError):
+        ray.get(job.status.remote(), timeout=STARTUP_WAIT_S)
     return scan_id
 
 
@@ -84,8 +92,8 @@ def reap(keep_finished_s: float) -> int:
     """Remove the actors of scans finished more than `keep_finished_s` ago; returns how
     many scans are still running."""
     running, now = 0, dt.datetime.now(dt.UTC)
-    for actor, state in _scans():
-        if state["status"] == "running":
+    for actor, state in _scans(answered_only=False):
+        if state is None or state["status"] == "running":  # None: still starting
             running += 1
         elif (now - dt.datetime.fromisoformat(state["finished_at"])).total_seconds() \
                 >= keep_finished_s:
@@ -98,14 +106,22 @@ def list_scans() -> list[dict[str, Any]]:
     return sorted((state for _, state in _scans()), key=lambda s: (s["started_at"], s["id"]))
 
 
-def _scans() -> Iterator[tuple[Any, dict[str, Any]]]:
+def _scans(answered_only: bool = True) -> Iterator[tuple[Any, dict[str, Any] | None]]:
+    """Each scan actor with its state; None for one that has not answered in time (still
+    starting on a busy cluster), unless `answered_only`."""
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["namespace"] != NAMESPACE or not entry["name"].startswith("scan-"):
             continue
         try:
             actor = ray.get_actor(entry["name"], namespace=NAMESPACE)
+        except ValueError:  # gone meanwhile
+            continue
+        try:
             yield actor, ray.get(actor.status.remote(), timeout=10)
-        except Exception:  # gone meanwhile, or dead: nothing to report
+        except ray.exceptions.GetTimeoutError:
+            if not answered_only:
+                yield actor, None
+        except ray.exceptions.RayError:  # dead: nothing to report
             continue
 
 

@@ -154,16 +154,18 @@ def test_the_listing_gate_admits_within_its_window_and_never_waits_on_held_rows(
         assert not blocked.done()  # 130 > 100
         await gate.release(40)  # 40 reached the writer: 40 + 50 fit
         await asyncio.wait_for(blocked, 1)
-        assert gate.stats() == {"window": 100, "in_flight": 90, "most_in_flight": 90}
+        assert gate.stats() == {"window": 100, "in_flight": 90, "most_in_flight": 90,
+                                "most_held": 0, "forced": 0}
         # A task that waits while it may hold all 90 rows unsent: nothing is moving that
         # could ever make room, so it is let in at once.
         assert await admitted(gate.admit(60, "a", unsent=90))
+        assert gate.stats()["most_held"] == 90
         # Without progress, the gate opens after its patience, one partition at a time.
         patient = ListingGate(window=10, patience_s=0.3)
         await patient.admit(10, "a")
         assert not await admitted(patient.admit(10, "a"), within=0.1)
         await asyncio.sleep(0.4)
-        assert patient.stats()["in_flight"] == 20
+        assert patient.stats()["in_flight"] == 20 and patient.stats()["forced"] == 1
 
     asyncio.run(run())
     assert window_rows(65_536) == 131_072 and window_rows(100) == 16_384

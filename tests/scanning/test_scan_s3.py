@@ -859,10 +859,13 @@ def test_listing_stays_a_window_ahead_of_the_writer(model_uri, local_ray, tmp_pa
                           batch_size=16), progress=False)
     assert summary["objects"] == 600
     manifest = report.read_json(out, report.MANIFEST)
-    # Admitted and not yet written: the window, plus what each of the two listing tasks
-    # (real/, fake/) may hold in its unsent block while it waits.
-    assert manifest["listed_ahead"]["window"] == 150
-    assert 150 <= manifest["listed_ahead"]["most"] <= 2 * 150, manifest["listed_ahead"]
+    # Admitted and not yet written: the window, plus what the two listing tasks (real/,
+    # fake/) held in their unsent blocks while they waited, plus a partition for each time
+    # the gate opened after its patience (a busy machine) -- and never the whole bucket.
+    ahead = manifest["listed_ahead"]
+    assert ahead["window"] == 150
+    assert 150 <= ahead["most"] <= 150 + ahead["most_held"] + 50 * ahead["forced"], ahead
+    assert ahead["most"] < 600, ahead
     parts = sorted(manifest["parts"], key=lambda p: p["listed_at"])
     listed = 0
     for part in parts:
