@@ -7,10 +7,13 @@ STAMP := $(VENV)/.installed
 # Test modules side by side: about half of an e2e test is waiting (Ray starting, jobs,
 # servers), so two processes keep 2 cores busy (86% against 50% in one). Each module runs
 # whole in one process (--dist loadfile): its module-scoped cluster or app stays shared.
-# A worker that dies (a native crash) ends the run naming its test: xdist's replacement
-# worker can wait forever under loadfile (pytest-xdist #784, #1323).
+# Modules are handed out longest first (tests/conftest.py): xdist's own reordering, by
+# the number of tests in a module, would start the 9-test training module last and leave
+# one process idle for its whole run. A worker that dies (a native crash) ends the run
+# naming its test: xdist's replacement worker can wait forever under loadfile
+# (pytest-xdist #784, #1323).
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadfile --max-worker-restart 0
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --max-worker-restart 0
 
 .PHONY: demo test test-unit test-ray test-e2e lint bench manifests clean
 

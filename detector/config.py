@@ -67,9 +67,9 @@ class TrainConfig:
     workers: int = _opt(2, "Ray Train workers (data-parallel replicas)")
     gpus_per_worker: float = _opt(0.0, "GPUs per worker (0 = CPU training)")
     cpus_per_worker: float = _opt(1.0, "CPUs per worker")
-    epochs: int = _opt(20, "maximum epochs")
+    epochs: int = _opt(20, "maximum epochs", fine_tune=5)
     batch_size: int = _opt(32, "global batch size (split across workers)")
-    lr: float = _opt(1e-4, "Adam learning rate")
+    lr: float = _opt(1e-4, "Adam learning rate", fine_tune=1e-5)
     patience: int = _opt(3, "early-stopping patience on validation loss (epochs)")
     lr_patience: int = _opt(2, "reduce-LR-on-plateau patience (epochs); the LR halves")
     image_size: int | None = _opt(None, "input size; default: the shards' size")
@@ -93,6 +93,11 @@ class TrainConfig:
                       "validation split); left out, with a warning, when its test ROC AUC "
                       f"drops more than {MAX_AUC_DROP}")
     resume: bool = _opt(False, "continue from the last checkpoint under OUT")
+    init_from: str | None = _opt(None, "fine-tune: start from this published version's "
+                                 "weights (OUT/<name>/<id>, or OUT/<name> for its latest), same "
+                                 "model, size and generators. The new version records it as "
+                                 "its parent and does not move `latest` where one exists: "
+                                 "`detector compare` and `detector promote` decide that")
     max_failures: int = _opt(2, "worker failures Ray Train recovers from (from checkpoint)")
     max_steps_per_epoch: int | None = _opt(None, "cap steps per epoch (smoke tests)")
     seed: int = _opt(42, "random seed")
@@ -250,9 +255,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                                 nargs="?" if optional else None,
                                 default=f.default if optional else None)
             continue
+        fine_tune = meta.pop("fine_tune", None)
         if f.default is not dataclasses.MISSING:
             shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-            help_text = f"{help_text} (default: {shown})"
+            also = "" if fine_tune is None else f"; {fine_tune} with --init-from"
+            help_text = f"{help_text} (default: {shown}{also})"
         if kind is bool and f.default is True:  # on unless --no-FLAG
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
@@ -269,11 +276,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def from_args(cls: type, args: argparse.Namespace) -> Any:
-    """Build `cls` from parsed flags; omitted flags keep the dataclass defaults."""
+    """Build `cls` from parsed flags; omitted flags keep the dataclass defaults (a
+    fine-tune's own defaults with `--init-from`)."""
     hints = typing.get_type_hints(cls)
     values = {}
+    fine_tuning = getattr(args, "init_from", None) is not None
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name, None)
+        if value is None and fine_tuning and "fine_tune" in f.metadata:
+            value = f.metadata["fine_tune"]
         if value is None or (value is False and f.default is False):
             continue
         kind = _base_type(hints[f.name])

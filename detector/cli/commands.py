@@ -233,9 +233,10 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from detector.training.train import train_models
+    from detector.training.train import settle, train_models
 
     config = cfg.from_args(cfg.TrainConfig, args)
+    settle(config, say=lambda _: None)  # bad settings fail before Ray starts
     init_ray()
     result = train_models(config)
     print("\n" + result["comparison"])
@@ -420,6 +421,8 @@ def list_trained(out: str | None) -> int:
                               f"{version['ece_after']:.4f})")
             if version["generators"]:
                 trust += f"  generators={','.join(version['generators'])}"
+            if version["parent"]:
+                trust += f"  parent={version['parent']}"
             print(f"{mark} {version['name']}@{version['id']}  {version['created_at']}  "
                   f"{metrics}  {trust}  {version['uri']}")
     return 0

@@ -55,6 +55,8 @@ class ModelCard:
     generators: list[str] = field(default_factory=list)
     attribution: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    # The version this one was fine-tuned from ({id, name, uri}; empty: trained from scratch)
+    parent: dict[str, Any] = field(default_factory=dict)
     # kind ("onnx", "int8") -> parity record of that export against Keras; see export.py
     exports: dict[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -90,12 +92,15 @@ def save_artifact(
 
 
 def publish_version(model, card: ModelCard, name_uri: str,
-                    extra_files: Callable[[str], None] | None = None) -> str:
+                    extra_files: Callable[[str], None] | None = None,
+                    candidate: bool = False) -> str:
     """Save a new immutable version at `name_uri/<card.id>`, then point `latest.json` at
-    it. Returns the version's URI. Readers of `name_uri` see the old version until the
-    pointer moves, and never a version without its card."""
+    it -- unless it is a `candidate` and the name has a latest already (`detector promote`
+    moves it then). Returns the version's URI. Readers of `name_uri` see the old version
+    until the pointer moves, and never a version without its card."""
     version = save_artifact(model, card, storage.join(name_uri, card.id), extra_files)
-    point(name_uri, card)
+    if not (candidate and storage.exists(storage.join(name_uri, POINTER_FILE))):
+        point(name_uri, card)
     return version
 
 
@@ -151,7 +156,8 @@ def resolve(uri: str) -> str:
 def list_versions(name_uri: str) -> list[dict]:
     """Every version under `OUT/<name>`, oldest first: id, created_at, headline metrics,
     threshold and its policy, calibration (method, validation ECE before and after), the
-    generators it names, and whether `latest.json` points at it."""
+    generators it names, the version it was fine-tuned from, and whether `latest.json`
+    points at it."""
     name_uri = name_uri.rstrip("/")
     pointer = storage.join(name_uri, POINTER_FILE)
     latest = json.loads(storage.read_bytes(pointer))["id"] if storage.exists(pointer) else None
@@ -171,7 +177,8 @@ def list_versions(name_uri: str) -> list[dict]:
                          "calibration": card.calibration.get("method"),
                          "ece_before": card.calibration.get("ece_before"),
                          "ece_after": card.calibration.get("ece_after"),
-                         "generators": list(card.generators)})
+                         "generators": list(card.generators),
+                         "parent": card.parent.get("id")})
     return sorted(versions, key=lambda v: v["created_at"])
 
 

@@ -95,6 +95,9 @@ class ModelInfo(ApiModel):
                                   "head's classes (empty: no head)")
     attribution: dict[str, Any] = Field(default_factory=dict, description="its open-set "
                                         "rule, fitted on validation")
+    parent: dict[str, Any] = Field(default_factory=dict, description="the version this "
+                                   "one was fine-tuned from (id, name, uri); empty: trained "
+                                   "from scratch")
 
 
 class Health(ApiModel):

@@ -14,6 +14,7 @@ if never stopped; `--resume` continues only a run of the same shards and setting
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from detector.io import console, storage
 from detector.io.preprocess import PREPROCESS_VERSION
 from detector.io.threads import configure_gpus, limit_threads, reserved_threads
 from detector.model.architectures import build_model, get_spec
-from detector.model.artifact import ModelCard, publish_version
+from detector.model.artifact import MODEL_FILE, ModelCard, load_card, publish_version, resolve
 from detector.model.export import ExportRefused, export_from_shards
 from detector.model.predictor import Predictor
 from detector.model.runtimes import training_policy, with_dtype_policy
@@ -84,6 +85,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     if cache:  # the weights the cached features were computed with
         features.load_weights(model, storage.join(cache, features.WEIGHTS))
+    if cfg.init_from and ray.train.get_checkpoint() is None:  # a fine-tune's first start
+        with storage.local_copy(storage.join(cfg.init_from, MODEL_FILE)) as path:
+            model.load_weights(path)
     # Checkpoints hold the weights of what trains: with the cache, the head alone (a few
     # MB instead of the base's ~95 MB per epoch); the base is in the cache.
     state, best_weights, optimizer_state = None, None, None
@@ -260,7 +264,7 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: s
 # The settings a checkpoint's weights and optimizer state depend on: `--resume` continues
 # a run only when all of them (and the shards' fingerprint) are what they were. Epochs,
 # patience, workers and resources may change between a run and its resume.
-RUN_SETTINGS = ("weights", "augment", "views", "lr", "batch_size", "seed")
+RUN_SETTINGS = ("weights", "augment", "views", "lr", "batch_size", "seed", "init_from")
 
 
 def run_key(cfg: TrainConfig, name: str, image_size: int) -> dict:
@@ -354,6 +358,7 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
         domain=training_domain(cfg.data, manifest),
         generators=classes,
         config=to_dict(cfg) | {"best_epoch": state.best_epoch, "epochs_run": state.epoch},
+        parent=parent_of(cfg),
     )
     report = evaluate.evaluate_model(Predictor.from_model(model, card), cfg.data,
                                      history=state.history, policy=cfg.threshold_policy)
@@ -371,10 +376,46 @@ def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
             card.exports = refused.kept
             refusals.append(str(refused))
 
-    version = publish_version(model, card, storage.join(cfg.out, name), extra_files=files)
+    version = publish_version(model, card, storage.join(cfg.out, name), extra_files=files,
+                              candidate=bool(cfg.init_from))
     return {"model": name, "id": card.id, "artifact": version, **card.metrics,
+            "parent": card.parent.get("id"),
             "best_epoch": state.best_epoch, "epochs": state.epoch,
             "exports": sorted(card.exports), "export_refused": refusals[0] if refusals else None}
+
+
+def parent_of(cfg: TrainConfig) -> dict:
+    """The card's record of the version a fine-tune started from ({}: from scratch)."""
+    if not cfg.init_from:
+        return {}
+    parent = load_card(cfg.init_from)
+    return {"id": parent.id, "name": parent.name, "uri": cfg.init_from}
+
+
+def fine_tune_from(cfg: TrainConfig, image_size: int, classes: list[str], say=print
+                   ) -> TrainConfig:
+    """`cfg` with `--init-from` resolved to one version (a name's latest moves on; the
+    run and its card record the version it really started from), after checking the
+    version fits: the same model, input size and generators. A frozen base then trains
+    on pixels: the feature cache holds features of `--weights`' base, not the parent's."""
+    uri = resolve(cfg.init_from)
+    parent = load_card(uri)
+    wanted = {"--model": (list(cfg.model), [parent.name]),
+              "image size": (image_size, parent.image_size),
+              "generators": (classes, list(parent.generators)),
+              "preprocessing version": (PREPROCESS_VERSION, parent.preprocess_version)}
+    for what, (asked, its) in wanted.items():
+        if asked != its:
+            raise ValueError(f"--init-from {uri} is {parent.name}@{parent.id}: its {what} is "
+                             f"{its}, this run's {asked}. A fine-tune continues the same "
+                             "model on data prepared the same way; train from scratch "
+                             "otherwise")
+    say(f"Fine-tuning {parent.name} from version {parent.id} ({cfg.epochs} epochs at lr "
+        f"{cfg.lr:g}); the new version is a candidate: `detector promote` moves latest")
+    if cfg.feature_cache and features.feature_layer(parent.name):
+        say(f"{parent.name}: its frozen base runs on pixels in a fine-tune (the feature "
+            "cache holds the features of --weights' base, not the parent's)")
+    return dataclasses.replace(cfg, init_from=uri, feature_cache=False)
 
 
 def training_domain(shards_uri: str, manifest: dict) -> dict:
@@ -388,10 +429,9 @@ def _family(name: str) -> str:
     return get_spec(name).family
 
 
-def train_models(cfg: TrainConfig) -> dict:
-    """Train every model in `cfg.model` one after another; write the comparison table."""
-    import ray
-
+def settle(cfg: TrainConfig, say=print) -> tuple[TrainConfig, int]:
+    """(`cfg` with `--init-from` resolved, the input size), or a ValueError for settings
+    that cannot train: checked before any Ray or TensorFlow work starts."""
     parse_policy(cfg.threshold_policy)  # a typo fails now, not after hours of training
     manifest = shards.read_manifest(cfg.data)
     image_size = cfg.image_size or manifest["image_size"]
@@ -400,6 +440,16 @@ def train_models(cfg: TrainConfig) -> dict:
             f"--image-size {image_size} differs from the shards' {manifest['image_size']}: "
             "re-run `detector prepare --image-size` instead of resizing prepared pixels"
         )
+    if cfg.init_from:
+        cfg = fine_tune_from(cfg, image_size, generator_classes(manifest), say)
+    return cfg, image_size
+
+
+def train_models(cfg: TrainConfig) -> dict:
+    """Train every model in `cfg.model` one after another; write the comparison table."""
+    import ray
+
+    cfg, image_size = settle(cfg)
     results = []
     # Evaluation runs where training ran (a worker with the same resources), not on the
     # head node, which on a real cluster has no GPU and should do no work.

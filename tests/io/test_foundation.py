@@ -50,6 +50,13 @@ def test_config_flags_round_trip():
     assert config.from_args(config.TrainConfig, off).feature_cache is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "vit"])  # --data and --out are required
+    # A fine-tune's own defaults (fewer epochs, a lower rate) where a flag is left out.
+    tune = ["--data", "d", "--model", "m", "--out", "o", "--init-from", "o/m"]
+    tuned = config.from_args(config.TrainConfig, parser.parse_args(tune))
+    assert (tuned.epochs, tuned.lr, tuned.init_from) == (5, 1e-5, "o/m")
+    tuned = config.from_args(config.TrainConfig, parser.parse_args([*tune, "--epochs", "8"]))
+    assert (tuned.epochs, tuned.lr) == (8, 1e-5)
+    assert "(default: 20; 5 with --init-from)" in " ".join(parser.format_help().split())
 
 
 def test_local_storage_lists_filters_and_writes_atomically(tmp_path):

@@ -439,7 +439,7 @@ def test_model_card_health_and_docs(base, predictor):
     card = requests.get(f"{base}/v1/model", timeout=30).json()
     assert card["id"] == predictor.card.id and card["image_size"] == SIZE
     assert {"name", "architecture", "threshold", "metrics", "created_at", "calibration",
-            "domain", "generators", "attribution"} <= set(card)
+            "domain", "generators", "attribution", "parent"} <= set(card)
     assert card["calibration"] == predictor.card.calibration
     health = requests.get(f"{base}/healthz", timeout=30)
     assert health.status_code == 200 and health.json()["status"] == "ok"
