@@ -20,6 +20,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 LABEL_VALUES = ("real", "ai-generated")
+# The source name labelled images carry in training shards: `detector compare` finds the
+# reviewed images (and among them the baseline's misses) by it.
+REVIEW_SOURCE = "review"
 PART_PREFIX = "part-"
 MAX_NOTE = 1000  # characters
 MAX_BATCH = 1000  # labels in one batch

@@ -10,6 +10,11 @@ model decides at its own card's threshold.
 The gate fails when any slice's accuracy or TPR at 1% FPR drops by more than `tolerance`
 from baseline to candidate (slices with fewer than MIN_SLICE images are shown and never
 gate: a handful of images cannot tell a regression from noise).
+
+Where the split holds reviewed images (source `review`: labels folded into the shards),
+`reviewed-misses` is the slice of those the baseline decided wrongly, what reviewers
+corrected. Its baseline accuracy is 0 by definition; the gate also fails when the
+candidate gets no more than `tolerance` of them right, however small the slice.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from detector.data.labels import REVIEW_SOURCE
 from detector.model.artifact import resolve
 from detector.model.predictor import Predictor
 from detector.training.evaluate import score_split, tpr_at_fpr
@@ -29,6 +35,7 @@ from detector.verdicts.calibration import expected_calibration_error
 TOLERANCE = 0.01  # the largest drop in a slice's accuracy or TPR@1%FPR the gate allows
 MIN_SLICE = 20  # images: smaller slices are reported, never gated on
 GATED = ("accuracy", "tpr_at_1pct_fpr")
+REVIEWED_MISSES = "reviewed-misses"
 
 
 def slices(labels: np.ndarray, sources: list, generators: list
@@ -41,6 +48,14 @@ def slices(labels: np.ndarray, sources: list, generators: list
         values = np.array([name or "" for name in names])
         for name in sorted(set(values) - {""}):
             yield f"{kind}:{name}", values == name
+
+
+def reviewed_misses(labels: np.ndarray, scores: np.ndarray, threshold: float,
+                    sources: list) -> np.ndarray:
+    """Mask of the reviewed images (source `review`) the model decides wrongly."""
+    reviewed = np.array([name == REVIEW_SOURCE for name in sources], bool) if sources \
+        else np.zeros(len(labels), bool)
+    return reviewed & ((scores >= threshold) != labels.astype(bool))
 
 
 def slice_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float,
@@ -71,16 +86,22 @@ def compare(baseline: str, candidate: str, shards_uri: str, split: str = "test",
     if base.sha256 != cand.sha256:  # the same split read twice: never a different order
         raise RuntimeError("the two models scored different images")
     rows, regressions = [], []
-    for name, own in slices(base.labels, base.sources, base.generators):
+    missed = reviewed_misses(base.labels, base.scores, base_card.threshold, base.sources)
+    for name, own in [*slices(base.labels, base.sources, base.generators),
+                      *([(REVIEWED_MISSES, missed)] if missed.any() else [])]:
         before = slice_metrics(base.labels, base.scores, base_card.threshold, own)
         after = slice_metrics(cand.labels, cand.scores, cand_card.threshold, own)
         change = {key: after[key] - before[key] for key in GATED
                   if before[key] is not None and after[key] is not None}
-        gated = before["images"] >= MIN_SLICE
+        gated = before["images"] >= MIN_SLICE or name == REVIEWED_MISSES
         for key, delta in change.items():
             if gated and delta < -tolerance:
                 regressions.append({"slice": name, "metric": key, "baseline": before[key],
                                     "candidate": after[key], "change": delta})
+        if name == REVIEWED_MISSES and change["accuracy"] <= tolerance:
+            regressions.append({"slice": name, "metric": "accuracy", "baseline": 0.0,
+                                "candidate": after["accuracy"], "change": change["accuracy"],
+                                "why": "no improvement on the images reviewers corrected"})
         rows.append({"slice": name, "gated": gated, "baseline": before, "candidate": after,
                      "change": change})
     return {"baseline": f"{base_card.name}@{base_card.id}",
@@ -117,6 +138,8 @@ def markdown(record: dict) -> str:
     verdict = "passed" if record["passed"] else "FAILED: " + "; ".join(
         f"{r['slice']} {r['metric']} {r['baseline']:.4f} -> {r['candidate']:.4f}"
         for r in record["regressions"])
+    misses = any(row["slice"] == REVIEWED_MISSES for row in record["slices"])
+    also = "; so does no gain on the reviewed misses" if misses else ""
     lines += ["", f"Gate (a drop of more than {record['tolerance']} in any gated slice's "
-              f"accuracy or TPR@1%FPR fails): {verdict}"]
+              f"accuracy or TPR@1%FPR fails{also}): {verdict}"]
     return "\n".join(lines) + "\n"

@@ -17,16 +17,30 @@ pytestmark = pytest.mark.unit
 def sliced_split(sample_arrays, tmp_path_factory) -> str:
     """The sample test images as a shard set whose real images come from two named
     sources and whose fakes from two named generators (30 of each)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     _, _, x, y = sample_arrays
     real, fake = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
     sources = np.empty(len(y), object)
     sources[real] = ["coco" if i < len(real) // 2 else "flickr" for i in range(len(real))]
     sources[fake] = ["sdxl" if i < len(fake) // 2 else "mj" for i in range(len(fake))]
     generators = [s if label else None for s, label in zip(sources, y, strict=True)]
-    root = tmp_path_factory.mktemp("sliced")
+    return write_split(tmp_path_factory.mktemp("sliced"), x, y, sources, generators)
+
+
+@pytest.fixture(scope="module")
+def reviewed_split(sample_arrays, tmp_path_factory) -> str:
+    """Half of the fakes folded in from reviewers' labels (source `review`), the rest and
+    the real images from `coco`."""
+    _, _, x, y = sample_arrays
+    fake = np.flatnonzero(y == 1)
+    sources = np.array(["coco"] * len(y), object)
+    sources[fake[: len(fake) // 2]] = "review"
+    return write_split(tmp_path_factory.mktemp("reviewed"), x, y, sources, [None] * len(y))
+
+
+def write_split(root, x, y, sources, generators) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     (root / "test").mkdir()
     pq.write_table(pa.table({
         "image": [p.tobytes() for p in x], "label": pa.array(y, pa.int8()),
@@ -117,3 +131,29 @@ def test_promote_moves_latest_only_past_the_gate_or_when_forced(trained_tiny, sl
     assert latest()["id"] == "a" * 12 and latest()["promotion"]["forced"] is False
     assert main(["promote", good, "--data", sliced_split]) == 0  # already the latest
     assert "already the latest" in capsys.readouterr().out
+
+
+def test_reviewed_misses_must_improve(trained_tiny, reviewed_split, tmp_path):
+    """The fakes reviewers labelled that the baseline called real: a candidate that gets
+    them right passes; one that decides as the baseline did fails, slice size aside."""
+    from detector.model.artifact import load_card
+    from detector.training.compare import compare, markdown
+
+    blind = with_threshold(trained_tiny[0], 0.99999, tmp_path / "blind")  # calls fakes real
+    good = with_threshold(trained_tiny[0], load_card(trained_tiny[0]).threshold,
+                          tmp_path / "good", "d" * 12)
+    fixed = compare(blind, good, reviewed_split, backend="keras")
+    rows = {row["slice"]: row for row in fixed["slices"]}
+    assert rows["reviewed-misses"]["baseline"]["images"] == 30  # every reviewed fake
+    assert rows["reviewed-misses"]["baseline"]["accuracy"] == 0.0
+    assert rows["reviewed-misses"]["candidate"]["accuracy"] > 0.9
+    assert fixed["passed"], fixed["regressions"]
+    assert "| reviewed-misses | 30 (30) | 0.0000 -> " in markdown(fixed)
+    same = compare(blind, blind, reviewed_split, backend="keras")
+    assert not same["passed"]
+    assert [(r["slice"], r["metric"]) for r in same["regressions"]] == [
+        ("reviewed-misses", "accuracy")]
+    # A baseline that misses none of them (it calls every image AI) has no such slice.
+    eager = with_threshold(trained_tiny[0], 0.0, tmp_path / "eager", "e" * 12)
+    assert "reviewed-misses" not in {
+        r["slice"] for r in compare(eager, good, reviewed_split, backend="keras")["slices"]}
