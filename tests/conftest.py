@@ -19,12 +19,12 @@ TINY_SIZE = 48
 # module measured with --durations on 2 cores of the AVX2-only EPYC (only the order
 # matters; unlisted modules take under a minute there).
 MODULE_SECONDS = {
-    "scanning/test_scan_s3.py": 2100, "training/test_train_job.py": 1200,
-    "serving/test_serve.py": 930, "cluster/test_cluster.py": 520,
-    "training/test_attribution.py": 210, "model/test_explain.py": 160,
-    "model/test_artifact_predictor.py": 135, "data/test_prepare_s3.py": 130,
-    "data/test_labels.py": 100, "io/test_console.py": 85, "model/test_runtimes.py": 70,
-    "verdicts/test_provenance.py": 60, "cluster/test_autoscaling.py": 55,
+    "training/test_train_job.py": 2100, "scanning/test_scan_s3.py": 1900,
+    "serving/test_serve.py": 660, "cluster/test_cluster.py": 340,
+    "data/test_prepare_s3.py": 180, "model/test_explain.py": 160, "io/test_console.py": 115,
+    "training/test_attribution.py": 110, "data/test_labels.py": 90,
+    "model/test_artifact_predictor.py": 80, "cluster/test_autoscaling.py": 65,
+    "verdicts/test_provenance.py": 55, "model/test_runtimes.py": 50,
 }
 
 
