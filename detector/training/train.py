@@ -85,9 +85,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     if cache:  # the weights the cached features were computed with
         features.load_weights(model, storage.join(cache, features.WEIGHTS))
-    if cfg.init_from and ray.train.get_checkpoint() is None:  # a fine-tune's first start
-        with storage.local_copy(storage.join(cfg.init_from, MODEL_FILE)) as path:
-            model.load_weights(path)
     # Checkpoints hold the weights of what trains: with the cache, the head alone (a few
     # MB instead of the base's ~95 MB per epoch); the base is in the cache.
     state, best_weights, optimizer_state = None, None, None
@@ -101,6 +98,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer_state = _read_optimizer(os.path.join(directory, OPTIMIZER))
         if rank == 0:
             console.say(relay, f"Resuming {name} from its checkpoint after epoch {state.epoch}")
+    elif cfg.init_from:  # a fine-tune's first start: the parent's weights
+        with storage.local_copy(storage.join(cfg.init_from, MODEL_FILE)) as path:
+            model.load_weights(path)
 
     per_worker_batch = max(1, cfg.batch_size // world)
     rng = np.random.default_rng([cfg.seed, rank, state.epoch if state else 0])
