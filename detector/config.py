@@ -40,12 +40,19 @@ def _req(help: str, **extra: Any) -> Any:
 class PrepareConfig:
     """`detector prepare`: object storage -> Parquet training shards."""
 
-    real: tuple[str, ...] = _req("URI(s) of real photographs (s3://, file:// or path); "
-                                 "NAME=URI names a source, for slicing")
-    fake: tuple[str, ...] = _req("URI(s) of AI-generated images; NAME=URI names the generator "
-                                 "(e.g. sdxl=s3://b/sdxl/); an unnamed URI's generator is "
-                                 "unknown")
     out: str = _req("output URI for train/, val/, test/ and manifest.json")
+    real: tuple[str, ...] = _opt((), "URI(s) of real photographs (s3://, file:// or path); "
+                                 "NAME=URI names a source, for slicing")
+    fake: tuple[str, ...] = _opt((), "URI(s) of AI-generated images; NAME=URI names the "
+                                 "generator (e.g. sdxl=s3://b/sdxl/); an unnamed URI's "
+                                 "generator is unknown")
+    labels: str | None = _opt(None, "URI of a labels dataset (`detector label`, POST "
+                              "/v1/labels): every labelled image joins the set, read from its "
+                              "URI, with source `review`; a label given by sha256 alone "
+                              "relabels the --base image with those bytes")
+    base: str | None = _opt(None, "URI of prepared shards to start from: their images are "
+                            "copied in (a label replaces an image's base row), and their "
+                            "size, seed, split and near-duplicate distance apply")
     per_class: int | None = _opt(None, "sample at most N images per class (deterministic)")
     split: tuple[float, ...] = _opt((0.7, 0.15, 0.15), "train,val,test fractions")
     seed: int = _opt(42, "seed for sampling and the split")
@@ -257,7 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         fine_tune = meta.pop("fine_tune", None)
         if f.default is not dataclasses.MISSING:
-            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            shown = (",".join(map(str, f.default)) or "none") if isinstance(f.default, tuple) \
+                else f.default
             also = "" if fine_tune is None else f"; {fine_tune} with --init-from"
             help_text = f"{help_text} (default: {shown}{also})"
         if kind is bool and f.default is True:  # on unless --no-FLAG

@@ -58,6 +58,12 @@ def print_prepare_summary(manifest: dict, out: str) -> None:
         for name in named.get("train", {}):
             print(f"  {title} {name}: " + " ".join(
                 f"{split}={named[split][name]}" for split in ("train", "val", "test")))
+    labels = manifest.get("labels")
+    if labels:
+        print(f"  labels: {labels['images']} images ({labels['conflicting']} labelled both "
+              f"ways): {labels['written']} read in as source review, {labels['replaced']} of "
+              f"them replacing base rows; {labels['relabeled']} base images relabelled by "
+              f"hash, {labels['unmatched']} hashes matching no image")
     print(f"  skipped={len(manifest['skipped'])} duplicates={manifest['duplicates']}")
     near = manifest.get("near_duplicates") or {}
     if near.get("distance") is not None:

@@ -30,7 +30,9 @@ def bias_audit(rows: list[dict]) -> dict:
     features = {
         "format": np.array([[formats.index(r["source_format"] or "")] for r in rows]),
         "width_height": np.array([[r["width"], r["height"]] for r in rows]),
-        "file_size": np.array([[r["size_bytes"]] for r in rows]),
+        # -1: unknown (rows copied from a shard set older than format 3)
+        "file_size": np.array([[-1 if r["size_bytes"] is None else r["size_bytes"]]
+                               for r in rows]),
     }
     accuracy = {name: _rule_accuracy(x, labels) for name, x in features.items()}
     warnings = [
@@ -46,7 +48,8 @@ def bias_audit(rows: list[dict]) -> dict:
 def _class_stats(rows: list[dict]) -> dict:
     if not rows:
         return {"count": 0}
-    sizes = np.array([r["size_bytes"] for r in rows], dtype=np.float64)
+    sizes = np.array([r["size_bytes"] for r in rows if r["size_bytes"] is not None],
+                     dtype=np.float64)
     dims = Counter(f"{r['width']}x{r['height']}" for r in rows)
     return {
         "count": len(rows),
@@ -57,7 +60,7 @@ def _class_stats(rows: list[dict]) -> dict:
             "p10": int(np.percentile(sizes, 10)),
             "median": int(np.median(sizes)),
             "p90": int(np.percentile(sizes, 90)),
-        },
+        } if len(sizes) else None,
     }
 
 

@@ -4,8 +4,11 @@
                 `NAME=URI` names a source: a fake's name is its images' `generator`
     list        Ray tasks list the ranges page by page (or sample --per-class from each)
     shuffle     classes and folders mixed, so no part holds one class or one folder
+    labels      with --labels, every labelled image joins the listed objects (source `review`)
     decode      read (reads overlap), hash, split by content hash, decode with preprocess
     write       each batch's rows become one Parquet part per split; a summary row passes on
+    base        with --base, each part of the base set is copied in, less the images a label
+                replaced (`detector.data.extend`); its summary rows pass on the same way
 
 The driver folds the summary rows into running totals (`Tally`): counts, part names, the
 skipped objects, a bounded audit sample and an order-free fingerprint. Nothing it holds
@@ -33,8 +36,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from detector.config import PrepareConfig
-from detector.data import audit, duplicates
-from detector.data.shards import MANIFEST, SHARD_SCHEMA, SPLITS, UNKNOWN
+from detector.data import audit, duplicates, extend
+from detector.data.labels import REVIEW_SOURCE
+from detector.data.shards import (
+    MANIFEST,
+    SHARD_SCHEMA,
+    SPLITS,
+    UNKNOWN,
+    read_manifest,
+    write_shard,
+)
 from detector.io import listing, preprocess, storage
 from detector.io.reads import fetch_many
 
@@ -55,7 +66,8 @@ ROW_SCHEMA = pa.schema(
 )
 ROW_FIELDS = tuple(ROW_SCHEMA.names)
 LISTED_SCHEMA = pa.schema([("uri", pa.string()), ("label", pa.int8()),
-                           ("source_name", pa.string()), ("size_bytes", pa.int64())])
+                           ("source_name", pa.string()), ("generator", pa.string()),
+                           ("size_bytes", pa.int64())])
 SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -78,6 +90,9 @@ class Source:
         if head.lower() == UNKNOWN:
             raise ValueError(f"{text!r}: {UNKNOWN!r} is what attribution answers for a "
                              "generator it cannot name; give the URI alone for unnamed fakes")
+        if head.lower() == REVIEW_SOURCE:
+            raise ValueError(f"{text!r}: {REVIEW_SOURCE!r} names the reviewers' labelled "
+                             "images (--labels); name this source otherwise")
         return cls(label, rest, head)
 
 
@@ -142,6 +157,7 @@ def list_specs(batch: pa.Table, per_class: int | None, seed: int) -> Iterator[pa
 def _listed_table(objects: list[listing.Listed], label: int, name: str | None) -> pa.Table:
     return pa.table({"uri": [o.uri for o in objects], "label": [label] * len(objects),
                      "source_name": [name] * len(objects),
+                     "generator": [name if label else None] * len(objects),
                      "size_bytes": [o.size for o in objects]}, schema=LISTED_SCHEMA)
 
 
@@ -152,9 +168,10 @@ def sampled_items(listed, per_class: int, seed: int) -> list[dict]:
     for batch in listed.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
             keep_lowest(heaps[row["label"]], per_class, sample_rank(seed, row["uri"]),
-                        row["uri"], (row["size_bytes"], row["source_name"]))
-    return [{"uri": uri, "label": label, "source_name": name, "size_bytes": size}
-            for label, heap in heaps.items() for _, uri, (size, name) in heap]
+                        row["uri"], (row["size_bytes"], row["source_name"], row["generator"]))
+    return [{"uri": uri, "label": label, "source_name": name, "generator": generator,
+             "size_bytes": size}
+            for label, heap in heaps.items() for _, uri, (size, name, generator) in heap]
 
 
 def keep_lowest(heap: list, limit: int, rank: bytes, key: str, payload) -> None:
@@ -179,12 +196,15 @@ def decode_batch(
     fetched = fetch_many(uris, None if sizes is None else [
         None if s is None or s != s else int(s) for s in sizes])  # None or NaN: not listed
     out: dict[str, list] = {name: [] for name in ROW_FIELDS}
-    for uri, label, name, (blob, error, detail, _) in zip(
-            uris, batch["label"], batch["source_name"], fetched, strict=True):
-        name = name if isinstance(name, str) else None  # from_items makes a null column NaN
+    for uri, label, name, generator, (blob, error, detail, _) in zip(
+            uris, batch["label"], batch["source_name"], batch["generator"], fetched,
+            strict=True):
+        # from_items makes a null column NaN
+        name = name if isinstance(name, str) else None
+        generator = generator if isinstance(generator, str) and label else None
         row = dict.fromkeys(ROW_FIELDS)
         row.update(source_uri=uri, label=int(label), error=error, error_detail=detail,
-                   source_name=name, generator=name if label else None)
+                   source_name=name, generator=generator)
         if blob is not None:
             row["size_bytes"] = len(blob)
             row["sha256"] = hashlib.sha256(blob).hexdigest()
@@ -221,16 +241,6 @@ def write_parts(table: pa.Table, out_uri: str, run_id: str) -> pa.Table:
     return table.drop_columns(["image"]).append_column("part", pa.array(parts, pa.string()))
 
 
-def write_shard(out_uri: str, split: str, run_id: str, shard: pa.Table) -> str:
-    """Write `shard` as a new part of `split`; returns its name (`split/part-...`)."""
-    name = f"{split}/part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
-    fs, path = storage.resolve(storage.join(out_uri, name))
-    if not storage.is_s3(out_uri):
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(shard, path, filesystem=fs, compression="zstd")
-    return name
-
-
 # ------------------------------------------------------------------------------ driver
 
 
@@ -240,8 +250,8 @@ class Tally:
 
     def __init__(self) -> None:
         self.objects = 0
-        # (class, source name or None) -> images, per split: the manifest's counts by class,
-        # by generator and by named real source are all sums of these.
+        # count_key -> images, per split: the manifest's counts by class, by generator and
+        # by named real source are all sums of these.
         self.by_source: dict[str, Counter] = {s: Counter() for s in SPLITS}
         self.parts: dict[str, set[str]] = {s: set() for s in SPLITS}
         self.skipped: list[dict] = []
@@ -274,7 +284,8 @@ class Tally:
                 self.skipped.append({"uri": r["source_uri"], "error": r["error"],
                                      "detail": r["error_detail"]})
                 continue
-            self.by_source[r["split"]][_kind(r["label"]), r["source_name"]] += 1
+            self.by_source[r["split"]][count_key(r["label"], r["source_name"],
+                                                 r["generator"])] += 1
             self.parts[r["split"]].add(r["part"])
             # A source's name is part of an image's identity in the set (a generator is a
             # label); unnamed images hash as they did before sources had names.
@@ -305,10 +316,17 @@ def run(config: PrepareConfig, progress: bool = True) -> dict:
     import ray
     from ray.data.context import ShuffleStrategy
 
+    if not (config.real or config.fake or config.labels or config.base):
+        raise ValueError("nothing to prepare: give --real/--fake sources, --labels or --base")
+    base = None
+    if config.base:
+        base = read_manifest(config.base)
+        config = extend.on_base(config, base)
     if abs(sum(config.split) - 1.0) > 1e-6 or len(config.split) != 3:
         raise ValueError(f"--split needs three fractions summing to 1, got {config.split}")
     started = time.perf_counter()
     specs = listing_specs(config)
+    labelled = extend.labelled_images(config.labels) if config.labels else None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     # Task-based shuffles: the default hash shuffle starts aggregator actors, seconds of
@@ -318,55 +336,92 @@ def run(config: PrepareConfig, progress: bool = True) -> dict:
     context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     context.target_max_block_size = BLOCK_BYTES
     try:
-        return _run(config, specs, started)
+        return _run(config, specs, labelled, base, started)
     finally:
         context.shuffle_strategy, context.target_max_block_size = saved
 
 
-def _run(config: PrepareConfig, specs: list[dict], started: float) -> dict:
+def _run(config: PrepareConfig, specs: list[dict], labelled: extend.Labelled | None,
+         base: dict | None, started: float) -> dict:
     import ray
 
-    listed = ray.data.from_items([{"spec": json.dumps(s)} for s in specs],
-                                 override_num_blocks=len(specs)).map_batches(
-        list_specs, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"per_class": config.per_class, "seed": config.seed},
-        compute=ray.data.TaskPoolStrategy(size=min(listing.LISTING_TASKS, len(specs))), num_cpus=0,
-    )
-    if config.per_class is not None:
-        items = sampled_items(listed, config.per_class, config.seed)
-        objects = ray.data.from_items(items, override_num_blocks=max(1, len(items) // 256))
-    else:
-        objects = listed
+    inputs = []
+    if specs:
+        listed = ray.data.from_items([{"spec": json.dumps(s)} for s in specs],
+                                     override_num_blocks=len(specs)).map_batches(
+            list_specs, batch_size=1, batch_format="pyarrow",
+            fn_kwargs={"per_class": config.per_class, "seed": config.seed},
+            compute=ray.data.TaskPoolStrategy(size=min(listing.LISTING_TASKS, len(specs))),
+            num_cpus=0,
+        )
+        if config.per_class is not None:
+            items = sampled_items(listed, config.per_class, config.seed)
+            listed = ray.data.from_items(items, override_num_blocks=max(1, len(items) // 256))
+        inputs.append(listed)
+    if labelled and labelled.items:  # every labelled image, never sampled
+        inputs.append(ray.data.from_arrow([
+            pa.Table.from_pylist(labelled.items[i:i + 1000], schema=LISTED_SCHEMA)
+            for i in range(0, len(labelled.items), 1000)]))
     run_id = uuid.uuid4().hex[:8]
-    # Mixed, so every part holds both classes and many folders; then small blocks, so
-    # decoding spreads over every CPU.
-    mixed = objects.random_shuffle(seed=config.seed).repartition(
-        target_num_rows_per_block=ROWS_PER_BLOCK)
-    summaries = mixed.map_batches(
-        decode_batch,
-        fn_kwargs={"image_size": config.image_size, "fractions": config.split,
-                   "seed": config.seed},
-        batch_size=DECODE_BATCH,
-    ).map_batches(
-        write_parts,
-        fn_kwargs={"out_uri": config.out, "run_id": run_id},
-        batch_size=config.rows_per_file,
-        batch_format="pyarrow",
-    )
-    # Streamed, never materialized: a materialized dataset pins every summary block (and
-    # its lineage) in the driver, which measured ~4 KB per image, growing with the input.
     tally = Tally()
-    for batch in summaries.iter_batches(batch_size=None, batch_format="pyarrow"):
-        tally.add(batch.to_pylist())
+    reviewed: set[str] = set()  # the labelled images' hashes: they replace base rows
+    if inputs:
+        # Mixed, so every part holds both classes and many folders; then small blocks, so
+        # decoding spreads over every CPU.
+        objects = inputs[0].union(*inputs[1:]) if len(inputs) > 1 else inputs[0]
+        mixed = objects.random_shuffle(seed=config.seed).repartition(
+            target_num_rows_per_block=ROWS_PER_BLOCK)
+        summaries = mixed.map_batches(
+            decode_batch,
+            fn_kwargs={"image_size": config.image_size, "fractions": config.split,
+                       "seed": config.seed},
+            batch_size=DECODE_BATCH,
+        ).map_batches(
+            write_parts,
+            fn_kwargs={"out_uri": config.out, "run_id": run_id},
+            batch_size=config.rows_per_file,
+            batch_format="pyarrow",
+        )
+        # Streamed, never materialized: a materialized dataset pins every summary block
+        # (and its lineage) in the driver, ~4 KB per image, growing with the input.
+        for batch in summaries.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows = batch.to_pylist()
+            tally.add(rows)
+            reviewed.update(r["sha256"] for r in rows
+                            if r["source_name"] == REVIEW_SOURCE and r["error"] is None)
+    label_counts = None
+    if base is not None:
+        label_counts = copy_base(config, base, run_id, tally, reviewed, labelled)
+    elif labelled is not None:
+        label_counts = {"relabeled": 0, "unmatched": len(labelled.relabels), "replaced": 0}
     if tally.objects == 0:
         raise ValueError("no objects found under the given --real/--fake URIs")
     near = regroup_near_duplicates(config, tally, run_id)
     repeated = duplicate_count(config.out, tally.parts, tally.written)
     manifest = build_manifest(config, tally, repeated, time.perf_counter() - started)
     manifest["near_duplicates"] = near
+    if labelled is not None:
+        manifest["labels"] = {**labelled.stats, "read": len(labelled.items),
+                              "written": len(reviewed), **label_counts}
     storage.write_bytes(storage.join(config.out, MANIFEST), json.dumps(manifest, indent=2).encode())
     _remove_stale_parts(config.out, manifest)
     return manifest
+
+
+def copy_base(config: PrepareConfig, base: dict, run_id: str, tally: Tally,
+              reviewed: set[str], labelled: extend.Labelled | None) -> dict:
+    """Copy the base set's images in (less those `reviewed` replaced, with labels given by
+    hash applied), adding their summary rows to `tally`; returns what the labels did."""
+    relabels = labelled.relabels if labelled else {}
+    copied = extend.copy_base(config.base, base, config.out, run_id, reviewed, relabels)
+    rows, relabeled = 0, set()
+    for batch in copied.iter_batches(batch_size=None, batch_format="pyarrow") if copied else ():
+        summary = batch.to_pylist()
+        rows += len(summary)
+        tally.add(summary)
+        relabeled.update(r["sha256"] for r in summary if r["sha256"] in relabels)
+    return {"relabeled": len(relabeled), "unmatched": len(relabels) - len(relabeled),
+            "replaced": base["written"] - rows}
 
 
 def duplicate_count(out_uri: str, parts: dict[str, set[str]], written: int) -> int:
@@ -418,15 +473,15 @@ def _regroup(out_uri: str, parts: dict[str, list[str]], fractions: tuple[float, 
     for split in SPLITS:
         for name in parts[split]:
             fs, path = storage.resolve(storage.join(out_uri, name))
-            table = pq.read_table(path, filesystem=fs,
-                                  columns=["sha256", "phash", "label", "source_name"])
+            table = pq.read_table(path, filesystem=fs, columns=[
+                "sha256", "phash", "label", "source_name", "generator"])
             names += [name] * table.num_rows
             splits += [split] * table.num_rows
             shas += table.column("sha256").to_pylist()
             hashes += table.column("phash").to_pylist()
-            keys += [(_kind(label), source) for label, source in zip(
+            keys += [count_key(*row) for row in zip(
                 table.column("label").to_pylist(), table.column("source_name").to_pylist(),
-                strict=True)]
+                table.column("generator").to_pylist(), strict=True)]
     grouped = duplicates.groups(duplicates.to_ints(hashes), distance)
     # Each group's split: that of its lowest SHA-256 (the byte-hash split of that member).
     lowest: dict[int, str] = {}
@@ -475,6 +530,12 @@ def _kind(label: int) -> str:
     return "fake" if label else "real"
 
 
+def count_key(label: int, source_name: str | None, generator: str | None) -> tuple:
+    """What the manifest counts an image under: a fake by its generator (a reviewer's
+    label may name one for an image of any source), a real image by its source's name."""
+    return _kind(label), generator if label else source_name
+
+
 def read_hashes(batch: pa.Table) -> pa.Table:
     """Ray Data stage: the `sha256` column of each part named in the batch. Read with
     pyarrow directly: Ray's Parquet reader took 15 s for 281 small parts (pyarrow: 0.3 s)."""
@@ -489,14 +550,16 @@ def build_manifest(config: PrepareConfig, tally: Tally, repeated: int,
                    seconds: float) -> dict:
     """The shard set's manifest: counts, parts, skipped objects, duplicates, bias audit."""
     return {
-        "format_version": 2,  # 2: shards have `generator` and `source_name` columns
+        # 2: shards have `generator` and `source_name` columns; 3: and `size_bytes`
+        "format_version": 3,
         "image_size": config.image_size,
         "preprocess_version": preprocess.PREPROCESS_VERSION,
         "pixel_layout": "uint8 HxWx3 RGB, row-major, raw bytes in column 'image'",
         "labels": {"0": "real", "1": "ai-generated"},
         "seed": config.seed,
         "split_fractions": list(config.split),
-        "sources": {"real": list(config.real), "fake": list(config.fake)},
+        "sources": {"real": list(config.real), "fake": list(config.fake),
+                    "base": config.base, "labels": config.labels},
         # Images per generator (`unknown`: fakes from unnamed sources) and named real source.
         "generators": tally.named("fake", UNKNOWN),
         "real_sources": tally.named("real", None),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -37,8 +38,19 @@ SHARD_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("sha256", pa.string()),
         ("phash", pa.string()),  # detector.data.duplicates.phash of the stored pixels
+        ("size_bytes", pa.int64()),  # of the source object (null in sets before format 3)
     ]
 )
+
+
+def write_shard(out_uri: str, split: str, run_id: str, shard: pa.Table) -> str:
+    """Write `shard` as a new part of `split`; returns its name (`split/part-...`)."""
+    name = f"{split}/part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
+    fs, path = storage.resolve(storage.join(out_uri, name))
+    if not storage.is_s3(out_uri):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(shard, path, filesystem=fs, compression="zstd")
+    return name
 
 
 def read_manifest(shards_uri: str) -> dict:

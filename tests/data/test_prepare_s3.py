@@ -280,3 +280,77 @@ def test_extension_less_keys_make_the_same_shards_as_named_ones(local_ray, tmp_p
     second = prepare_into(str(tmp_path / "from-hashed"), str(hashed))
     assert membership(str(tmp_path / "from-named")) == membership(str(tmp_path / "from-hashed"))
     assert first["counts"] == second["counts"] and first["written"] == second["written"] == 40
+
+
+def test_a_set_built_on_a_base_and_labels(sampled):
+    """`prepare --base --labels`: the base's images keep their splits, labelled images join
+    under source `review` with the reviewer's label, a label replaces the base row of the
+    same bytes (by URI) or relabels it (by hash), and every label is accounted for."""
+    import boto3
+
+    from detector.data import labels as label_data
+
+    boto3.client("s3").create_bucket(Bucket="relabel")
+    base_uri = "s3://relabel/base"
+    base = prepare_into(base_uri, sampled, fake=tuple(f"{n}={sampled}/fake/{n}"
+                                                      for n in FAMILIES))
+    write_sample("s3://relabel/scanned", SampleSpec(per_class=6, size=48, seed=11))
+    new_real = sorted(o.uri for o in storage.list_objects("s3://relabel/scanned/real"))
+    new_fake = sorted(o.uri for o in storage.list_objects("s3://relabel/scanned/fake"))
+    train = shard_sets.read_split_local(base_uri, "train").to_pylist()
+    in_base = next(r for r in train if r["label"] == 0)  # re-read from its URI: replaced
+    by_hash = next(r for r in train if r["label"] == 1)  # labelled by its hash: relabelled
+    found = [{"uri": uri, "label": "ai-generated"} for uri in new_real]  # the misses
+    found += [{"uri": new_fake[0], "label": "ai-generated", "generator": FAMILIES[0]}]
+    found += [{"uri": in_base["source_uri"], "label": "ai-generated"},
+              {"sha256": by_hash["sha256"], "label": "real"},
+              {"sha256": "f" * 64, "label": "real"},  # an image in neither set
+              {"uri": "s3://relabel/scanned/gone.png", "label": "real"}]  # deleted since
+    label_data.append("s3://relabel/labels", map(label_data.Label.parse, found), "ana")
+
+    with pytest.raises(ValueError, match="--image-size 64 differs from the base's 48"):
+        prepare.run(PrepareConfig(out="s3://relabel/x", base=base_uri, image_size=64),
+                    progress=False)
+    with pytest.raises(ValueError, match="--out must differ from --base"):
+        prepare.run(PrepareConfig(out=base_uri + "/", base=base_uri), progress=False)
+    manifest = prepare.run(PrepareConfig(out="s3://relabel/new", base=base_uri,
+                                         labels="s3://relabel/labels"), progress=False)
+
+    assert manifest["labels"] == {"labels": len(found), "images": len(found),
+                                  "conflicting": 0, "read": len(found) - 2,
+                                  "written": len(new_real) + 2, "relabeled": 1,
+                                  "unmatched": 1, "replaced": 1}
+    assert manifest["skipped"] == [{"uri": "s3://relabel/scanned/gone.png",
+                                    "error": "vanished", "detail": manifest["skipped"][0]
+                                    ["detail"]}]
+    assert manifest["written"] == base["written"] + len(new_real) + 1
+    assert (manifest["image_size"], manifest["seed"]) == (48, base["seed"])
+    assert manifest["sources"]["base"] == base_uri
+    assert manifest["fingerprint"] != base["fingerprint"]
+
+    rows = {split: shard_sets.read_split_local("s3://relabel/new", split).to_pylist()
+            for split in shard_sets.SPLITS}
+    where = {r["sha256"]: split for split, table in rows.items() for r in table}
+    before = membership(base_uri)
+    assert all(where[sha] == split for split, shas in before.items() for sha in shas)
+    everything = {r["source_uri"]: r for table in rows.values() for r in table}
+    assert len(everything) == manifest["written"]
+    for uri in [*new_real, new_fake[0], in_base["source_uri"]]:
+        row = everything[uri]
+        assert (row["label"], row["source_name"]) == (1, "review"), uri
+        assert row["size_bytes"] > 0 and row["sha256"] in where
+    assert everything[new_fake[0]]["generator"] == FAMILIES[0]
+    assert everything[new_real[0]]["generator"] is None
+    relabelled = everything[by_hash["source_uri"]]
+    assert (relabelled["label"], relabelled["generator"], relabelled["source_name"]) == \
+        (0, None, "review")
+    # The manifest counts a reviewer's fake under the generator named, else `unknown`, and
+    # the relabelled image among the reals of source `review`.
+    counted = {name: sum(manifest["generators"][s].get(name, 0) for s in shard_sets.SPLITS)
+               for name in (*FAMILIES, "unknown")}
+    before_counts = {name: sum(base["generators"][s].get(name, 0) for s in shard_sets.SPLITS)
+                     for name in (*FAMILIES, "unknown")}
+    assert counted[FAMILIES[0]] == before_counts[FAMILIES[0]] + 1 - \
+        (by_hash["generator"] == FAMILIES[0])
+    assert counted["unknown"] == len(new_real) + 1
+    assert sum(manifest["real_sources"][s].get("review", 0) for s in shard_sets.SPLITS) == 1
