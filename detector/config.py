@@ -26,6 +26,7 @@ PRECISION_HELP = ("float32; bfloat16 (CPUs with AMX/AVX512-BF16: OpenVINO ~5x, K
 # Perceptual-hash distance (of 64 bits) within which images are near-duplicates: copies
 # at 48 px measured 0-6 apart, other scenes 26-34 (detector.data.duplicates).
 DEFAULT_DISTANCE = 6
+GATE_TOLERANCE = 0.01  # the largest drop in a slice's accuracy or TPR@1%FPR a gate allows
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -108,6 +109,32 @@ class TrainConfig:
     max_failures: int = _opt(2, "worker failures Ray Train recovers from (from checkpoint)")
     max_steps_per_epoch: int | None = _opt(None, "cap steps per epoch (smoke tests)")
     seed: int = _opt(42, "random seed")
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """`detector retrain`: reviewers' labels -> new shards -> a fine-tune -> the gate ->
+    promotion when the gate passes."""
+
+    model: str = _req("the model name to improve, OUT/<name>: its latest is the baseline "
+                      "and the fine-tune's parent; the candidate is published beside it")
+    labels: str = _req("URI of the labels dataset (`detector label`, POST /v1/labels)")
+    shards: str = _req("output URI of the new shard set: the base plus the labelled images")
+    base: str | None = _opt(None, "shards to build on (default: those the baseline was "
+                            "trained on, from its card)")
+    epochs: int = _opt(5, "fine-tune epochs")
+    lr: float = _opt(1e-5, "fine-tune learning rate")
+    workers: int = _opt(2, "Ray Train workers")
+    cpus_per_worker: float = _opt(1.0, "CPUs per worker")
+    gpus_per_worker: float = _opt(0.0, "GPUs per worker")
+    tolerance: float = _opt(GATE_TOLERANCE, "the gate: the largest loss of accuracy or "
+                            "TPR@1%FPR a slice may show (see `detector compare`)")
+    promote: bool = _opt(True, "move the name's latest to the candidate when the gate passes "
+                         "(--no-promote: fine-tune and compare only)")
+    report: str | None = _opt(None, "URI of a folder for compare.md, compare.json and "
+                              "retrain.json")
+    backend: str = _opt("auto", f"scoring runtime of the comparison: {BACKEND_HELP}",
+                        choices=BACKENDS)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -92,6 +92,16 @@ class Paths:
     def model(self) -> str:  # what the RayService serves and the scan job uses
         return self.uri("models", "resnet50v2")
 
+    @property
+    def shards(self) -> str:  # the prepare job's output, the train job's input
+        return self.uri("shards", "coco-vs-diffusiondb-224", "")
+
+    @property
+    def serve_sources(self) -> dict[str, Any]:
+        """The RayService's bucket access: scans of the scan job's prefix, and reviewers'
+        labels where the retrain job reads them."""
+        return {"scan_allow": (self.uri("incoming", ""),), "labels_uri": self.uri("labels", "")}
+
 
 @dataclass(frozen=True)
 class PrepareJob:
@@ -102,8 +112,7 @@ class PrepareJob:
 
     def argv(self, paths: Paths) -> list[str]:
         return _argv("prepare", real=paths.uri("coco2017", ""),
-                     fake=paths.uri("diffusiondb", ""),
-                     out=paths.uri("shards", "coco-vs-diffusiondb-224", ""),
+                     fake=paths.uri("diffusiondb", ""), out=paths.shards,
                      **dataclasses.asdict(self))
 
 
@@ -121,8 +130,28 @@ class TrainJob:
     resume: bool = True  # a RayJob retry (backoffLimit) continues from the last checkpoint
 
     def argv(self, paths: Paths) -> list[str]:
-        return _argv("train", data=paths.uri("shards", "coco-vs-diffusiondb-224", ""),
-                     out=paths.uri("models", ""), **dataclasses.asdict(self))
+        return _argv("train", data=paths.shards, out=paths.uri("models", ""),
+                     **dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    """The learning loop on the train job's GPU pods: every label the Serve app has taken,
+    folded into the prepare job's shards (always that base: labels accumulate, so each
+    run starts from the curated set, not from the last run's), a fine-tune of the served
+    name's latest, the gate, and promotion when it passes."""
+
+    workers: int = TrainJob.workers
+    gpus_per_worker: float = TrainJob.gpus_per_worker
+    cpus_per_worker: float = TrainJob.cpus_per_worker
+    epochs: int = 5
+    lr: float = 1e-5
+
+    def argv(self, paths: Paths) -> list[str]:
+        return _argv("retrain", model=paths.model, labels=paths.serve_sources["labels_uri"],
+                     base=paths.shards,
+                     shards=paths.uri("shards", "coco-vs-diffusiondb-224-reviewed", ""),
+                     report=paths.uri("retrain", ""), **dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -148,7 +177,7 @@ class ScanJob:
                      out=paths.uri("reports", "incoming", ""), **dataclasses.asdict(self))
 
 
-PREPARE, TRAIN, SCAN = PrepareJob(), TrainJob(), ScanJob()
+PREPARE, TRAIN, RETRAIN, SCAN = PrepareJob(), TrainJob(), RetrainJob(), ScanJob()
 
 
 def _argv(job: str, *positional: str, **flags: Any) -> list[str]:
@@ -319,7 +348,9 @@ def _meta(name: str, component: str) -> dict:
 
 
 def rayjob(name: str, argv: Sequence[str], image: str, groups: Sequence[str],
-           deadline_s: int) -> dict:
+           deadline_s: int, retries: int = 1) -> dict:
+    """A RayJob on a cluster of its own. `retries`: runs on a fresh cluster after a
+    failure (jobs that resume themselves take one)."""
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -329,7 +360,7 @@ def rayjob(name: str, argv: Sequence[str], image: str, groups: Sequence[str],
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,  # time to read logs before the cluster goes
             "activeDeadlineSeconds": deadline_s,
-            "backoffLimit": 1,  # one retry on a fresh cluster; the job resumes itself
+            "backoffLimit": retries,
             "submitterConfig": {"backoffLimit": 2},  # the submitter pod, not the job
             "rayClusterSpec": cluster_spec(image, groups),
         },
@@ -356,8 +387,8 @@ def manifests(image: str = IMAGE, paths: Paths | None = None,
             "upgradeStrategy": {"type": "NewCluster"},
             # The head runs no replicas: traffic enters through the workers' proxies.
             "excludeHeadPodFromServeSvc": True,
-            "serveConfigV2": yaml.safe_dump(serve_config(paths.model), sort_keys=False,
-                                            width=4096),
+            "serveConfigV2": yaml.safe_dump(serve_config(paths.model, **paths.serve_sources),
+                                            sort_keys=False, width=4096),
             "rayClusterConfig": cluster_spec(image, ("cpu", "gpu"), serve=True),
         },
     }
@@ -372,6 +403,9 @@ def manifests(image: str = IMAGE, paths: Paths | None = None,
                                      ("cpu", "gpu"), deadline_s=24 * 3600)],
         "rayjob-scan.yaml": [rayjob("detector-scan", SCAN.argv(paths), image, ("cpu",),
                                     deadline_s=6 * 3600)],
+        # No retry: a second run would publish a second candidate; rerun it by hand.
+        "rayjob-retrain.yaml": [rayjob("detector-retrain", RETRAIN.argv(paths), image,
+                                       ("cpu", "gpu"), deadline_s=12 * 3600, retries=0)],
         "rayservice.yaml": [service],
     }
 
@@ -383,6 +417,8 @@ HEADERS = {
     "rayjob-prepare.yaml": "RayJob: COCO + DiffusionDB objects -> training shards (CPU pods).",
     "rayjob-train.yaml": "RayJob: data-parallel training on GPU pods, then evaluation.",
     "rayjob-scan.yaml": "RayJob: every image under a prefix -> a Parquet report (CPU pods).",
+    "rayjob-retrain.yaml": "RayJob: reviewers' labels -> shards -> fine-tune -> gate -> "
+                           "promote (GPU pods).",
     "rayservice.yaml": "RayService: the HTTP detection endpoint (Serve), autoscaled on GPUs.",
 }
 

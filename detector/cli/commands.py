@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--backend", default="auto", choices=cfg.BACKENDS)
     promote.set_defaults(run=run_promote)
 
+    retrain = commands.add_parser(
+        "retrain", help="labels -> shards -> fine-tune -> gate -> promote (exit 1 when the "
+        "gate refuses the candidate)")
+    cfg.add_arguments(retrain, cfg.RetrainConfig)
+    retrain.set_defaults(run=run_retrain)
+
     export = commands.add_parser("export", help="add ONNX / OpenVINO int8 exports to a model")
     export.add_argument("--model", required=True, help="model artifact URI")
     export.add_argument("--int8", action="store_true",
@@ -209,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that start Ray or TensorFlow, so have chatter to hide.
-CHATTY_COMMANDS = ("prepare", "train", "evaluate", "ensemble", "compare", "promote", "export",
-                   "predict", "scan", "serve", "demo")
+CHATTY_COMMANDS = ("prepare", "train", "evaluate", "ensemble", "compare", "promote", "retrain",
+                   "export", "predict", "scan", "serve", "demo")
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -363,6 +369,21 @@ def run_promote(args: argparse.Namespace) -> int:
     print(f"not promoted: {result['reason']}; {result['name']} latest stays "
           f"{result['previous']}")
     return 0 if result["reason"] == "already the latest" else 1
+
+
+def run_retrain(args: argparse.Namespace) -> int:
+    from detector.training import compare
+    from detector.training.retrain import retrain
+
+    config = cfg.from_args(cfg.RetrainConfig, args)
+    init_ray()
+    record = retrain(config)
+    print(compare.markdown(record["gate"]), end="")
+    if record["promoted"]:
+        print(f"promoted: {config.model} latest -> {record['candidate']}")
+        return 0
+    print(f"not promoted ({record['reason']}): {config.model} latest stays {record['baseline']}")
+    return 0 if not config.promote and record["passed"] else 1
 
 
 def run_label(args: argparse.Namespace) -> int:

@@ -58,7 +58,7 @@ def print_prepare_summary(manifest: dict, out: str) -> None:
         for name in named.get("train", {}):
             print(f"  {title} {name}: " + " ".join(
                 f"{split}={named[split][name]}" for split in ("train", "val", "test")))
-    labels = manifest.get("labels")
+    labels = manifest.get("reviewed")
     if labels:
         print(f"  labels: {labels['images']} images ({labels['conflicting']} labelled both "
               f"ways): {labels['written']} read in as source review, {labels['replaced']} of "

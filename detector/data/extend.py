@@ -10,7 +10,7 @@
                 near-duplicate distance, so every image keeps its split and the new images
                 split the same way
 
-The manifest's `labels` entry counts what happened to each label.
+The manifest's `reviewed` entry counts what happened to each label.
 """
 
 from __future__ import annotations

@@ -401,7 +401,7 @@ def _run(config: PrepareConfig, specs: list[dict], labelled: extend.Labelled | N
     manifest = build_manifest(config, tally, repeated, time.perf_counter() - started)
     manifest["near_duplicates"] = near
     if labelled is not None:
-        manifest["labels"] = {**labelled.stats, "read": len(labelled.items),
+        manifest["reviewed"] = {**labelled.stats, "read": len(labelled.items),
                               "written": len(reviewed), **label_counts}
     storage.write_bytes(storage.join(config.out, MANIFEST), json.dumps(manifest, indent=2).encode())
     _remove_stale_parts(config.out, manifest)

@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 
 import numpy as np
 
+from detector.config import GATE_TOLERANCE
 from detector.data.labels import REVIEW_SOURCE
+from detector.io import storage
 from detector.model.artifact import resolve
 from detector.model.predictor import Predictor
 from detector.training.evaluate import score_split, tpr_at_fpr
 from detector.verdicts.calibration import expected_calibration_error
 
-TOLERANCE = 0.01  # the largest drop in a slice's accuracy or TPR@1%FPR the gate allows
+TOLERANCE = GATE_TOLERANCE
 MIN_SLICE = 20  # images: smaller slices are reported, never gated on
 GATED = ("accuracy", "tpr_at_1pct_fpr")
 REVIEWED_MISSES = "reviewed-misses"
@@ -111,12 +112,10 @@ def compare(baseline: str, candidate: str, shards_uri: str, split: str = "test",
 
 
 def write(record: dict, directory: str) -> None:
-    """compare.json and compare.md in a local `directory`."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "compare.json"), "w") as handle:
-        json.dump(record, handle, indent=2)
-    with open(os.path.join(directory, "compare.md"), "w") as handle:
-        handle.write(markdown(record))
+    """compare.json and compare.md in `directory` (a local path or any storage URI)."""
+    storage.write_bytes(storage.join(directory, "compare.json"),
+                        json.dumps(record, indent=2).encode())
+    storage.write_bytes(storage.join(directory, "compare.md"), markdown(record).encode())
 
 
 def markdown(record: dict) -> str:

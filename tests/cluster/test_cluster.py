@@ -84,7 +84,7 @@ def test_rayservice_serve_config_is_deploy_serve_config():
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     model_uri = config["applications"][0]["args"]["model_uri"]
     assert model_uri == deploy.Paths().model
-    assert config == deploy.serve_config(model_uri)
+    assert config == deploy.serve_config(model_uri, **deploy.Paths().serve_sources)
 
 
 @pytest.mark.unit

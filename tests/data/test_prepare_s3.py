@@ -316,7 +316,7 @@ def test_a_set_built_on_a_base_and_labels(sampled):
     manifest = prepare.run(PrepareConfig(out="s3://relabel/new", base=base_uri,
                                          labels="s3://relabel/labels"), progress=False)
 
-    assert manifest["labels"] == {"labels": len(found), "images": len(found),
+    assert manifest["reviewed"] == {"labels": len(found), "images": len(found),
                                   "conflicting": 0, "read": len(found) - 2,
                                   "written": len(new_real) + 2, "relabeled": 1,
                                   "unmatched": 1, "replaced": 1}
