@@ -281,7 +281,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kind = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
-        help_text = meta.pop("help", "")
+        help_text = meta.pop("help", "").replace("%", "%%")  # argparse formats help with %
         required = meta.pop("required", False)
         if meta.pop("positional", False):
             optional = f.default is not dataclasses.MISSING

@@ -22,6 +22,7 @@ from detector.config import ScanConfig
 
 NAMESPACE = "detector-scans"
 STARTUP_WAIT_S = 20.0  # how long start_scan waits for a new scan's actor to answer
+STATUS_WAIT_S = 10.0  # how long a status question waits for a scan's actor to answer
 
 
 def allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
@@ -77,8 +78,9 @@ def start_scan(source: str, output: str, model_uri: str, app_name: str,
         raise TooManyScans(f"{running} scans are running (at most {max_running}); try again "
                            "when one has finished")
     scan_id = uuid.uuid4().hex[:12]
+    # Near-duplicates grouped: the review page lists groups whose verdicts differ.
     config = {"source": source, "out": output, "model": model_uri, "via": "serve",
-              "serve_app": app_name}
+              "serve_app": app_name, "group_duplicates": True}
     job = ScanJob.options(name=f"scan-{scan_id}", namespace=NAMESPACE, lifetime="detached",
                           max_restarts=0).remote(scan_id, config)
     # The 202 says the scan runs: wait until its actor answers. One that is slow to start
@@ -117,7 +119,7 @@ def _scans(answered_only: bool = True) -> Iterator[tuple[Any, dict[str, Any] | N
         except ValueError:  # gone meanwhile
             continue
         try:
-            yield actor, ray.get(actor.status.remote(), timeout=10)
+            yield actor, ray.get(actor.status.remote(), timeout=STATUS_WAIT_S)
         except ray.exceptions.GetTimeoutError:
             if not answered_only:
                 yield actor, None
@@ -125,13 +127,23 @@ def _scans(answered_only: bool = True) -> Iterator[tuple[Any, dict[str, Any] | N
             continue
 
 
+class ScanStarting(Exception):
+    """The scan exists but its actor has not answered yet (still starting)."""
+
+
 def scan_status(scan_id: str) -> dict[str, Any] | None:
-    """The scan's state, or None when no such scan exists."""
+    """The scan's state, or None when no such scan exists; raises ScanStarting while its
+    actor is still starting on a busy cluster (not an error: ask again shortly)."""
     try:
         actor = ray.get_actor(f"scan-{scan_id}", namespace=NAMESPACE)
     except ValueError:
         return None
-    return ray.get(actor.status.remote(), timeout=10)
+    try:
+        return ray.get(actor.status.remote(), timeout=STATUS_WAIT_S)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise ScanStarting(scan_id) from exc
+    except ray.exceptions.RayActorError:  # died meanwhile (killed by reap, or its node)
+        return None
 
 
 def _now() -> str:

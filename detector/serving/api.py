@@ -162,6 +162,42 @@ class ScanList(ApiModel):
     scans: list[ScanStatus]
 
 
+class ReviewRow(ApiModel):
+    """A report row worth a human's time, and why (see detector.serving.review)."""
+
+    uri: str
+    reason: Literal["uncertain", "classifier-ai", "mixed-group"]
+    score_ai: float | None
+    verdict: Verdict | None
+    decided_by: Literal["provenance", "classifier"] | None
+    evidence: list[EvidenceItem] | None
+    generator: str | None
+    generator_scores: list[GeneratorScore] | None
+    format: str | None
+    width: int | None
+    height: int | None
+    threshold: float | None
+    model: str | None
+    group: str | None = Field(default=None, description="its near-duplicate group (the "
+                              "group's first URI), when the scan grouped near-duplicates")
+    group_size: int | None = None
+    group_verdicts: list[str] | None = Field(default=None, description="the verdicts its "
+                                             "group's members got")
+
+
+class ReviewPage(ApiModel):
+    """GET /v1/review: one page of a committed report's rows worth reviewing."""
+
+    report: str = Field(description="the report prefix")
+    model: str | None = Field(description="name@id of the model that scanned")
+    total: int = Field(ge=0, description="rows worth reviewing in the whole report")
+    offset: int = Field(ge=0)
+    by_reason: dict[str, int]
+    rows: list[ReviewRow]
+    generators: list[str] = Field(default_factory=list, description="the generators this "
+                                  "app's model names (a reviewer's choices)")
+
+
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The `responses=` entry documenting these error statuses with the ErrorBody schema."""
     return {status: {"model": ErrorBody, "description": ERROR_MEANINGS[status]}
@@ -173,9 +209,10 @@ ERROR_MEANINGS = {
     401: "missing or wrong API key (when the app has one)",
     403: "a URI outside the scan allow-list",
     404: "no such resource (or labels are not enabled on this app)",
+    409: "the scan has not finished: its report is not committed yet",
     413: "too many bytes or pixels",
     415: "unsupported content type, or an image format refused on purpose (PSD, EPS, ...)",
     422: "a request that does not match this schema",
     429: "too many scans running; retry later",
-    503: "overloaded or the model is unavailable; retry later",
+    503: "overloaded, the model unavailable, or a scan still starting; retry later",
 }

@@ -29,9 +29,9 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from pydantic import ValidationError
 from ray import serve
@@ -50,7 +50,7 @@ from detector.model.artifact import ModelCard, resolve
 from detector.model.explain import Explainer, overlay_png
 from detector.model.predictor import Predictor
 from detector.scanning import service as scan_service
-from detector.serving import api
+from detector.serving import api, review
 from detector.serving import labels as label_store
 from detector.verdicts import consistency, familiarity, provenance
 from detector.verdicts.attribution import attribute_for
@@ -155,10 +155,10 @@ def _replayer(body: bytes):
     return receive
 
 
-def _render_page(card: dict[str, Any], auth: bool) -> str:
-    page = resources.files("detector.serving").joinpath("static/index.html").read_text()
+def _render_page(card: dict[str, Any], auth: bool, name: str = "index.html") -> str:
+    page = resources.files("detector.serving").joinpath(f"static/{name}").read_text()
     settings = {"auth": auth, "model": card["name"], "threshold": card["threshold"],
-                "margin": card["uncertain_margin"]}
+                "margin": card["uncertain_margin"], "generators": card.get("generators") or []}
     # "</" cannot appear inside the JSON, so it cannot close the <script> element early.
     return page.replace("{{settings}}", json.dumps(settings).replace("</", "<\\/"))
 
@@ -381,6 +381,7 @@ class Ingress:
         self.card = await model.card.remote()
         self.model_card = ModelCard(**self.card)  # its verdict rule, the one rule
         self.page = _render_page(self.card, auth=self._key is not None)
+        self.review_page = _render_page(self.card, self._key is not None, "review.html")
         self._openapi: dict[str, dict] = {}  # by the prefix the app is served under
         self.decoding = asyncio.Semaphore(config.max_concurrent_decodes)
         self.requests = Counter(
@@ -394,6 +395,10 @@ class Ingress:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page_(self) -> HTMLResponse:
         return HTMLResponse(self.page)
+
+    @app.get("/review", response_class=HTMLResponse, include_in_schema=False)
+    async def review_page_(self) -> HTMLResponse:
+        return HTMLResponse(self.review_page)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi_(self, request: Request) -> JSONResponse:
@@ -550,17 +555,98 @@ class Ingress:
         return _json(api.ScanList(scans=[api.ScanStatus(**s) for s in states]))
 
     @app.get("/v1/scans/{scan_id}", response_model=api.ScanStatus,
-             responses=api.errors(401, 404), dependencies=BEARER)
+             responses=api.errors(401, 404, 503), dependencies=BEARER)
     async def get_scan(self, scan_id: str, request: Request) -> JSONResponse:
         """Status, progress counts and, when finished, the summary of a scan."""
         try:
             self._authorize(request)
         except ApiError as err:
             return err.response()
-        state = await asyncio.to_thread(scan_service.scan_status, scan_id)
+        try:
+            state = await asyncio.to_thread(scan_service.scan_status, scan_id)
+        except scan_service.ScanStarting:
+            return error_response(503, "starting", f"scan {scan_id} is still starting; "
+                                  "retry shortly", {"Retry-After": "5"})
         if state is None:
             return error_response(404, "not-found", f"no scan {scan_id}")
         return _json(api.ScanStatus(**state))
+
+    @app.get("/v1/scans/{scan_id}/review", response_model=api.ReviewPage,
+             responses=api.errors(401, 404, 409, 422, 503), dependencies=BEARER)
+    async def review_scan(
+        self, request: Request, scan_id: str, offset: int = Query(0, ge=0),
+        limit: int = Query(50, ge=1, le=500),
+    ) -> JSONResponse:
+        """One page of a scan's rows worth a human's time: `uncertain` rows, AI verdicts of
+        the classifier alone, near-duplicate groups with mixed verdicts."""
+        self._authorize(request)
+        return await self._review(await self._report_of(scan_id), offset, limit)
+
+    @app.get("/v1/review", response_model=api.ReviewPage,
+             responses=api.errors(401, 403, 404, 422), dependencies=BEARER)
+    async def review_report(
+        self, request: Request,
+        report: str = Query(max_length=2048, description="a committed scan report's prefix "
+                            "under the scan allow-list"),
+        offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
+    ) -> JSONResponse:
+        """As GET /v1/scans/{scan_id}/review, for any committed report (a scan started
+        elsewhere, or one no longer kept)."""
+        self._authorize(request)
+        if not scan_service.allowed(report, self.config.scan_allow):
+            raise ApiError(403, "forbidden", f"{report} is outside the scan allow-list")
+        return await self._review(report, offset, limit)
+
+    async def _review(self, out: str, offset: int, limit: int) -> JSONResponse:
+        try:
+            page = await asyncio.to_thread(review.review_page, out, offset, limit)
+        except FileNotFoundError:
+            raise ApiError(404, "not-found", f"no committed scan report at {out}") from None
+        return _json(api.ReviewPage(**page, generators=self.card.get("generators") or []))
+
+    @app.get("/v1/review/image", response_class=Response,
+             responses={200: {"content": {"image/png": {}}},
+                        **api.errors(401, 403, 404, 413, 422)}, dependencies=BEARER)
+    async def review_image(
+        self, request: Request, uri: str = Query(max_length=2048),
+        original: bool = Query(False, description="the object's own bytes instead of a "
+                               "thumbnail of the square the model scored"),
+    ) -> Response:
+        """An image under the scan allow-list, for the review page: a PNG thumbnail, or
+        its original bytes."""
+        self._authorize(request)
+        if not scan_service.allowed(uri, self.config.scan_allow):
+            raise ApiError(403, "forbidden", f"{uri} is outside the scan allow-list")
+        try:
+            blob = await asyncio.to_thread(review.read_image, uri, self.config.max_body_bytes)
+        except FileNotFoundError:
+            raise ApiError(404, "not-found", f"no object at {uri}") from None
+        except review.TooLarge as err:
+            raise ApiError(413, "too-large", str(err)) from None
+        if original:
+            return Response(blob, media_type=review.media_type(blob))
+        try:
+            png = await asyncio.to_thread(review.thumbnail, blob, self.config.max_body_bytes,
+                                          self.config.max_pixels)
+        except preprocess.ImageError as err:
+            raise ApiError(422, err.code, err.detail) from None
+        return Response(png, media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    async def _report_of(self, scan: str) -> str:
+        """The report prefix of a scan this app started, once it has succeeded."""
+        try:
+            state = await asyncio.to_thread(scan_service.scan_status, scan)
+        except scan_service.ScanStarting:
+            raise ApiError(503, "starting", f"scan {scan} is still starting; retry shortly",
+                           headers={"Retry-After": "5"}) from None
+        if state is None:
+            raise ApiError(404, "not-found", f"no scan {scan} (finished scans are kept "
+                           f"{self.config.keep_finished_scans_s:g} s; GET /v1/review?report=URI "
+                           "reads any committed report)")
+        if state["status"] != "succeeded":
+            raise ApiError(409, "not-finished", f"scan {scan} is {state['status']}")
+        return state["output"]
 
     def _authorize(self, request: Request) -> None:
         if self._key is None:

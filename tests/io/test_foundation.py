@@ -23,12 +23,21 @@ def test_import_detector_has_no_side_effects(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_help_lists_every_subcommand():
+def test_cli_help_lists_every_subcommand_and_each_renders_its_own():
+    import argparse
+
     from detector.cli.commands import build_parser
 
-    text = build_parser().format_help()
-    for command in ("sample", "prepare", "train", "evaluate", "predict", "models", "demo"):
+    parser = build_parser()
+    text = parser.format_help()
+    for command in ("sample", "prepare", "train", "evaluate", "predict", "models", "demo",
+                    "retrain"):
         assert command in text
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        assert sub.format_help().startswith(f"usage: detector {name}"), name
+    retrain = " ".join(commands.choices["retrain"].format_help().split())
+    assert "TPR@1%FPR" in retrain and "(default: 0.01)" in retrain
 
 
 def test_config_flags_round_trip():

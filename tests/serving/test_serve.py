@@ -699,6 +699,140 @@ def test_page_in_headless_chromium(base, predictor, tmp_path):
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- review
+
+
+@pytest.fixture(scope="module")
+def review_scan(base, reviewed) -> dict:
+    """A scan started over HTTP of a folder with a C2PA-signed AI image (provenance decides
+    it), its unsigned copy (a near-duplicate the classifier decides), scenes and a text
+    file; returns once it has succeeded."""
+    import provenance_fixtures as fx
+
+    folder = reviewed["images"] / "review-scan"
+    folder.mkdir(parents=True)
+    signed = fx.chatgpt_image(fx.test_chain())
+    (folder / "signed.png").write_bytes(signed)
+    copy = np.asarray(Image.open(io.BytesIO(signed)).convert("RGB"))
+    (folder / "copy.png").write_bytes(encode(copy, "PNG"))
+    for i in range(4):
+        (folder / f"scene-{i}.png").write_bytes(encode(scene(seed=20 + i), "PNG"))
+    (folder / "notes.txt").write_text("not an image")
+    out = reviewed["images"] / "review-report"
+    started = requests.post(f"{base}/v1/scans", timeout=120,
+                            json={"source": str(folder), "output": str(out)})
+    assert started.status_code == 202, started.text
+    scan_id, deadline = started.json()["id"], time.monotonic() + 300
+    while True:
+        state = requests.get(f"{base}/v1/scans/{scan_id}", timeout=30)
+        if state.status_code == 200 and state.json()["status"] != "running":
+            break
+        assert time.monotonic() < deadline, state.text
+        time.sleep(1)
+    assert state.json()["status"] == "succeeded", state.text
+    return {"id": scan_id, "folder": folder, "report": str(out)}
+
+
+def worth_reviewing(out: str) -> list[dict]:
+    """The report's rows a reviewer should see, by the rule, read with duckdb."""
+    import duckdb
+
+    rows = duckdb.sql(f"SELECT uri, verdict, decided_by FROM '{out}/part-*.parquet' "
+                      "ORDER BY uri").fetchall()
+    groups = duckdb.sql(f"SELECT uri, \"group\", verdict FROM '{out}/_near_duplicates.parquet'"
+                        ).fetchall()
+    verdicts: dict[str, set] = {}
+    for _, group, verdict in groups:
+        verdicts.setdefault(group, set()).add(verdict)
+    mixed = {uri for uri, group, _ in groups if len(verdicts[group]) > 1}
+    return [{"uri": uri, "reason": "uncertain" if verdict == "uncertain" else
+             "classifier-ai" if (verdict, by) == ("ai-generated", "classifier") else
+             "mixed-group"} for uri, verdict, by in rows
+            if verdict == "uncertain" or (verdict, by) == ("ai-generated", "classifier")
+            or uri in mixed]
+
+
+def test_review_lists_the_rows_worth_a_human_and_serves_their_thumbnails(base, review_scan):
+    folder, out = review_scan["folder"], review_scan["report"]
+    page = requests.get(f"{base}/v1/scans/{review_scan['id']}/review", timeout=60)
+    assert page.status_code == 200, page.text
+    body = page.json()
+    expected = worth_reviewing(out)
+    assert [(r["uri"], r["reason"]) for r in body["rows"]] == \
+        [(r["uri"], r["reason"]) for r in expected]
+    assert body["total"] == len(expected) and body["report"] == out
+    # The unsigned copy is always worth a look: the classifier called it AI, or not,
+    # beside a near-duplicate whose provenance says AI.
+    rows = {r["uri"]: r for r in body["rows"]}
+    copy, signed = str(folder / "copy.png"), str(folder / "signed.png")
+    assert copy in rows
+    if rows[copy]["verdict"] != "ai-generated":
+        assert rows[signed]["reason"] == "mixed-group" and rows[signed]["group_size"] == 2
+        assert sorted(rows[signed]["group_verdicts"]) == \
+            sorted({"ai-generated", rows[copy]["verdict"]})
+    assert requests.get(f"{base}/v1/review", params={"report": out}, timeout=60).json() == body
+    second = requests.get(f"{base}/v1/review", timeout=60,
+                          params={"report": out, "offset": 1, "limit": 1}).json()
+    assert second["rows"] == body["rows"][1:2] and second["total"] == body["total"]
+
+    thumb = requests.get(f"{base}/v1/review/image", params={"uri": copy}, timeout=60)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(thumb.content)).size == (160, 160)
+    original = requests.get(f"{base}/v1/review/image", timeout=60,
+                            params={"uri": signed, "original": "true"})
+    assert original.content == (folder / "signed.png").read_bytes()
+    assert original.headers["content-type"] == "image/png"
+
+    def refused(path: str, params: dict, status: int, code: str) -> None:
+        assert_error(requests.get(f"{base}{path}", params=params, timeout=60), status, code)
+
+    refused("/v1/review/image", {"uri": "/etc/passwd"}, 403, "forbidden")
+    refused("/v1/review/image", {"uri": str(folder / "gone.png")}, 404, "not-found")
+    refused("/v1/review/image", {"uri": str(folder / "notes.txt")}, 422, "not-an-image")
+    refused("/v1/review", {}, 422, "invalid-request")
+    refused(f"/v1/scans/{'0' * 12}/review", {}, 404, "not-found")
+    refused("/v1/review", {"report": "/etc"}, 403, "forbidden")
+    refused("/v1/review", {"report": str(folder)}, 404, "not-found")  # no committed report
+    refused("/v1/review", {"report": out, "limit": 0}, 422, "invalid-request")
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+                    reason=f"{CHROMIUM} not installed (apt-get install -y chromium)")
+def test_review_page_in_headless_chromium(base, review_scan, reviewed, tmp_path):
+    """Load the scan's review page, press `a` on the first row: the label is stored, with
+    the reviewer typed in; `h` shows the heatmap of the row it moved to."""
+    from detector.data import labels
+
+    browser = Chromium(tmp_path / "profile")
+    try:
+        browser.open(f"{base}/review?scan={review_scan['id']}")
+        count = browser.wait_for("document.querySelectorAll('.row').length")
+        assert count == len(worth_reviewing(review_scan["report"]))
+        browser.wait_for("[...document.querySelectorAll('.thumb')].every("
+                         "(i) => i.complete && i.naturalWidth === 160)")
+        first = browser.evaluate("document.querySelector('.row.current').dataset.uri")
+        browser.evaluate("document.getElementById('reviewer').value = 'ana'")
+        browser.send("Input.dispatchKeyEvent", type="keyDown", key="a", text="a")
+        browser.send("Input.dispatchKeyEvent", type="keyUp", key="a")
+        state = browser.wait_for("document.querySelector('.row').dataset.state")
+        assert state == "labelled-ai-generated", \
+            browser.evaluate("document.querySelector('.row .status').textContent")
+        stored = [row for row in labels.latest(reviewed["labels"])[0].to_pylist()
+                  if row["uri"] == first]
+        assert [(r["label"], r["reviewer"]) for r in stored] == [("ai-generated", "ana")]
+        current = browser.evaluate("[...document.querySelectorAll('.row')].findIndex("
+                                   "(r) => r.classList.contains('current'))")
+        assert current == min(1, count - 1)
+        browser.send("Input.dispatchKeyEvent", type="keyDown", key="h", text="h")
+        browser.wait_for("document.querySelector('.row.current .heat').naturalWidth > 0")
+        shot = browser.send("Page.captureScreenshot", format="png")["data"]
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "review-page.png").write_bytes(base64.b64decode(shot))
+    finally:
+        browser.close()
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- tight app
 
 
