@@ -155,6 +155,9 @@ def _replayer(body: bytes):
     return receive
 
 
+BINARY = {"type": "string", "format": "binary"}
+
+
 def _render_page(card: dict[str, Any], auth: bool, name: str = "index.html") -> str:
     page = resources.files("detector.serving").joinpath(f"static/{name}").read_text()
     settings = {"auth": auth, "model": card["name"], "threshold": card["threshold"],
@@ -605,7 +608,9 @@ class Ingress:
         return _json(api.ReviewPage(**page, generators=self.card.get("generators") or []))
 
     @app.get("/v1/review/image", response_class=Response,
-             responses={200: {"content": {"image/png": {}}},
+             responses={200: {"description": "a PNG thumbnail, or the original's bytes as "
+                                         "their image type",
+                              "content": {"image/*": {"schema": BINARY}}},
                         **api.errors(401, 403, 404, 413, 422)}, dependencies=BEARER)
     async def review_image(
         self, request: Request, uri: str = Query(max_length=2048),
