@@ -108,12 +108,12 @@ def copy_parts(batch: pa.Table, base_uri: str, out_uri: str, run_id: str,
     """Ray Data stage: copy each named base part into `out_uri` (same split), and pass on
     a summary row per image copied, as prepare's write stage does."""
     summaries = []
+    dropped = pa.array(list(replaced), pa.string()) if replaced else None  # once per call
     for name in batch.column("part").to_pylist():
         fs, path = storage.resolve(storage.join(base_uri, name))
         table = conform(pq.read_table(path, filesystem=fs))
-        if replaced:
-            table = table.filter(pc.invert(pc.is_in(table["sha256"],
-                                                    pa.array(list(replaced), pa.string()))))
+        if dropped is not None:
+            table = table.filter(pc.invert(pc.is_in(table["sha256"], dropped)))
         table = relabel(table, relabels)
         if not table.num_rows:
             continue
