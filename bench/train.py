@@ -8,11 +8,17 @@ GPU check for training and the feature pass; `bench/gpu.py` measures inference):
 - the whole run (Ray Train's fit, epochs included), the cached one with its feature pass,
   and their ratio; the feature pass's images/s.
 
+`--mode incremental` (ResNet50V2 at 224 px, weights none): the feature cache of a fine-tune
+on a set built on the base with `prepare --base --labels` (`--reviewed` new labelled
+images), taking the base cache's rows and computing the reviewed images alone, against a
+full feature pass over the same new set, in one run.
+
 `--mode scaling` (resnet50v2_tiny at 64 px): images/s of data-parallel training with 1 and
 2 workers sharing the cores, a worker's input pipeline alone, and the model's training
 step alone on in-memory batches (if input is not well above the step rate, it bounds).
 
-    .venv/bin/python bench/train.py [--mode cache|scaling] [--model M] [--image-size N]
+    .venv/bin/python bench/train.py [--mode cache|incremental|scaling] [--model M]
+        [--image-size N] [--reviewed N]
 """
 
 from __future__ import annotations
@@ -94,6 +100,58 @@ def cache_vs_recompute(shards: str, out: str, model: str, epochs: int, gpus: flo
     return results
 
 
+def incremental_vs_full(tmp: str, shards: str, model: str, reviewed: int, gpus: float
+                        ) -> dict:
+    """A fine-tune's cache on `prepare --base` shards: incremental against a full pass."""
+    import dataclasses
+
+    from detector.config import PrepareConfig, TrainConfig
+    from detector.data import labels as label_data
+    from detector.data import prepare
+    from detector.data.sample import SampleSpec, write_sample
+    from detector.io import storage
+    from detector.io.preprocess import PREPROCESS_VERSION
+    from detector.model.architectures import build_model, get_spec
+    from detector.model.artifact import ModelCard, save_artifact
+    from detector.training import features
+
+    cores = os.cpu_count() or 1
+    size = _image_size(shards)
+    cfg = TrainConfig(data=shards, model=(model,), out=f"{tmp}/models", workers=1,
+                      cpus_per_worker=cores, gpus_per_worker=gpus, weights="none")
+    base_cache = features.ensure_cache(cfg, model, size, say=lambda _: None)
+    # The parent: the model whose base the base cache holds (a frozen base keeps it).
+    parent = f"{tmp}/parent"
+    built = build_model(model, image_size=size, weights="none")
+    features.load_weights(built, storage.join(base_cache, features.WEIGHTS))
+    save_artifact(built, ModelCard(name=model, architecture=get_spec(model).family,
+                                   image_size=size, preprocess_version=PREPROCESS_VERSION),
+                  parent)
+    write_sample(f"{tmp}/scanned", SampleSpec(per_class=max(1, reviewed // 2), size=size,
+                                              seed=99))
+    found = [label_data.Label.parse({"uri": o.uri, "label": "ai-generated"})
+             for o in storage.list_objects(f"{tmp}/scanned")]
+    label_data.append(f"{tmp}/labels", found, "bench")
+    manifest = prepare.run(PrepareConfig(out=f"{tmp}/built", base=shards,
+                                         labels=f"{tmp}/labels"), progress=False)
+    tune = dataclasses.replace(cfg, data=f"{tmp}/built", init_from=parent)
+    started = time.perf_counter()
+    cache = features.ensure_cache(tune, model, size, say=lambda _: None)
+    incremental = time.perf_counter() - started
+    record = features.read_record(cache)
+    full_uri = f"{tmp}/full-pass"
+    started = time.perf_counter()
+    storage.write_bytes(storage.join(full_uri, features.WEIGHTS),
+                        storage.read_bytes(storage.join(cache, features.WEIGHTS)))
+    features.extract(tune, model, size, features.key_for(tune, model, size, manifest),
+                     full_uri, manifest, 0, None, {"num_cpus": cores, "num_gpus": gpus})
+    full = time.perf_counter() - started
+    images = sum(sum(manifest["counts"][s].values()) for s in ("val", "train"))
+    return {"images_cached": images, "images_computed": record["computed_images"],
+            "incremental_seconds": incremental, "full_pass_seconds": full,
+            "incremental_speedup": full / incremental}
+
+
 def input_rate(shards: str, batch_size: int) -> float:
     from detector.data import shards as shard_sets
 
@@ -130,7 +188,9 @@ def _image_size(shards: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", default="cache", choices=("cache", "scaling"))
+    parser.add_argument("--mode", default="cache", choices=("cache", "incremental", "scaling"))
+    parser.add_argument("--reviewed", type=int, default=60,
+                        help="labelled new images (--mode incremental)")
     parser.add_argument("--model", help="default: resnet50v2 (cache), resnet50v2_tiny")
     parser.add_argument("--image-size", type=int, help="default: 224 (cache), 64")
     parser.add_argument("--per-class", type=int, default=400)
@@ -140,7 +200,7 @@ def main() -> None:
                         "the feature actor (default: 1 where an NVIDIA device is visible)")
     args = parser.parse_args()
     gpus = args.gpus if args.gpus is not None else float(bool(glob.glob("/dev/nvidia[0-9]*")))
-    cache_mode = args.mode == "cache"
+    cache_mode = args.mode in ("cache", "incremental")
     model = args.model or ("resnet50v2" if cache_mode else "resnet50v2_tiny")
     size = args.image_size or (224 if cache_mode else 64)
     epochs = args.epochs or (10 if cache_mode else 4)
@@ -161,7 +221,9 @@ def main() -> None:
                                   out=shards, image_size=size), progress=False)
         results = {"model": model, "image_size": size, "epochs": epochs,
                    "cores": os.cpu_count(), "gpus": gpus}
-        if cache_mode:
+        if args.mode == "incremental":
+            results |= incremental_vs_full(tmp, shards, model, args.reviewed, gpus)
+        elif cache_mode:
             results |= cache_vs_recompute(shards, f"{tmp}/out", model, epochs, gpus)
         else:
             for workers in (1, 2):
@@ -177,7 +239,11 @@ def main() -> None:
                                          / results["model_step_images_per_s"])
     for key, value in results.items():
         print(f"{key:34s} {value:.3f}" if isinstance(value, float) else f"{key:34s} {value}")
-    if cache_mode:
+    if args.mode == "incremental":
+        print(f"=> the fine-tune's cache computed {results['images_computed']} of "
+              f"{results['images_cached']} images: {results['incremental_speedup']:.1f}x "
+              "faster than a full pass")
+    elif cache_mode:
         print(f"=> an epoch on cached features is {results['epoch_speedup']:.1f}x faster; "
               f"the whole {epochs}-epoch run {results['whole_run_speedup']:.1f}x "
               "(feature pass included)")

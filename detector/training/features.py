@@ -9,6 +9,12 @@ Parquet beside the shards, under a key of everything that changes them, and reus
 later runs with the same key. Training then fits only the head on them; the published
 artifact is still the whole model, evaluated end to end on pixels.
 
+The cache is incremental: rows carry their image's sha256, and a new cache takes the rows
+of a donor, a complete cache of the same base (the same weights, by digest) and settings,
+instead of recomputing them. The donor is a cache of these same shards (a fine-tune on the
+shards its parent trained on computes nothing) or of the set these shards were built on
+(`prepare --base`: only the reviewed images are new).
+
 Layout: SHARDS/_features/<key>/{model.weights.h5, split=val/view=0/, split=train/view=K/,
 _cache.json}.
 `_cache.json` is written last: a cache without it is incomplete, and is rebuilt.
@@ -25,16 +31,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from detector.data import shards
 from detector.data.augment import AUGMENT_VERSION, robust_augment
+from detector.data.labels import REVIEW_SOURCE
 from detector.io import storage
 from detector.io.preprocess import PREPROCESS_VERSION
 from detector.io.threads import configure_gpus, limit_threads, reserved_threads
 from detector.model.architectures import build_model, get_spec
+from detector.model.artifact import MODEL_FILE
 from detector.training.attribution import generator_classes
 
-FEATURES_VERSION = 1  # bump when the pass changes what it stores
+FEATURES_VERSION = 2  # bump when the pass changes what it stores (2: rows carry sha256)
 CACHE_DIR = "_features"
 RECORD = "_cache.json"
 WEIGHTS = "model.weights.h5"  # the model (frozen base + initial head) the features came from
@@ -70,7 +80,9 @@ class CacheKey:
     fingerprint: str  # the shards' content
     model: str
     image_size: int
-    weights: str  # imagenet | none (then `seed` decides them) | a weights file's URI
+    # imagenet | none (then `seed` decides them) | a weights file's URI | a fine-tune's
+    # parent version (its base and head are the initial weights)
+    weights: str
     seed: int
     preprocess_version: int
     augment: str
@@ -88,7 +100,8 @@ def key_for(cfg, name: str, image_size: int, manifest: dict) -> CacheKey:
 
     return CacheKey(
         fingerprint=manifest["fingerprint"], model=name, image_size=image_size,
-        weights=cfg.weights, seed=cfg.seed, preprocess_version=PREPROCESS_VERSION,
+        weights=cfg.init_from or cfg.weights, seed=cfg.seed,
+        preprocess_version=PREPROCESS_VERSION,
         augment=cfg.augment, views=views_of(cfg),
         augment_version=AUGMENT_VERSION if cfg.augment != "none" else 0,
     )
@@ -124,27 +137,142 @@ def ensure_cache(cfg, name: str, image_size: int, say=print) -> str:
     storage.delete_tree(uri)  # an interrupted pass: its parts are not to be trusted
     say(f"Feature cache for {name}: computing {uri} ({key.views} view(s) of the training "
         "split, and the validation split)")
-    rows = compute(cfg, name, image_size, key, uri, manifest)
-    record = {"key": dataclasses.asdict(key), "rows": rows, "shards": cfg.data,
-              "feature_layer": feature_layer(name)}
+    record = compute(cfg, name, image_size, key, uri, manifest, say)
     storage.write_bytes(storage.join(uri, RECORD), json.dumps(record, indent=2).encode())
     return uri
 
 
-def compute(cfg, name: str, image_size: int, key: CacheKey, uri: str, manifest: dict) -> dict:
-    """Run the feature pass into `uri`: the initial weights first, then one pass of actors
-    over the validation and training splits together (one pool, started once)."""
-    import pyarrow as pa
+def compute(cfg, name: str, image_size: int, key: CacheKey, uri: str, manifest: dict,
+            say=print) -> dict:
+    """Fill the cache at `uri`: the initial weights first; then a donor's rows where one
+    fits, and one pass of actors over the images it lacks (the validation and training
+    splits together: one pool, started once). Returns the cache's record."""
     import ray
 
     resources = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
     generators = len(generator_classes(manifest))  # the head is part of the weights
-    ray.get(ray.remote(_write_initial_weights).options(**resources).remote(
-        name, image_size, cfg.weights, cfg.seed, storage.join(uri, WEIGHTS), generators))
+    base = ray.get(ray.remote(_write_initial_weights).options(**resources).remote(
+        name, image_size, cfg.weights, cfg.seed, storage.join(uri, WEIGHTS), generators,
+        cfg.init_from))
+    donor = find_donor(cfg.data, manifest, key, base)
+    fresh = None  # which images to compute: all of them without a donor
+    if donor is not None:
+        fresh = set() if donor["fingerprint"] == manifest["fingerprint"] else \
+            reviewed_hashes(cfg.data, manifest)
+        for split_name, view in split_views(key.views):
+            copy_rows(storage.join(donor["uri"], f"split={split_name}", f"view={view}"),
+                      storage.join(uri, f"split={split_name}", f"view={view}"), fresh)
+    if fresh is None or fresh:
+        extract(cfg, name, image_size, key, uri, manifest, generators, fresh, resources)
+    rows = {"val": sum(manifest["counts"]["val"].values()),
+            "train": sum(manifest["counts"]["train"].values()) * key.views}
+    stored = dict.fromkeys(rows, 0)
+    for split_name, view in split_views(key.views):
+        stored[split_name] += count_rows(uri, split_name, view)
+    if stored != rows:  # a donor that does not hold what its record says, or a lost part
+        raise RuntimeError(f"feature cache {uri} holds {stored} rows where the shards make "
+                           f"{rows}: delete it and train again")
+    images = sum(sum(manifest["counts"][s].values()) for s in ("val", "train"))
+    computed = images if fresh is None else len(fresh)
+    if donor is not None:
+        say(f"Feature cache for {name}: the features of {images - computed:,} images come "
+            f"from {donor['uri']}, {computed:,} computed")
+    return {"key": dataclasses.asdict(key), "rows": rows, "shards": cfg.data,
+            "feature_layer": feature_layer(name), "base": base,
+            "donor": donor["uri"] if donor else None, "computed_images": computed}
+
+
+def split_views(views: int) -> list[tuple[str, int]]:
+    """The cache's (split, view) directories: the validation split once, the training
+    split `views` times."""
+    return [("val", 0)] + [("train", view) for view in range(views)]
+
+
+# A donor must agree on everything the features depend on but the shards (it is of other
+# shards) and how the weights were named (a parent's base is its initial weights' base).
+DONOR_FIELDS = ("model", "image_size", "seed", "preprocess_version", "augment", "views",
+                "augment_version", "version")
+
+
+def find_donor(shards_uri: str, manifest: dict, key: CacheKey, base: str) -> dict | None:
+    """A complete cache whose rows this one may take ({uri, fingerprint}), or None: of
+    these shards, or of the set they were built on (`prepare --base`), with the same
+    settings and a base of the same weights, made from the shards as they are now."""
+    wanted = {field: getattr(key, field) for field in DONOR_FIELDS}
+    candidates = [(shards_uri, manifest["fingerprint"])]
+    built_on = (manifest.get("sources") or {}).get("base")
+    if built_on and storage.exists(storage.join(built_on, shards.MANIFEST)):
+        candidates.append((built_on, shards.read_manifest(built_on)["fingerprint"]))
+    for candidate, fingerprint in candidates:
+        for item in storage.list_objects(storage.join(candidate, CACHE_DIR)):
+            if not item.uri.endswith("/" + RECORD):
+                continue
+            record = json.loads(storage.read_bytes(item.uri))
+            its = record.get("key") or {}
+            if (record.get("base") == base and its.get("fingerprint") == fingerprint
+                    and {field: its.get(field) for field in DONOR_FIELDS} == wanted):
+                return {"uri": item.uri[: -len(RECORD) - 1], "fingerprint": fingerprint}
+    return None
+
+
+def reviewed_hashes(shards_uri: str, manifest: dict) -> set[str]:
+    """The sha256 of every image of source `review` in a set built on another: the only
+    rows not copied unchanged from the base (`detector.data.extend`). As many as there
+    are labels, never as many as images."""
+    import pyarrow.parquet as pq
+
+    found: set[str] = set()
+    for split_name in ("val", "train"):  # part by part: memory stays that of one
+        for part in shards.part_uris(shards_uri, split_name, manifest):
+            fs, path = storage.resolve(part)
+            found.update(pq.read_table(path, filesystem=fs, columns=["sha256"],
+                                       filters=[("source_name", "==", REVIEW_SOURCE)])
+                         ["sha256"].to_pylist())
+    return found
+
+
+def copy_rows(source: str, destination: str, dropped: set[str]) -> None:
+    """Copy a donor's (split, view) directory into this cache, less the rows of `dropped`
+    images, as a Ray Data pass (the driver never holds the rows)."""
+    import ray
+
+    fs, path = storage.resolve(source)
+    if not storage.list_objects(source):
+        return
+    rows = ray.data.read_parquet(path, filesystem=fs, partitioning=None)
+    if dropped:
+        hashes = pa.array(sorted(dropped), pa.string())
+        rows = rows.map_batches(lambda t: t.filter(pc.invert(pc.is_in(t["sha256"], hashes))),
+                                batch_format="pyarrow")
+    out_fs, out_path = storage.resolve(destination)
+    rows.write_parquet(out_path, filesystem=out_fs)
+
+
+def count_rows(uri: str, split_name: str, view: int) -> int:
+    """Rows stored in one (split, view) directory of a cache, from the Parquet footers."""
+    import pyarrow.dataset as ds
+
+    directory = storage.join(uri, f"split={split_name}", f"view={view}")
+    if not storage.list_objects(directory):
+        return 0
+    fs, path = storage.resolve(directory)
+    return ds.dataset(path, filesystem=fs, format="parquet").count_rows()
+
+
+def extract(cfg, name: str, image_size: int, key: CacheKey, uri: str, manifest: dict,
+            generators: int, only: set[str] | None, resources: dict) -> None:
+    """The feature pass over the shards' images (those of `only` when given), written
+    into `uri` by split and view."""
+    import ray
+
     columns = ["image", "label", "sha256"] + (["generator"] if generators else [])
     splits = []
     for split_name in ("val", "train"):
         dataset = shards.read_split(cfg.data, split_name, columns=columns, manifest=manifest)
+        if only is not None:
+            hashes = pa.array(sorted(only), pa.string())
+            dataset = dataset.map_batches(lambda t, h=hashes: t.filter(pc.is_in(t["sha256"], h)),
+                                          batch_format="pyarrow")
         splits.append(dataset.add_column(
             "split", lambda t, s=split_name: pa.array([s] * t.num_rows), batch_format="pyarrow"))
     features = splits[0].union(splits[1]).map_batches(
@@ -161,8 +289,6 @@ def compute(cfg, name: str, image_size: int, key: CacheKey, uri: str, manifest: 
     )
     fs, path = storage.resolve(uri)
     features.write_parquet(path, filesystem=fs, partition_cols=["split", "view"])
-    return {"val": sum(manifest["counts"]["val"].values()),
-            "train": sum(manifest["counts"]["train"].values()) * key.views}
 
 
 def feature_files(uri: str, split_name: str, view: int = 0) -> tuple[Any, str, int]:
@@ -174,20 +300,34 @@ def feature_files(uri: str, split_name: str, view: int = 0) -> tuple[Any, str, i
 
 
 def _write_initial_weights(name: str, image_size: int, weights: str, seed: int,
-                           uri: str, generators: int = 0) -> None:
-    """Build the model as a training run would (seeded) and store its weights: the feature
-    actors and the training workers all load these, so the base is the same everywhere."""
+                           uri: str, generators: int = 0, init_from: str | None = None) -> str:
+    """Build the model as a training run would (seeded; a fine-tune's is its parent) and
+    store its weights: the feature actors and the training workers all load these, so
+    the base is the same everywhere. Returns the digest of the base's weights."""
     import keras
 
     configure_gpus()
     keras.utils.set_random_seed(seed)
-    overrides = {"weights": weights} if get_spec(name).pretrained else {}
+    overrides = {"weights": "none" if init_from else weights} if get_spec(name).pretrained \
+        else {}
     model = build_model(name, image_size=image_size, generators=generators, **overrides)
+    if init_from:
+        with storage.local_copy(storage.join(init_from, MODEL_FILE)) as path:
+            model.load_weights(path)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, WEIGHTS)
         model.save_weights(local)
         with open(local, "rb") as handle:
             storage.write_bytes(uri, handle.read())
+    return base_digest(model, feature_layer(name))
+
+
+def base_digest(model, layer: str) -> str:
+    """A digest of the weights of `model` up to `layer`: equal digests, equal features."""
+    digest = hashlib.blake2b(digest_size=16)
+    for weight in split(model, layer)[0].weights:
+        digest.update(np.ascontiguousarray(np.asarray(weight.numpy(), np.float32)).tobytes())
+    return digest.hexdigest()
 
 
 def load_weights(model, uri: str) -> None:
@@ -218,7 +358,7 @@ class FeatureExtractor:
         asked (a batch may hold rows of both splits)."""
         pixels = shards.decode_pixels(batch["image"], self.image_size)
         train = np.asarray(batch["split"]) == "train"
-        carried = [c for c in ("label", "generator") if c in batch]  # as the rows have them
+        carried = [c for c in ("label", "generator", "sha256") if c in batch]
         out = {"features": [], **{c: [] for c in carried}, "split": [], "view": []}
         for view in range(self.views):
             rows = np.arange(len(pixels)) if view == 0 else np.flatnonzero(train)

@@ -205,8 +205,10 @@ def _read_weights(model, path: str):
 
 
 def _build_overrides(name: str, cfg: TrainConfig, generators: list[str]) -> dict:
-    """build_model's settings for training `name`: its base weights, its head's classes."""
-    weights = {"weights": cfg.weights} if get_spec(name).pretrained else {}
+    """build_model's settings for training `name`: its base weights (none to fetch for a
+    fine-tune: its parent's replace them), its head's classes."""
+    weights = {"weights": "none" if cfg.init_from else cfg.weights} \
+        if get_spec(name).pretrained else {}
     return weights | {"generators": len(generators)}
 
 
@@ -396,8 +398,8 @@ def fine_tune_from(cfg: TrainConfig, image_size: int, classes: list[str], say=pr
                    ) -> TrainConfig:
     """`cfg` with `--init-from` resolved to one version (a name's latest moves on; the
     run and its card record the version it really started from), after checking the
-    version fits: the same model, input size and generators. A frozen base then trains
-    on pixels: the feature cache holds features of `--weights`' base, not the parent's."""
+    version fits: the same model, input size and generators. A frozen base trains on the
+    features of the parent's base, cached like any (`detector.training.features`)."""
     uri = resolve(cfg.init_from)
     parent = load_card(uri)
     wanted = {"--model": (list(cfg.model), [parent.name]),
@@ -412,10 +414,7 @@ def fine_tune_from(cfg: TrainConfig, image_size: int, classes: list[str], say=pr
                              "otherwise")
     say(f"Fine-tuning {parent.name} from version {parent.id} ({cfg.epochs} epochs at lr "
         f"{cfg.lr:g}); the new version is a candidate: `detector promote` moves latest")
-    if cfg.feature_cache and features.feature_layer(parent.name):
-        say(f"{parent.name}: its frozen base runs on pixels in a fine-tune (the feature "
-            "cache holds the features of --weights' base, not the parent's)")
-    return dataclasses.replace(cfg, init_from=uri, feature_cache=False)
+    return dataclasses.replace(cfg, init_from=uri)
 
 
 def training_domain(shards_uri: str, manifest: dict) -> dict:

@@ -157,3 +157,44 @@ def test_reviewed_misses_must_improve(trained_tiny, reviewed_split, tmp_path):
     eager = with_threshold(trained_tiny[0], 0.0, tmp_path / "eager", "e" * 12)
     assert "reviewed-misses" not in {
         r["slice"] for r in compare(eager, good, reviewed_split, backend="keras")["slices"]}
+
+
+def test_a_candidate_fine_tuned_on_flipped_labels_is_refused(trained_tiny, sample_arrays,
+                                                             sliced_split, tmp_path, capsys):
+    """The regression a bad batch of labels makes: the version fine-tuned on the training
+    images with every label flipped is published as a candidate, fails the gate against
+    its parent on every slice, and `promote` leaves `latest` where it was."""
+    from conftest import batches
+
+    from detector.cli.commands import main
+    from detector.model.artifact import (
+        POINTER_FILE,
+        ModelCard,
+        load_artifact,
+        load_card,
+        point,
+        publish_version,
+    )
+    from detector.training.fit import FitSettings, fit
+    from detector.training.promote import promote
+
+    name = tmp_path / "models" / "resnet50v2_tiny"
+    parent = with_threshold(trained_tiny[0], load_card(trained_tiny[0]).threshold,
+                            name / ("a" * 12), "a" * 12)
+    point(str(name), load_card(parent))
+    model, parent_card = load_artifact(parent)
+    train_x, train_y, test_x, test_y = sample_arrays
+    fit(model, batches(train_x, 1 - train_y, 16, seed=2), batches(test_x, 1 - test_y, 64),
+        FitSettings(epochs=3, lr=1e-3, patience=3, lr_patience=3))
+    card = ModelCard(name=parent_card.name, architecture=parent_card.architecture,
+                     image_size=TINY_SIZE, preprocess_version=parent_card.preprocess_version,
+                     parent={"id": parent_card.id, "name": parent_card.name, "uri": parent})
+    flipped = publish_version(model, card, str(name), candidate=True)
+    assert json.loads((name / POINTER_FILE).read_text())["id"] == "a" * 12
+
+    assert main(["promote", flipped, "--data", sliced_split, "--backend", "keras"]) == 1
+    assert "not promoted: the gate failed" in capsys.readouterr().out
+    assert json.loads((name / POINTER_FILE).read_text())["id"] == "a" * 12
+    gate = promote(flipped, sliced_split, backend="keras")["gate"]
+    regressed = {r["slice"] for r in gate["regressions"]}
+    assert {"all", "generator:sdxl", "generator:mj", "source:coco"} <= regressed, regressed

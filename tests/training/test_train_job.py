@@ -455,3 +455,19 @@ def test_frozen_base_trains_on_cached_features_reused_across_runs(cluster, shard
     lines = listed.rstrip().splitlines()
     assert len(lines) == 2 and lines[1].startswith(f"* resnet50v2_tiny_frozen@{second.name}")
     assert lines[0].startswith(f"  resnet50v2_tiny_frozen@{first.name}"), listed
+
+    # A fine-tune of the first version trains its head on features of its own base: a
+    # cache keyed by the parent, every row taken from the first run's cache, none computed.
+    tuned = submit(cluster["address"], *args("cached", "--epochs", "2", "--lr", "1e-4",
+                                             "--init-from", str(first)))
+    assert "Feature cache for resnet50v2_tiny_frozen: computing" in tuned, tuned[-3000:]
+    assert "images come from " in tuned and ", 0 computed" in tuned, tuned[-3000:]
+    assert version(shards / "cached" / "resnet50v2_tiny_frozen") == second  # a candidate
+    child = next(p for p in (shards / "cached" / "resnet50v2_tiny_frozen").iterdir()
+                 if p not in (first, second) and (p / "detector.json").exists())
+    card = json.loads((child / "detector.json").read_text())
+    assert card["parent"]["id"] == first.name and card["config"]["feature_cache"] is True
+    parent_best = max(h["val_accuracy"] for h in json.loads((first / "history.json").read_text()))
+    assert json.loads((child / "history.json").read_text())[0]["val_accuracy"] >= \
+        parent_best - 0.1
+    assert len(list((shards / "shards" / "_features").iterdir())) == 2
