@@ -102,7 +102,8 @@ def cache_vs_recompute(shards: str, out: str, model: str, epochs: int, gpus: flo
 
 def incremental_vs_full(tmp: str, shards: str, model: str, reviewed: int, gpus: float
                         ) -> dict:
-    """A fine-tune's cache on `prepare --base` shards: incremental against a full pass."""
+    """A fine-tune's cache on `prepare --base` shards: incremental against a full pass
+    (both include the fixed costs: the parent's weights, the actors' start)."""
     import dataclasses
 
     from detector.config import PrepareConfig, TrainConfig
@@ -139,13 +140,16 @@ def incremental_vs_full(tmp: str, shards: str, model: str, reviewed: int, gpus: 
     cache = features.ensure_cache(tune, model, size, say=lambda _: None)
     incremental = time.perf_counter() - started
     record = features.read_record(cache)
-    full_uri = f"{tmp}/full-pass"
+    # The baseline: the same call with no donor to take from (the base cache's record set
+    # aside, the incremental cache removed), i.e. a full pass with the same fixed costs.
+    storage.delete_tree(cache)
+    donor_record = storage.join(base_cache, features.RECORD)
+    kept = storage.read_bytes(donor_record)
+    storage.delete_tree(donor_record)
     started = time.perf_counter()
-    storage.write_bytes(storage.join(full_uri, features.WEIGHTS),
-                        storage.read_bytes(storage.join(cache, features.WEIGHTS)))
-    features.extract(tune, model, size, features.key_for(tune, model, size, manifest),
-                     full_uri, manifest, 0, None, {"num_cpus": cores, "num_gpus": gpus})
+    features.ensure_cache(tune, model, size, say=lambda _: None)
     full = time.perf_counter() - started
+    storage.write_bytes(donor_record, kept)
     images = sum(sum(manifest["counts"][s].values()) for s in ("val", "train"))
     return {"images_cached": images, "images_computed": record["computed_images"],
             "incremental_seconds": incremental, "full_pass_seconds": full,

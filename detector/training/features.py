@@ -237,7 +237,7 @@ def copy_rows(source: str, destination: str, dropped: set[str]) -> None:
     import ray
 
     fs, path = storage.resolve(source)
-    if not storage.list_objects(source):
+    if not any(True for _ in storage.list_objects(source)):
         return
     rows = ray.data.read_parquet(path, filesystem=fs, partitioning=None)
     if dropped:
@@ -253,7 +253,7 @@ def count_rows(uri: str, split_name: str, view: int) -> int:
     import pyarrow.dataset as ds
 
     directory = storage.join(uri, f"split={split_name}", f"view={view}")
-    if not storage.list_objects(directory):
+    if not any(True for _ in storage.list_objects(directory)):
         return 0
     fs, path = storage.resolve(directory)
     return ds.dataset(path, filesystem=fs, format="parquet").count_rows()

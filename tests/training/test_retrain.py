@@ -1,17 +1,19 @@
 """The learning loop as users run it, on a `ray start --head` cluster with `ray job submit`:
 a model that never saw one generator family scans a bucket of it, a reviewer labels its
 misses with `detector label`, and `jobs/retrain.py` folds the labels into new shards,
-fine-tunes the model, gates the candidate and promotes it; a rescan misses fewer."""
+fine-tunes the model, gates the candidate and promotes it; a rescan misses fewer, and a
+Serve app built after the promotion serves the new version."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from ray_cluster import BIN, client_env, ray_head
+from ray_cluster import BIN, client_env, free_port, ray_head, wait_for
 
 from detector.scanning import report
 
@@ -116,3 +118,34 @@ def test_labelled_misses_retrain_into_a_promoted_version_that_misses_fewer(
            "--out", str(root / "scan2"))
     assert report.read_manifest(str(root / "scan2"))["model"].endswith(candidate)
     assert len(misses(root / "scan2")) < len(missed)
+
+    # A Serve app built now (a RayService rollout, here `detector serve` on the cluster)
+    # pins the promoted version, and scores a missed image as the new version does.
+    import requests
+
+    from detector.io import storage
+    from detector.model.predictor import Predictor
+
+    port, log = free_port(), root / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [str(BIN / "detector"), "serve", "--model", str(models / "vit_tiny"), "--port",
+             str(port), "--max-replicas", "1"],
+            env=client_env({"RAY_ADDRESS": cluster["gcs"]}), stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: requests.get(f"{url}/healthz", timeout=5).status_code == 200,
+                 timeout=240, what="detector serve", alive=server, log=log)
+        served = requests.get(f"{url}/v1/model", timeout=30).json()
+        assert served["id"] == candidate and served["parent"]["id"] == baseline, served
+        blob = storage.read_bytes(missed[0])
+        verdict = requests.post(f"{url}/v1/detect", data=blob, timeout=60, headers={
+            "Content-Type": "application/octet-stream"}).json()
+        expected = Predictor.from_uri(str(models / "vit_tiny" / candidate)).predict_bytes(
+            [blob])[0]
+        assert verdict["model"] == f"vit_tiny@{candidate}", verdict
+        assert verdict["score_ai"] == pytest.approx(expected.score_ai, abs=1e-5)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
