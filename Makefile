@@ -39,7 +39,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST)
 
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -q -m unit
+	$(BIN)/python -m pytest -q $(XDIST) -m unit
 
 test-ray: $(STAMP)
 	$(BIN)/python -m pytest -q -m ray

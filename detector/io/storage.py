@@ -59,6 +59,15 @@ def local_path(uri: str) -> str:
     return os.path.abspath(uri)
 
 
+def absolute(uri: str) -> str:
+    """`uri` with a relative local path made absolute against this process's directory:
+    for handing to processes that run elsewhere (Ray Train's workers change into their
+    run's directory, so a path relative to the command's directory misses there)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    return local_path(uri)
+
+
 def s3_endpoint() -> dict[str, str]:
     """pyarrow S3 options derived from the standard AWS environment variables."""
     options = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")}

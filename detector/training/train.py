@@ -429,9 +429,14 @@ def _family(name: str) -> str:
 
 
 def settle(cfg: TrainConfig, say=print) -> tuple[TrainConfig, int]:
-    """(`cfg` with `--init-from` resolved, the input size), or a ValueError for settings
+    """(`cfg` with local paths absolute and `--init-from` resolved, the input size), or a
+    ValueError for settings
     that cannot train: checked before any Ray or TensorFlow work starts."""
     parse_policy(cfg.threshold_policy)  # a typo fails now, not after hours of training
+    # Paths as the user typed them, relative to this directory; the workers run elsewhere.
+    cfg = dataclasses.replace(cfg, data=storage.absolute(cfg.data),
+                              out=storage.absolute(cfg.out),
+                              init_from=cfg.init_from and storage.absolute(cfg.init_from))
     manifest = shards.read_manifest(cfg.data)
     image_size = cfg.image_size or manifest["image_size"]
     if image_size != manifest["image_size"]:

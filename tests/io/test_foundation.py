@@ -68,6 +68,24 @@ def test_config_flags_round_trip():
     assert "(default: 20; 5 with --init-from)" in " ".join(parser.format_help().split())
 
 
+def test_training_paths_typed_relative_reach_the_workers_absolute(tmp_path, monkeypatch):
+    """`detector train --data shards --out out` from a folder: Ray Train's workers run in
+    their run's own directory, so the settings they get name absolute paths (a relative
+    feature-cache path once failed there with FileNotFoundError)."""
+    from detector.config import TrainConfig
+    from detector.io import storage
+    from detector.training.train import settle
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"image_size": 32}))
+    monkeypatch.chdir(tmp_path)
+    cfg, size = settle(TrainConfig(data="shards", model=("vit_tiny",), out="out/"),
+                       say=lambda _: None)
+    assert (cfg.data, cfg.out, size) == (str(tmp_path / "shards"), str(tmp_path / "out"), 32)
+    assert storage.absolute("s3://b/shards") == "s3://b/shards"
+    assert storage.absolute("file://shards") == str(tmp_path / "shards")
+
+
 def test_local_storage_lists_filters_and_writes_atomically(tmp_path):
     from detector.io import storage
 
