@@ -21,7 +21,7 @@ TINY_SIZE = 48
 MODULE_SECONDS = {
     "training/test_train_job.py": 2100, "scanning/test_scan_s3.py": 1900,
     "serving/test_serve.py": 760, "training/test_retrain.py": 435,
-    "cluster/test_cluster.py": 340,
+    "cluster/test_cluster.py": 340, "training/test_feature_cache.py": 200,
     "data/test_prepare_s3.py": 180, "model/test_explain.py": 160, "io/test_console.py": 115,
     "training/test_attribution.py": 110, "data/test_labels.py": 90,
     "model/test_artifact_predictor.py": 80, "cluster/test_autoscaling.py": 65,

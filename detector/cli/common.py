@@ -152,8 +152,11 @@ def predict_files(model: str, images: list[str], backend: str = "auto",
                    f"{prediction.decided_by}"
             if prediction.generator is not None:
                 line += f"\tgenerator={prediction.generator} ({prediction.generator_decided_by})"
+            if getattr(prediction, "media", None) == "video":
+                line += f"\tvideo {prediction.duration_s:.1f} s: {prediction.frames_scored} " \
+                        f"frames, most AI-like at {prediction.worst_frame_s:.1f} s"
             if prediction.evidence:  # what made it uncertain, else the strongest finding
-                doubts = ("consistency", "familiarity") \
+                doubts = ("consistency", "familiarity", "frames") \
                     if prediction.decided_by == "classifier" else ()
                 first = next((e for e in prediction.evidence if e["source"] in doubts),
                              prediction.evidence[0])

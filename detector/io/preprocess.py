@@ -100,6 +100,12 @@ def load_image(
     return _center_square(rgb, size), info
 
 
+def square_pixels(img: Image.Image, size: int) -> np.ndarray:
+    """A decoded image (any mode) as model pixels: RGB, the centre square at `size` px, as
+    `load_image` makes them (video frames take this path too)."""
+    return _center_square(_to_rgb(img), size)
+
+
 def named_as_image(name: str) -> bool:
     """Whether a file name's extension is one Pillow opens (.jpg, .heic, .avif, ...)."""
     register_formats()

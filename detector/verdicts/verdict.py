@@ -9,7 +9,8 @@
    `detector.verdicts.calibration`), else `ai-generated` at or above it and `real` below; and
    `uncertain` whenever a consistency check found the verdict flipping on a re-saved or
    resized copy (`detector.verdicts.consistency`, when asked for), or when the image lies
-   outside the training data's formats and sizes (`detector.verdicts.familiarity`).
+   outside the training data's formats and sizes (`detector.verdicts.familiarity`), or
+   when a video's frames disagree (`detector.verdicts.frames`).
 
 Weak evidence (camera EXIF, a manifest that fails validation) and a C2PA
 `digitalCapture` claim are shown beside the verdict and never change it: metadata that
@@ -24,6 +25,7 @@ from typing import Protocol
 from detector.verdicts.calibration import clamp_band
 from detector.verdicts.consistency import disagrees
 from detector.verdicts.familiarity import unfamiliar
+from detector.verdicts.frames import mixed
 from detector.verdicts.provenance import Evidence, decisive
 
 
@@ -42,7 +44,7 @@ def decide(score: float, threshold: float, margin: float,
     evidence = list(evidence)
     if decisive(evidence) is not None:
         return "ai-generated", "provenance"
-    if disagrees(evidence) or unfamiliar(evidence):
+    if disagrees(evidence) or unfamiliar(evidence) or mixed(evidence):
         return "uncertain", "classifier"
     return classify(score, threshold, margin), "classifier"
 
