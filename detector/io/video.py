@@ -74,6 +74,16 @@ def looks_like_video(head: bytes) -> bool:
     return head[:4] == b"RIFF" and head[8:12] == b"AVI "
 
 
+def media_type(head: bytes) -> str | None:
+    """The MIME type of a video container by its first bytes (QuickTime by its `qt  `
+    brand, other ISO-BMFF as MP4), or None for what `looks_like_video` rejects."""
+    if not looks_like_video(head):
+        return None
+    if head[4:8] == b"ftyp":
+        return "video/quicktime" if head[8:12] == b"qt  " else "video/mp4"
+    return "video/webm" if head[:4] == b"\x1a\x45\xdf\xa3" else "video/x-msvideo"
+
+
 def sample_frames(data: bytes, size: int, frames: int = DEFAULT_FRAMES,
                   limits: VideoLimits = VideoLimits()) -> Frames:
     """`frames` frames of `data`, uniformly over its duration, as `size` px model pixels.

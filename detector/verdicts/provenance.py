@@ -1,4 +1,6 @@
-"""Provenance evidence read from an image's own bytes, beside the pixel classifier.
+"""Provenance evidence read from an image's (or a video's) own bytes, beside the pixel
+classifier. A video's container is read for its C2PA manifest only (MP4 and MOV carry one
+in a BMFF box, as Sora, Veo and Kling write it; AVI in a RIFF chunk).
 
     c2pa        a C2PA manifest store (c2pa-python): the active manifest and, through
                 ingredients, those it was made from; each one's IPTC digital source types,
@@ -35,7 +37,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
-from detector.io import storage
+from detector.io import storage, video
 from detector.io.preprocess import register_formats
 
 STRONG, WEAK, INFO = "strong", "weak", "info"
@@ -130,6 +132,9 @@ def inspect(blob: bytes) -> list[Evidence]:
 
 
     register_formats()  # HEIC / JPEG XL carry XMP and EXIF too
+    container = video.media_type(blob[:16])
+    if container is not None:  # MP4/MOV (BMFF) and AVI carry C2PA manifests; WebM has none
+        return _c2pa_findings(blob, container)
     try:
         with Image.open(io.BytesIO(blob)) as image:  # headers only: no pixels decoded
             mime = Image.MIME.get(image.format or "", "image/jpeg")
@@ -146,13 +151,23 @@ def inspect(blob: bytes) -> list[Evidence]:
         found = [Evidence("metadata", "error", INFO, _clip(str(exc)))]
     except Exception:  # (unreadable, or a pixel bomb: decoding says so)
         return []
-    if c2pa_possible:
-        try:
-            found += _c2pa(blob, mime)
-        except Exception as exc:  # a manifest shaped unlike any spec: never the caller's crash
-            log.warning("C2PA evidence failed: %s: %s", type(exc).__name__, exc)
-            found.append(Evidence("c2pa", "error", INFO,
-                                  _clip(f"unreadable manifest: {type(exc).__name__}")))
+    return _c2pa_findings(blob, mime, found) if c2pa_possible else _strongest_first(found)
+
+
+def _c2pa_findings(blob: bytes, mime: str, found: list[Evidence] | None = None
+                   ) -> list[Evidence]:
+    """`found` and the C2PA manifest's findings, strongest first."""
+    found = list(found or [])
+    try:
+        found += _c2pa(blob, mime)
+    except Exception as exc:  # a manifest shaped unlike any spec: never the caller's crash
+        log.warning("C2PA evidence failed: %s: %s", type(exc).__name__, exc)
+        found.append(Evidence("c2pa", "error", INFO,
+                              _clip(f"unreadable manifest: {type(exc).__name__}")))
+    return _strongest_first(found)
+
+
+def _strongest_first(found: list[Evidence]) -> list[Evidence]:
     order = {STRONG: 0, WEAK: 1, INFO: 2}
     return sorted(found, key=lambda e: order[e.strength])
 

@@ -215,3 +215,27 @@ def test_predict_scores_a_video_by_its_frames(trained_tiny):
         assert result.worst_frame_s == pytest.approx(summary.worst_frame_s, abs=1e-3)
     assert np.mean(results[1].frame_scores) > np.mean(results[0].frame_scores)
     assert results[3].error == "truncated" and results[3].media == "video"
+
+
+def test_a_c2pa_signed_mp4_is_decided_by_its_manifest(trained_tiny):
+    """A generator's MP4 with a signed C2PA manifest declaring trainedAlgorithmicMedia, as
+    c2pa-python's Builder writes one into BMFF (Sora, Veo and Kling sign their videos):
+    `ai-generated` by provenance, whatever the frames say, naming the claim generator;
+    the same frames without the manifest are decided by the classifier."""
+    from provenance_fixtures import AI, c2pa_signed, test_chain
+
+    from detector.model.predictor import Predictor
+    from detector.verdicts import provenance
+
+    predictor = Predictor.from_uri(trained_tiny[0], backend="keras")
+    plain = make_video("mp4", (0,) * 16, size=(predictor.image_size,) * 2, lossless=True)
+    signed = c2pa_signed(plain, "video/mp4", AI, test_chain(), generator="Sora")
+    found = provenance.inspect(signed)
+    assert provenance.decisive(found) is not None, found
+    assert provenance.named_generator(found) == "OpenAI Sora", found
+    assert provenance.inspect(plain) == []
+    result, unsigned = predictor.predict_bytes([signed, plain])
+    assert (result.verdict, result.decided_by) == ("ai-generated", "provenance"), result
+    assert result.generator == "OpenAI Sora" and result.frames_scored == 16
+    assert unsigned.decided_by == "classifier"
+    np.testing.assert_allclose(result.frame_scores, unsigned.frame_scores, atol=1e-5)
