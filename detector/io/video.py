@@ -7,9 +7,10 @@ frames decoded are bounded too: a 10-hour video or a 16k x 16k frame claimed in 
 costs neither time nor memory. Frames are decoded one at a time and shrunk at once, so a
 video costs one full-size frame of memory however long it is.
 
-Sampling: K targets at the middle of K equal spans of the duration; for each, a seek to
-the keyframe at or before it, then frames decoded forward until the target is reached,
-at most `VideoLimits.frames_per_seek` of them (the nearest frame before the target is
+Sampling: K targets at the middle of K equal spans of the duration. The decoder goes on
+forward from the last frame while the next target is within `VideoLimits.frames_per_seek`
+frames of it, and otherwise seeks to the keyframe at or before the target; either way at
+most that many frames are decoded per target (the nearest frame before the target is
 taken then: where keyframes are far apart, that is enough to see the video's content).
 """
 

@@ -107,6 +107,12 @@ def key_for(cfg, name: str, image_size: int, manifest: dict) -> CacheKey:
     )
 
 
+def base_weights(cfg) -> str:
+    """The `--weights` a run builds its model with: none for a fine-tune, whose parent's
+    weights replace them (nothing is fetched to be overwritten)."""
+    return "none" if cfg.init_from else cfg.weights
+
+
 def views_of(cfg) -> int:
     """Augmented views per training image: one when nothing is augmented."""
     return max(1, cfg.views) if cfg.augment != "none" else 1
@@ -152,8 +158,8 @@ def compute(cfg, name: str, image_size: int, key: CacheKey, uri: str, manifest: 
     resources = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
     generators = len(generator_classes(manifest))  # the head is part of the weights
     base = ray.get(ray.remote(_write_initial_weights).options(**resources).remote(
-        name, image_size, cfg.weights, cfg.seed, storage.join(uri, WEIGHTS), generators,
-        cfg.init_from))
+        name, image_size, base_weights(cfg), cfg.seed, storage.join(uri, WEIGHTS),
+        generators, cfg.init_from))
     donor = find_donor(cfg.data, manifest, key, base)
     fresh = None  # which images to compute: all of them without a donor
     if donor is not None:
@@ -236,9 +242,9 @@ def copy_rows(source: str, destination: str, dropped: set[str]) -> None:
     images, as a Ray Data pass (the driver never holds the rows)."""
     import ray
 
-    fs, path = storage.resolve(source)
-    if not any(True for _ in storage.list_objects(source)):
+    if not _has_files(source):
         return
+    fs, path = storage.resolve(source)
     rows = ray.data.read_parquet(path, filesystem=fs, partitioning=None)
     if dropped:
         hashes = pa.array(sorted(dropped), pa.string())
@@ -253,10 +259,15 @@ def count_rows(uri: str, split_name: str, view: int) -> int:
     import pyarrow.dataset as ds
 
     directory = storage.join(uri, f"split={split_name}", f"view={view}")
-    if not any(True for _ in storage.list_objects(directory)):
+    if not _has_files(directory):
         return 0
     fs, path = storage.resolve(directory)
     return ds.dataset(path, filesystem=fs, format="parquet").count_rows()
+
+
+def _has_files(directory: str) -> bool:
+    """Whether anything is stored under `directory` (a split with no rows writes none)."""
+    return next(iter(storage.list_objects(directory)), None) is not None
 
 
 def extract(cfg, name: str, image_size: int, key: CacheKey, uri: str, manifest: dict,
@@ -266,12 +277,12 @@ def extract(cfg, name: str, image_size: int, key: CacheKey, uri: str, manifest: 
     import ray
 
     columns = ["image", "label", "sha256"] + (["generator"] if generators else [])
+    hashes = None if only is None else pa.array(sorted(only), pa.string())
     splits = []
     for split_name in ("val", "train"):
         dataset = shards.read_split(cfg.data, split_name, columns=columns, manifest=manifest)
-        if only is not None:
-            hashes = pa.array(sorted(only), pa.string())
-            dataset = dataset.map_batches(lambda t, h=hashes: t.filter(pc.is_in(t["sha256"], h)),
+        if hashes is not None:
+            dataset = dataset.map_batches(lambda t: t.filter(pc.is_in(t["sha256"], hashes)),
                                           batch_format="pyarrow")
         splits.append(dataset.add_column(
             "split", lambda t, s=split_name: pa.array([s] * t.num_rows), batch_format="pyarrow"))
@@ -308,8 +319,7 @@ def _write_initial_weights(name: str, image_size: int, weights: str, seed: int,
 
     configure_gpus()
     keras.utils.set_random_seed(seed)
-    overrides = {"weights": "none" if init_from else weights} if get_spec(name).pretrained \
-        else {}
+    overrides = {"weights": weights} if get_spec(name).pretrained else {}
     model = build_model(name, image_size=image_size, generators=generators, **overrides)
     if init_from:
         with storage.local_copy(storage.join(init_from, MODEL_FILE)) as path:

@@ -205,10 +205,9 @@ def _read_weights(model, path: str):
 
 
 def _build_overrides(name: str, cfg: TrainConfig, generators: list[str]) -> dict:
-    """build_model's settings for training `name`: its base weights (none to fetch for a
-    fine-tune: its parent's replace them), its head's classes."""
-    weights = {"weights": "none" if cfg.init_from else cfg.weights} \
-        if get_spec(name).pretrained else {}
+    """build_model's settings for training `name`: its base weights
+    (`features.base_weights`), its head's classes."""
+    weights = {"weights": features.base_weights(cfg)} if get_spec(name).pretrained else {}
     return weights | {"generators": len(generators)}
 
 
@@ -430,8 +429,8 @@ def _family(name: str) -> str:
 
 def settle(cfg: TrainConfig, say=print) -> tuple[TrainConfig, int]:
     """(`cfg` with local paths absolute and `--init-from` resolved, the input size), or a
-    ValueError for settings
-    that cannot train: checked before any Ray or TensorFlow work starts."""
+    ValueError for settings that cannot train: checked before any Ray or TensorFlow work
+    starts."""
     parse_policy(cfg.threshold_policy)  # a typo fails now, not after hours of training
     # Paths as the user typed them, relative to this directory; the workers run elsewhere.
     cfg = dataclasses.replace(cfg, data=storage.absolute(cfg.data),
