@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from detector.io.preprocess import DEFAULT_MAX_PIXELS
+from detector.io.video import DEFAULT_FRAMES, VideoLimits
 
 BACKENDS = ("auto", "keras", "openvino", "onnxruntime")  # see detector.model.runtimes
 PRECISIONS = ("float32", "bfloat16", "int8")
@@ -151,8 +152,8 @@ class ScanConfig:
                                 "listing SOURCE")
     include: tuple[str, ...] = _opt((), "file-name globs to select by name instead of by "
                                     "content (default: every object is read and identified "
-                                    "by its bytes, except known non-image and video "
-                                    "extensions), case-insensitive")
+                                    "by its bytes, except known non-image extensions), "
+                                    "case-insensitive")
     exclude: tuple[str, ...] = _opt((), "file-name globs never to read, case-insensitive")
     explain_selection: bool = _opt(False, "print the first few objects not read, by reason")
     via: str = _opt("auto", "scoring path: serve (shared Serve replicas, which must serve "
@@ -186,6 +187,13 @@ class ScanConfig:
     gpus_per_actor: float = _opt(0.0, "GPUs per scoring actor (--via data)")
     serve_app: str = _opt("detector", "name of the Serve application for --via serve")
     max_bytes: int = _opt(50 * 1024 * 1024, "objects larger than this are reported too-large")
+    video: str = _opt("scan", "videos (found by name or by content): scan scores each by its "
+                      "sampled frames, one row per video; skip counts those named as videos "
+                      "as not read", choices=("scan", "skip"))
+    video_frames: int = _opt(DEFAULT_FRAMES, "frames sampled per video, uniformly over its "
+                             "duration")
+    video_max_bytes: int = _opt(VideoLimits.max_bytes, "videos larger than this are "
+                                "reported too-large")
     stall_timeout: float = _opt(600.0, "fail when nothing could be scheduled for this many "
                                 "seconds and no node is being added")
 
@@ -196,6 +204,8 @@ class ScanConfig:
             raise ValueError("--partition-size must be at least 1")
         if self.listed_ahead is not None and self.listed_ahead < 1:
             raise ValueError("--listed-ahead must be at least 1")
+        if self.video_frames < 1:
+            raise ValueError("--video-frames must be at least 1")
 
 
 @dataclass(frozen=True)

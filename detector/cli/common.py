@@ -96,6 +96,8 @@ def print_scan_summary(summary: dict, explain: bool = False) -> None:
           f"({summary['parts']} parts) via {summary['via']} with {summary['model']}: "
           f"{summary['scanned']} scored now ({summary['objects_per_second']} objects/s), "
           f"{summary['reused']} reused from the previous report")
+    if summary.get("by_media"):  # rows whose bytes were read: images, videos
+        print("  by media:   " + ", ".join(f"{k}={v}" for k, v in summary["by_media"].items()))
     print("  by verdict: " + (", ".join(f"{k}={v}" for k, v in summary["by_verdict"].items())
                               or "none"))
     if summary.get("by_generator"):  # only for models or files that name generators

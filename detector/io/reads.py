@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
-from detector.io import preprocess, storage
+from detector.io import preprocess, storage, video
 
 READ_ATTEMPTS = 3
 SNIFF_BYTES = 64 * 1024  # what is read of an object not named as an image to identify it
@@ -38,30 +38,38 @@ def _with_retries(read: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def fetch(uri: str, size: int | None = None) -> Fetched:
+def fetch(uri: str, size: int | None = None, videos: bool = False) -> Fetched:
     """Read an object, retrying transient failures. One whose name does not say it is an
     image (no extension, or one Pillow does not know) and that is larger than
     `SNIFF_BYTES` is sniffed: its first `SNIFF_BYTES` are read, and the rest only when
-    they can start an image, so a large log or archive under a bare key costs 64 KiB."""
+    they can start an image (or, with `videos`, a video container), so a large log or
+    archive under a bare key costs 64 KiB."""
+    wanted = _image_or_video if videos else preprocess.could_be_image
     try:
         if preprocess.named_as_image(uri) or (size is not None and size <= SNIFF_BYTES):
             blob = _with_retries(lambda: storage.read_bytes(uri))
             return Fetched(blob, bytes_read=len(blob))
-        blob, whole = _with_retries(
-            lambda: storage.read_prefix(uri, SNIFF_BYTES, preprocess.could_be_image))
+        blob, whole = _with_retries(lambda: storage.read_prefix(uri, SNIFF_BYTES, wanted))
     except FileNotFoundError as exc:
         return Fetched(None, "vanished", str(exc))
     except OSError as exc:
         return Fetched(None, "read-failed", str(exc))
     if not whole:
-        return Fetched(None, "not-an-image", f"not a recognised image format (its first "
-                       f"{len(blob)} bytes match no image signature; the rest was not read)",
-                       len(blob))
+        what = "image or video" if videos else "image"
+        return Fetched(None, "not-an-image", f"not a recognised {what} format (its first "
+                       f"{len(blob)} bytes match no {what} signature; the rest was not "
+                       "read)", len(blob))
     return Fetched(blob, bytes_read=len(blob))
 
 
-def fetch_many(uris: list[str], sizes: list[int | None] | None = None) -> list[Fetched]:
+def _image_or_video(head: bytes) -> bool:
+    return preprocess.could_be_image(head) or video.looks_like_video(head)
+
+
+def fetch_many(uris: list[str], sizes: list[int | None] | None = None,
+               videos: bool = False) -> list[Fetched]:
     """`fetch` for each URI (with its listed size, when known), `_READ_THREADS` reads in
     flight (they wait on storage)."""
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
-        return list(pool.map(fetch, uris, sizes or [None] * len(uris)))
+        return list(pool.map(lambda uri, size: fetch(uri, size, videos), uris,
+                             sizes or [None] * len(uris)))

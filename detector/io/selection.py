@@ -5,7 +5,8 @@ so a name cannot say what is an image. Every listed object is read and identifie
 bytes (decoding says `not-an-image` for what is not one), except:
 
     excluded-by-rule    an extension that names a known non-image type (json, txt, ...)
-    video               a video extension (mp4, mov, ...): counted apart, not read
+    video               a video extension (mp4, mov, ...) where videos are not read
+                        (`Selection.videos` off: training data, `detector scan --video skip`)
     excluded-by-glob    a name matching an `--exclude` glob
     not-included        with `--include` globs given, a name matching none of them
 
@@ -44,10 +45,12 @@ def extension(name: str) -> str:
 @dataclass(frozen=True)
 class Selection:
     """The rules: `include` globs select by name instead of by content; `exclude` globs
-    drop names. Both are matched case-insensitively against the key's last part."""
+    drop names. Both are matched case-insensitively against the key's last part.
+    `videos`: objects named as videos are read too (a scan scores them)."""
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    videos: bool = False
 
     def __post_init__(self) -> None:
         # Lower-cased once here, not for every listed key.
@@ -64,7 +67,7 @@ class Selection:
             return None if matched else "not-included"
         ext = extension(name)
         if ext in VIDEO_EXTENSIONS:
-            return "video"
+            return None if self.videos else "video"
         if ext in NON_IMAGE_EXTENSIONS:
             return "excluded-by-rule"
         return None

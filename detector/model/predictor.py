@@ -17,9 +17,10 @@ from detector.io import preprocess, video
 from detector.model import runtimes
 from detector.model.artifact import ModelCard, load_card, resolve
 from detector.model.ensemble import is_ensemble
-from detector.verdicts import attribution, consistency, familiarity, frames, provenance
+from detector.verdicts import attribution, consistency, familiarity, provenance
 from detector.verdicts.calibration import Calibration
 from detector.verdicts.verdict import classify_for, decide_for
+from detector.verdicts.video import decide_video
 
 log = logging.getLogger(__name__)
 
@@ -165,22 +166,16 @@ class Predictor:
             return VideoPrediction(None, None, evidence=[e.to_dict() for e in evidence],
                                    error=err.code, error_detail=err.detail)
         scores, heads = self.score_and_attribute(sampled.pixels)
-        summary = frames.summarize(scores, sampled.times_s,
-                                   functools.partial(classify_for, self.card))
-        evidence += [summary.finding] if summary.finding else []
-        verdict, decided_by = decide_for(self.card, summary.score_ai, evidence)
-        worst = int(np.argmax(scores))  # the generator the head names for the worst frame
-        named = attribution.attribute_for(self.card, verdict, evidence,
-                                          None if heads is None else heads[worst])
-        info = sampled.info
+        decided = decide_video(self.card, scores, sampled.times_s, heads, evidence)
+        named, info = decided.named, sampled.info
         return VideoPrediction(
-            summary.score_ai, verdict, decided_by, [e.to_dict() for e in evidence],
-            info.codec.upper(), info.width, info.height, generator=named.generator,
-            generator_scores=named.scores, generator_decided_by=named.decided_by,
-            duration_s=info.duration_s, frames_scored=len(scores),
-            frame_scores=[round(float(s), 6) for s in scores],
+            decided.score_ai, decided.verdict, decided.decided_by,
+            [e.to_dict() for e in decided.evidence], info.codec.upper(), info.width,
+            info.height, generator=named.generator, generator_scores=named.scores,
+            generator_decided_by=named.decided_by, duration_s=info.duration_s,
+            frames_scored=len(scores), frame_scores=[round(float(s), 6) for s in scores],
             frame_times_s=[round(float(t), 3) for t in sampled.times_s],
-            worst_frame_s=summary.worst_frame_s)
+            worst_frame_s=decided.worst_frame_s)
 
     def _check_consistency(self, images: np.ndarray, scores: np.ndarray,
                            evidence: list[list]) -> None:

@@ -32,7 +32,7 @@ PLAN = "_plan.json"
 NEAR_DUPLICATES = "_near_duplicates.parquet"  # with --group-duplicates, committed with it
 PART_PREFIX = "part-"
 META_KEY = b"detector"
-FORMAT_VERSION = 4  # 3: decided_by and evidence; 4: generator columns, evidence names it
+FORMAT_VERSION = 5  # 3: decided_by and evidence; 4: generator columns; 5: media and videos
 
 EVIDENCE_TYPE = pa.list_(pa.struct([("source", pa.string()), ("kind", pa.string()),
                                     ("strength", pa.string()), ("detail", pa.string()),
@@ -44,7 +44,8 @@ REPORT_SCHEMA = pa.schema(
         ("uri", pa.string()),
         ("size_bytes", pa.int64()),
         ("etag", pa.string()),
-        ("format", pa.string()),
+        ("media", pa.string()),  # image | video; null where the bytes were never read
+        ("format", pa.string()),  # an image's format, a video's codec (H264, VP9, ...)
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("phash", pa.string()),  # detector.data.duplicates.phash of the scored pixels
@@ -56,6 +57,12 @@ REPORT_SCHEMA = pa.schema(
         ("generator", pa.string()),
         ("generator_scores", GENERATOR_SCORES_TYPE),  # the attribution head's top 3
         ("generator_decided_by", pa.string()),  # provenance | classifier
+        # Videos only (detector.verdicts.video): the sampled frames' times and scores
+        ("duration_s", pa.float64()),
+        ("frames_scored", pa.int32()),
+        ("frame_scores", pa.list_(pa.float64())),
+        ("frame_times_s", pa.list_(pa.float64())),
+        ("worst_frame_s", pa.float64()),  # the frame scored most likely AI
         ("model", pa.string()),
         ("threshold", pa.float64()),
         ("error", pa.string()),

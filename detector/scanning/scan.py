@@ -34,6 +34,7 @@ from detector.config import ScanConfig
 from detector.data import duplicates
 from detector.io import listing, storage
 from detector.io.selection import NotSelected, Selection
+from detector.io.video import VideoLimits
 from detector.model.artifact import load_card, resolve
 from detector.scanning import gate, report
 from detector.scanning.stages import (
@@ -92,6 +93,8 @@ def scan(config: ScanConfig, progress: bool = True,
     run = {"model": label, "threshold": threshold, "provenance": provenance.rules_id()}
     if config.consistency:  # other verdicts: rows scored without it are not reused
         run["consistency"] = list(consistency.CHECKS)
+    if config.video == "scan":  # rows differ with the videos read and their frames
+        run["video_frames"] = config.video_frames
     report.write_json(out, report.PLAN, {
         "source": config.source, "manifest": config.manifest, "include": list(config.include),
         "exclude": list(config.exclude),
@@ -250,7 +253,8 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
     items = [{"spec": json.dumps(s)} for s in specs]
     listed = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         list_partitions, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"selection": Selection(tuple(config.include), tuple(config.exclude)),
+        fn_kwargs={"selection": Selection(tuple(config.include), tuple(config.exclude),
+                                          videos=config.video == "scan"),
                    "partition_size": config.partition_size,
                    "out": out, "listing_gate": listing_gate, "block_bytes": BLOCK_BYTES,
                    **run},
@@ -258,7 +262,9 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
     )
     decoded = _reblocked(listed, ROWS_PER_BLOCK).map_batches(
         decode_objects, batch_size=ROWS_PER_BLOCK, batch_format="pyarrow",
-        fn_kwargs={"image_size": card.image_size, "max_bytes": config.max_bytes},
+        fn_kwargs={"image_size": card.image_size, "max_bytes": config.max_bytes,
+                   "videos": VideoLimits(max_bytes=config.video_max_bytes)
+                   if config.video == "scan" else None, "frames": config.video_frames},
         # Resources unlike the scoring actors' also keep Ray Data from fusing decoding into
         # them, where it would run serially with the model (or hold a GPU actor's CPU).
         num_cpus=DECODE_CPUS,
@@ -285,7 +291,7 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
             num_cpus=cpus, num_gpus=config.gpus_per_actor,
         )
     return scored.map_batches(
-        PartWriter, fn_constructor_args=(out, run), batch_size=None, batch_format="pyarrow",
+        PartWriter, fn_constructor_args=(out, run, card), batch_size=None, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0,
     )
 
@@ -617,8 +623,9 @@ def _progress_bar():
 def _manifest(config: ScanConfig, ledger: Ledger, run: dict, via: str, started_at: str,
               seconds: float) -> dict:
     parts = sorted(ledger.committed.values(), key=lambda m: m["file"])
-    verdicts, generators, errors = Counter(), Counter(), Counter()
+    media, verdicts, generators, errors = Counter(), Counter(), Counter(), Counter()
     for part in parts:
+        media.update(part.get("by_media") or {})
         verdicts.update(part["by_verdict"])
         generators.update(part.get("by_generator") or {})
         errors.update(part["by_error"])
@@ -641,6 +648,8 @@ def _manifest(config: ScanConfig, ledger: Ledger, run: dict, via: str, started_a
         "objects": objects,
         "scanned": scanned,
         "reused": objects - scanned,
+        "video": config.video,  # scan | skip: whether videos were read
+        "by_media": dict(sorted(media.items())),  # rows whose bytes were read, by what
         "by_verdict": dict(sorted(verdicts.items())),
         "by_generator": dict(sorted(generators.items())),  # images with a generator named
         "by_error": dict(sorted(errors.items())),
@@ -656,7 +665,8 @@ def _manifest(config: ScanConfig, ledger: Ledger, run: dict, via: str, started_a
 
 def summarize(manifest: dict) -> dict:
     """The scan's summary, from its commit manifest (never from reading the rows)."""
-    keys = ("out", "objects", "scanned", "reused", "by_verdict", "by_generator", "by_error",
+    keys = ("out", "objects", "scanned", "reused", "by_media", "by_verdict", "by_generator",
+            "by_error",
             "via",
             "seconds", "objects_per_second", "model", "threshold", "not_scanned")
     extra = {"near_duplicates": manifest["near_duplicates"]} \

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detector.data import duplicates, shards
-from detector.io import preprocess, reads
+from detector.io import preprocess, reads, video
 from detector.io.listing import ListingRange, iter_range
-from detector.io.selection import NotSelected, Selection
+from detector.io.selection import VIDEO_EXTENSIONS, NotSelected, Selection, extension
 from detector.io.threads import reserved_threads
 from detector.model.artifact import ModelCard
 from detector.model.predictor import Predictor
@@ -35,16 +35,22 @@ from detector.scanning.partitions import Partition, Span, cut, partition_id
 from detector.verdicts import consistency, familiarity, provenance
 from detector.verdicts.attribution import attribute_for
 from detector.verdicts.verdict import classify_for, decide_for
+from detector.verdicts.video import decide_video
 
 log = logging.getLogger(__name__)
 
 WORK_SCHEMA = pa.schema([
-    # "object"; "header", one per partition after its objects; "range_done", one per spec
+    # "object"; "frame" (of a video object); "header", one per partition after its
+    # objects; "range_done", one per spec
     ("kind", pa.string()),
     ("partition", pa.string()),
     *report.REPORT_SCHEMA,
     ("reused", pa.bool_()),  # a row of the previous report, carried over as it was
     ("pixels", pa.binary()),  # between decoding and scoring only
+    # "frame" rows, one per sampled frame of a video, from decoding to the writer
+    ("frame_index", pa.int32()),
+    ("frame_s", pa.float64()),
+    ("heads", pa.list_(pa.float32())),  # the attribution head's output for the frame
     ("header", pa.string()),  # JSON, header rows only
 ])
 NOTE_SCHEMA = pa.schema([("status", pa.string()), ("partition", pa.string()),
@@ -146,34 +152,92 @@ def _table(rows: list[dict]) -> pa.Table:
 # ------------------------------------------------------------------------------ decoding
 
 
-def decode_objects(table: pa.Table, image_size: int, max_bytes: int) -> pa.Table:
+def decode_objects(table: pa.Table, image_size: int, max_bytes: int,
+                   videos: video.VideoLimits | None = None,
+                   frames: int = video.DEFAULT_FRAMES) -> Iterator[pa.Table]:
     """Ray Data stage: read and decode the rows that need scoring (never raises per
-    object: a bad object's row gets an error code instead of pixels)."""
+    object: a bad object's row gets an error code instead of pixels).
+
+    With `videos` (their limits), videos are scored too, found by name or by content.
+    The images and every other row go on first, as one table; then each video, read one
+    at a time, goes on as its row and one `frame` row per sampled frame (`frames` of
+    them) as soon as it is sampled: a task holds one video's bytes and frames at most."""
     rows = table.to_pylist()
     todo = [r for r in rows if r["kind"] == "object" and not r["reused"]]
-    fetchable = []
+    pooled, one_by_one = [], []  # one_by_one: what may be a video too large for the pool
     for row in todo:
-        if row["size_bytes"] is not None and row["size_bytes"] > max_bytes:
+        named_video = videos is not None and extension(row["uri"]) in VIDEO_EXTENSIONS
+        limit = videos.max_bytes if named_video or (
+            videos is not None and not preprocess.named_as_image(row["uri"])) else max_bytes
+        size = row["size_bytes"]
+        if size is not None and size > limit:
             row.update(error="too-large",  # refused before a byte is downloaded
-                       error_detail=f"{row['size_bytes']} bytes exceeds {max_bytes}")
+                       error_detail=f"{size} bytes exceeds {limit}")
+        elif named_video or (size is not None and size > max_bytes):
+            one_by_one.append(row)
         else:
-            fetchable.append(row)
-    fetched = reads.fetch_many([r["uri"] for r in fetchable], [r["size_bytes"] for r in fetchable])
-    for row, (blob, error, detail, _) in zip(fetchable, fetched, strict=True):
-        if blob is None:
-            row.update(error=error, error_detail=detail)
-            continue
-        if row["size_bytes"] is None:  # from a manifest without sizes
-            row["size_bytes"] = len(blob)
-        row["evidence"] = [e.to_dict() for e in provenance.inspect(blob)]
-        try:
-            pixels, info = preprocess.load_image(blob, image_size, max_bytes=max_bytes)
-        except preprocess.ImageError as err:
-            row.update(error=err.code, error_detail=err.detail)
+            pooled.append(row)
+    fetched = reads.fetch_many([r["uri"] for r in pooled], [r["size_bytes"] for r in pooled],
+                               videos=videos is not None)
+    later = []
+    for row, got in zip(pooled, fetched, strict=True):
+        if got.data is not None and videos is not None and video.looks_like_video(got.data[:16]):
+            later.append((row, got))  # sampled after the images have gone on
         else:
-            row.update(pixels=pixels.tobytes(), format=info.format, width=info.width,
-                       height=info.height, phash=duplicates.phash(pixels))
-    return _table(rows)
+            _decode(row, got, image_size, max_bytes)
+    held = {id(r) for r, _ in later} | {id(r) for r in one_by_one}
+    yield _table([r for r in rows if id(r) not in held])
+    for row, got in later:
+        yield _table(_decode_video(row, got.data, image_size, frames, videos))
+    for row in one_by_one:
+        got = reads.fetch(row["uri"], row["size_bytes"], videos=True)
+        if got.data is not None and video.looks_like_video(got.data[:16]):
+            yield _table(_decode_video(row, got.data, image_size, frames, videos))
+        else:  # an image after all (or an error), under its image limit
+            _decode(row, got, image_size, max_bytes)
+            yield _table([row])
+        del got  # this video's bytes go before the next one's are read
+
+
+def _decode(row: dict, got: reads.Fetched, image_size: int, max_bytes: int) -> None:
+    """Fill in an image row from its bytes, or its error."""
+    if got.data is None:
+        row.update(error=got.error, error_detail=got.detail)
+        return
+    blob = got.data
+    if row["size_bytes"] is None:  # from a manifest without sizes
+        row["size_bytes"] = len(blob)
+    row["evidence"] = [e.to_dict() for e in provenance.inspect(blob)]
+    if preprocess.could_be_image(blob[:16]):  # an image, whether or not it decodes
+        row["media"] = "image"
+    try:
+        pixels, info = preprocess.load_image(blob, image_size, max_bytes=max_bytes)
+    except preprocess.ImageError as err:
+        row.update(error=err.code, error_detail=err.detail)
+    else:
+        row.update(media="image", pixels=pixels.tobytes(), format=info.format,
+                   width=info.width, height=info.height, phash=duplicates.phash(pixels))
+
+
+def _decode_video(row: dict, blob: bytes, image_size: int, frames: int,
+                  limits: video.VideoLimits) -> list[dict]:
+    """A video's row (its verdict waits for its frames' scores, in `PartWriter`) and one
+    `frame` row per sampled frame; or its row alone, with its error."""
+    if row["size_bytes"] is None:
+        row["size_bytes"] = len(blob)
+    row.update(media="video", evidence=[e.to_dict() for e in provenance.inspect(blob)])
+    try:
+        sampled = video.sample_frames(blob, image_size, frames, limits)
+    except video.VideoError as err:
+        row.update(error=err.code, error_detail=err.detail)
+        return [row]
+    info = sampled.info
+    row.update(format=info.codec.upper(), width=info.width, height=info.height,
+               duration_s=info.duration_s, frames_scored=len(sampled.pixels))
+    return [row, *({"kind": "frame", "partition": row["partition"], "uri": row["uri"],
+                    "frame_index": i, "frame_s": float(t), "pixels": pixels.tobytes()}
+                   for i, (pixels, t) in enumerate(zip(sampled.pixels, sampled.times_s,
+                                                       strict=True)))]
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -261,22 +325,27 @@ def finish_rows(table: pa.Table, card, threshold: float, score_and_attribute,
     if decoded:
         batch = shards.decode_pixels([r["pixels"] for r in decoded], card.image_size)
         scores, heads = score_and_attribute(batch)
-        copies = (consistency.copy_scores(batch, lambda p: score_and_attribute(p)[0])
-                  if check_consistency else [None] * len(decoded))
-        for i, (row, value, copy_scores) in enumerate(zip(decoded, scores, copies,
-                                                          strict=True)):
+        images = [i for i, r in enumerate(decoded) if r["kind"] == "object"]
+        copies = (consistency.copy_scores(batch[images], lambda p: score_and_attribute(p)[0])
+                  if check_consistency and images else [None] * len(images))
+        for i, row in enumerate(decoded):
+            if row["kind"] == "frame":  # its video is decided by the writer
+                row.update(score_ai=float(scores[i]), pixels=None,
+                           heads=None if heads is None else heads[i].tolist())
+        for i, copy_scores in zip(images, copies, strict=True):
+            row, value = decoded[i], float(scores[i])
             evidence = _evidence(row)
             found = [familiarity.check(card.domain, row["format"], row["width"], row["height"])]
             if copy_scores is not None:
                 found.append(consistency.finding(lambda s: classify_for(card, s, threshold),
-                                                 float(value), copy_scores))
+                                                 value, copy_scores))
             if any(found):
                 evidence += [f for f in found if f is not None]
                 row["evidence"] = [e.to_dict() for e in evidence]
-            verdict, decided_by = decide_for(card, float(value), evidence, threshold)
+            verdict, decided_by = decide_for(card, value, evidence, threshold)
             named = attribute_for(card, verdict, evidence,
                                   None if heads is None else heads[i])
-            row.update(score_ai=float(value), verdict=verdict, decided_by=decided_by,
+            row.update(score_ai=value, verdict=verdict, decided_by=decided_by,
                        generator=named.generator, generator_scores=named.scores,
                        generator_decided_by=named.decided_by, pixels=None)
     now = dt.datetime.now(dt.UTC)
@@ -304,12 +373,17 @@ class PartWriter:
     Rows of one partition can arrive in any order and from any upstream task; a row that
     arrives twice (a retried upstream task) is written once. A writer that dies loses
     only the partitions it was still gathering: the driver sees them listed but never
-    committed and lists them again."""
+    committed and lists them again.
 
-    def __init__(self, out: str, run: dict):
-        self.out, self.run = out, run
+    A video's row waits here for its frames' scores (`frame` rows, which may come before
+    or after it, in any batches), then is decided by the video rule with `card` and the
+    run's threshold (`detector.verdicts.video`)."""
+
+    def __init__(self, out: str, run: dict, card: ModelCard | None = None):
+        self.out, self.run, self.card = out, run, card
         self.open: dict[str, dict] = collections.defaultdict(
-            lambda: {"tables": [], "uris": set(), "header": None})
+            lambda: {"tables": [], "uris": set(), "header": None,
+                     "videos": collections.defaultdict(lambda: {"row": None, "frames": {}})})
 
     def __call__(self, table: pa.Table) -> pa.Table:
         notes: list[dict] = []
@@ -330,28 +404,60 @@ class PartWriter:
                 if uri not in state["uris"]:
                     state["uris"].add(uri)
                     keep.append(i)
-            rows = rows.take(keep)
-            state["tables"].append(rows.select([*report.REPORT_SCHEMA.names, "reused"]))
+            rows = rows.take(pa.array(keep, pa.int64()))  # [] alone has no type
             fresh += rows.num_rows
             errors += rows.num_rows - rows.column("error").null_count
+            waiting = _awaiting_frames(rows)
+            for row in rows.filter(waiting).to_pylist():
+                state["videos"][row["uri"]]["row"] = row
+            state["tables"].append(rows.filter(pc.invert(waiting)).select(_WRITTEN))
+        for row in table.filter(pc.equal(kinds, "frame")).select(
+                ["partition", "uri", "frame_index", "frame_s", "score_ai", "heads"]).to_pylist():
+            state = self.open[row["partition"]]
+            if row["uri"] in state["uris"] and row["uri"] not in state["videos"]:
+                continue  # its video was decided: a retried task's copy
+            state["videos"][row["uri"]]["frames"][row["frame_index"]] = row
+        for state in self.open.values():
+            for uri in [u for u, v in state["videos"].items() if _all_frames(v)]:
+                decided = self._decide(**state["videos"].pop(uri))
+                state["tables"].append(_table([decided]).select(_WRITTEN))
         if fresh:
             notes.append(_note("progress", "", {"rows": fresh, "errors": errors}))
         for name in [n for n, s in self.open.items() if _complete(s)]:
             notes.append(self._commit(name, self.open.pop(name)))
         return pa.Table.from_pylist(notes, schema=NOTE_SCHEMA)
 
+    def _decide(self, row: dict, frames: dict[int, dict]) -> dict:
+        """A video's row, decided from its frames' scores."""
+        ordered = [frames[i] for i in range(row["frames_scored"])]
+        scores = [f["score_ai"] for f in ordered]
+        times = [f["frame_s"] for f in ordered]
+        heads = None if ordered[0]["heads"] is None else [f["heads"] for f in ordered]
+        decided = decide_video(self.card, scores, times, heads, _evidence(row),
+                               self.run["threshold"])
+        named = decided.named
+        return {**row, "score_ai": decided.score_ai, "verdict": decided.verdict,
+                "decided_by": decided.decided_by,
+                "evidence": [e.to_dict() for e in decided.evidence],
+                "generator": named.generator, "generator_scores": named.scores,
+                "generator_decided_by": named.decided_by,
+                "frame_scores": [round(float(s), 6) for s in scores],
+                "frame_times_s": [round(float(t), 3) for t in times],
+                "worst_frame_s": decided.worst_frame_s}
+
     def _commit(self, name: str, state: dict) -> dict:
         header = state["header"]
         if header.get("kept"):
             return _note("committed", name, header["kept"])
         table = pa.concat_tables(state["tables"]) if state["tables"] else \
-            WORK_SCHEMA.empty_table().select([*report.REPORT_SCHEMA.names, "reused"])
+            WORK_SCHEMA.empty_table().select(_WRITTEN)
         reused = int(pc.sum(table.column("reused")).as_py() or 0)
         meta = {
             "partition": name, "file": header["file"], "range": header["range"],
             "after": header["after"], "last": header["last"], "rows": table.num_rows,
             "listed_at": header.get("listed_at"),
             "scanned": table.num_rows - reused, "reused": reused,
+            "by_media": _counts(table.column("media")),
             "by_verdict": _counts(table.column("verdict")),
             "by_generator": _counts(table.column("generator")),
             "by_error": _counts(table.column("error")),
@@ -361,9 +467,25 @@ class PartWriter:
         return _note("committed", name, {**meta, "committed_at": time.time()})
 
 
+_WRITTEN = [*report.REPORT_SCHEMA.names, "reused"]
+
+
 def _complete(state: dict) -> bool:
     header = state["header"]
-    return header is not None and len(state["uris"]) >= header["expected"]
+    return header is not None and len(state["uris"]) >= header["expected"] and \
+        not state["videos"]
+
+
+def _awaiting_frames(rows: pa.Table) -> pa.ChunkedArray:
+    """Which of `rows` are videos whose frames were sampled and are not decided yet."""
+    return pc.fill_null(pc.and_(pc.and_(pc.equal(rows.column("media"), "video"),
+                                        pc.is_null(rows.column("verdict"))),
+                                pc.is_null(rows.column("error"))), False)
+
+
+def _all_frames(pending: dict) -> bool:
+    row = pending["row"]
+    return row is not None and len(pending["frames"]) >= row["frames_scored"]
 
 
 def _counts(column: pa.ChunkedArray) -> dict[str, int]:

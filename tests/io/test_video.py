@@ -10,83 +10,13 @@ import time
 
 import numpy as np
 import pytest
+from video_fixtures import FORMATS, audio_only, claiming_hours, make_video, sample_frame
 
 from detector.io import video
 from detector.verdicts import frames
 from detector.verdicts.verdict import classify, decide
 
 pytestmark = pytest.mark.unit
-
-FORMATS = {"mp4": ("mp4", "libx264"), "mov": ("mov", "libx264"), "webm": ("webm", "libvpx-vp9")}
-
-
-def sample_frame(label: int, index: int, size=(64, 48)) -> np.ndarray:
-    from detector.data.sample import make_image
-
-    return make_image(label, np.random.default_rng([7, label, index]), (size[1], size[0]))
-
-
-def make_video(kind: str = "mp4", labels=(0,) * 24, fps: int = 8, size=(64, 48),
-               lossless: bool = False) -> bytes:
-    """A video of `detector sample` frames (one per entry of `labels`: 0 real, 1 AI),
-    encoded as `kind` by FFmpeg's own encoders through PyAV."""
-    import av
-
-    fmt, codec = FORMATS[kind]
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=fmt) as out:
-        options = {"qp": "0"} if lossless and codec == "libx264" else \
-            {"lossless": "1"} if lossless else {}
-        stream = out.add_stream(codec, rate=fps, options=options)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv444p" if lossless else "yuv420p"
-        for i, label in enumerate(labels):
-            frame = av.VideoFrame.from_ndarray(sample_frame(label, i, size), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buffer.getvalue()
-
-
-def audio_only() -> bytes:
-    import av
-
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as out:
-        stream = out.add_stream("aac", rate=8000)
-        for i in range(8):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp",
-                                               layout="mono")
-            frame.sample_rate, frame.pts = 8000, i * 1024
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buffer.getvalue()
-
-
-def claiming_hours(blob: bytes, hours: float) -> bytes:
-    """An MP4 of 24 frames whose headers claim `hours`: every duration field (mvhd, tkhd,
-    mdhd, the edit list) and the sample table's frame delta, as a crafted file would set
-    them. The bytes stay a few KB."""
-    data = bytearray(blob)
-
-    def field(box: bytes, offset: int) -> tuple[int, int]:
-        at = data.index(box)
-        assert data[at + 4] == 0  # version 0: 32-bit fields
-        return at + offset, int.from_bytes(data[at + offset:at + offset + 4], "big")
-
-    movie_scale = field(b"mvhd", 16)[1]
-    media_scale = field(b"mdhd", 16)[1]
-    for box, offset, scale in ((b"mvhd", 20, movie_scale), (b"tkhd", 24, movie_scale),
-                               (b"mdhd", 20, media_scale), (b"elst", 12, movie_scale)):
-        at, _ = field(box, offset)
-        data[at:at + 4] = int(hours * 3600 * scale).to_bytes(4, "big")
-    at, entries = field(b"stts", 8)
-    assert entries == 1  # one run of equal deltas: sample count, then the delta
-    data[at + 8:at + 12] = int(hours * 3600 * media_scale / 24).to_bytes(4, "big")
-    return bytes(data)
 
 
 @pytest.mark.parametrize("kind", sorted(FORMATS))

@@ -171,3 +171,70 @@ def test_the_listing_gate_admits_within_its_window_and_never_waits_on_held_rows(
     assert window_rows(65_536) == 131_072 and window_rows(100) == 16_384
     assert window_rows(100, asked=150) == 150
     assert window_rows(100, asked=150, held_downstream=288) == 676  # never below 1 + 2 x held
+
+
+def test_a_videos_row_is_decided_once_from_its_frames_in_whatever_order_they_come(tmp_path):
+    """The writer holds a video's row until all its frames' scores are there, whether
+    they come before or after it, split over batches or twice (a retried task): one row,
+    decided as `detector predict` decides the video."""
+    import json
+
+    import keras
+    import pyarrow.parquet as pq
+    from video_fixtures import make_video
+
+    from detector.data.sample import SampleSpec, write_sample
+    from detector.io.video import VideoLimits
+    from detector.model.architectures import build_model
+    from detector.model.artifact import ModelCard, save_artifact
+    from detector.model.predictor import Predictor
+    from detector.scanning.stages import WORK_SCHEMA, PartWriter, decode_objects, finish_rows
+
+    keras.utils.set_random_seed(3)
+    model = str(tmp_path / "model")
+    save_artifact(build_model("vit_tiny", image_size=32),
+                  ModelCard(name="vit_tiny", architecture="vit", image_size=32,
+                            preprocess_version=1, threshold=0.5, uncertain_margin=0.0), model)
+    predictor = Predictor.from_uri(model, backend="keras")
+    blob = make_video("mp4", (1,) * 12 + (0,) * 12)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "clip").write_bytes(blob)  # found by its bytes, not its name
+    write_sample(str(tmp_path / "in"), SampleSpec(per_class=1, size=32, seed=1))
+    uris = [str(p) for p in sorted((tmp_path / "in").rglob("*")) if p.is_file()]
+    rows = [{"kind": "object", "partition": "p", "uri": u, "size_bytes": os.path.getsize(u),
+             "etag": "e", "reused": False} for u in uris]
+    decoded = list(decode_objects(pa.Table.from_pylist(rows, schema=WORK_SCHEMA), 32,
+                                  10**6, VideoLimits(), frames=8))
+    assert len(decoded) == 2  # the images (and other rows) first, then the video
+    scored = [finish_rows(t, predictor.card, 0.5, predictor.score_and_attribute)
+              for t in decoded]
+    frames = scored[1].filter(pa.compute.equal(scored[1].column("kind"), "frame"))
+    video_row = scored[1].filter(pa.compute.equal(scored[1].column("kind"), "object"))
+    assert frames.num_rows == 8 and video_row.num_rows == 1
+    header = pa.Table.from_pylist([{"kind": "header", "partition": "p", "header": json.dumps(
+        {"range": {}, "after": None, "last": uris[-1], "expected": len(uris),
+         "file": "part-p.parquet"})}], schema=WORK_SCHEMA)
+    run = {"model": "m", "threshold": 0.5}
+    orders = {
+        "in order": [scored[0], scored[1], header],
+        "frames first, split": [frames.slice(0, 3), header, scored[0], frames.slice(3),
+                                video_row],
+        "retried": [scored[0], frames.slice(0, 5), video_row, frames, scored[1], header,
+                    scored[1]],
+    }
+    expected = predictor.predict_video(blob, count=8)
+    written = {}
+    for name, tables in orders.items():
+        out = tmp_path / name.replace(" ", "-").replace(",", "")
+        writer = PartWriter(str(out), run, predictor.card)
+        notes = [n for t in tables for n in writer(t).to_pylist()]
+        assert [n["status"] for n in notes].count("committed") == 1, name
+        table = pq.read_table(out / "part-p.parquet")
+        assert table.num_rows == len(uris), name
+        row = next(r for r in table.to_pylist() if r["media"] == "video")
+        assert (row["verdict"], row["frames_scored"]) == (expected.verdict, 8), name
+        assert row["frame_scores"] == pytest.approx(expected.frame_scores, abs=1e-5), name
+        assert row["frame_times_s"] == expected.frame_times_s, name
+        assert row["worst_frame_s"] == expected.worst_frame_s, name
+        written[name] = row
+    assert len({json.dumps(r, default=str, sort_keys=True) for r in written.values()}) == 1

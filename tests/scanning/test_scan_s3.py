@@ -754,8 +754,11 @@ def test_group_duplicates_lists_near_copies_in_the_summary(scan_bucket, model_ur
 def mixed_upload_bucket() -> tuple[dict[str, bytes], dict[str, str | None]]:
     """What an upload bucket holds: images under extension-less (UUID-like) keys and
     upper-case extensions, HEIC from phones, AVIF, MPO, APNG, a JSON sidecar beside every
-    image, videos, and broken or non-image files. Returns (key -> bytes, key -> the error
-    code its row must have: None for a scored image; keys without a row are left out)."""
+    image, videos (MP4, MOV, a WebM under a bare key, one cut short, an audio-only MP4),
+    and broken or non-image files. Returns (key -> bytes, key -> the error code its row
+    must have: None for a scored image or video; keys without a row are left out)."""
+    from video_fixtures import audio_only, make_video
+
     from detector.io.preprocess import register_formats
 
     register_formats()  # HEIC is written with pillow-heif, as the tests' fixtures are
@@ -779,24 +782,29 @@ def mixed_upload_bucket() -> tuple[dict[str, bytes], dict[str, str | None]]:
     objects = dict(images)
     for key in images:
         objects[f"{key}.json"] = json.dumps({"uploader": "u1", "key": key}).encode()
-    objects["clip.mp4"] = b"\x00\x00\x00\x18ftypmp42" + bytes(64)
-    objects["CLIP2.MOV"] = b"\x00\x00\x00\x14ftypqt  " + bytes(64)
+    videos = {"clip.mp4": make_video("mp4", (1,) * 12 + (0,) * 12),
+              "CLIP2.MOV": make_video("mov", (0,) * 24), "5c0ffee1": make_video("webm")}
+    objects |= videos
+    objects["cut.mp4"] = videos["clip.mp4"][: len(videos["clip.mp4"]) * 2 // 3]
+    objects["voice.mp4"] = audio_only()
     broken_jpeg, broken_png = images["IMG_0001.JPG"], images["upload-77"]
     objects["broken.jpg"] = broken_jpeg[: len(broken_jpeg) // 2]
     objects["9e8d7c6b"] = broken_png[: len(broken_png) // 2]
     objects["notes"] = b"not an image, and named like one of the uploads"
-    expected = {key: None for key in images}
-    expected |= {"broken.jpg": "truncated", "9e8d7c6b": "truncated", "notes": "not-an-image"}
+    expected = {key: None for key in [*images, *videos]}
+    expected |= {"broken.jpg": "truncated", "9e8d7c6b": "truncated", "notes": "not-an-image",
+                 "cut.mp4": "truncated", "voice.mp4": "not-a-video"}
     return objects, expected
 
 
 @pytest.mark.parametrize("where", ["s3", "local"])
 def test_every_object_in_an_upload_bucket_is_accounted_for(where, s3_server, local_ray,
                                                            seen_model_uri, tmp_path, capsys):
-    """Each image is scored whatever its key, each broken or non-image file that was read
-    gets its error code, and the sidecars and videos not read are counted by reason. The
-    formats the model never saw in training (HEIF, AVIF, MPO) are `uncertain`, saying why,
-    as predict answers."""
+    """Each image and video is scored whatever its key, each broken or non-image file
+    that was read gets its error code, and the sidecars not read are counted by reason.
+    The formats the model never saw in training (HEIF, AVIF, MPO) are `uncertain`, saying
+    why, as predict answers; each video is one row decided by its frames, as predict
+    decides it."""
     import boto3
     import pandas as pd
 
@@ -817,29 +825,47 @@ def test_every_object_in_an_upload_bucket_is_accounted_for(where, s3_server, loc
     summary = scan(config(source, seen_model_uri, out), progress=False)
     rows = {r["uri"].rsplit("/", 1)[-1]: r for r in dataset(out).to_table().to_pylist()}
     assert {key: row["error"] for key, row in rows.items()} == expected
-    images = [k for k, code in expected.items() if code is None]
+    scored = [k for k, code in expected.items() if code is None]
+    videos = [k for k in scored if rows[k]["media"] == "video"]
+    images = [k for k in scored if k not in videos]
+    assert sorted(videos) == ["5c0ffee1", "CLIP2.MOV", "clip.mp4"]
+    assert {rows[k]["media"] for k in ("cut.mp4", "voice.mp4")} == {"video"}
     assert {rows[k]["format"] for k in images} == {"JPEG", "PNG", "HEIF", "AVIF", "MPO"}
-    predicted = Predictor.from_uri(seen_model_uri).predict_bytes([objects[k] for k in images])
-    for key, expected_row in zip(images, predicted, strict=True):
-        row, unseen = rows[key], rows[key]["format"] not in ("JPEG", "PNG")
+    assert {rows[k]["format"] for k in videos} == {"H264", "VP9"}
+    predicted = Predictor.from_uri(seen_model_uri).predict_bytes([objects[k] for k in scored])
+    for key, expected_row in zip(scored, predicted, strict=True):
+        row, unseen = rows[key], rows[key]["format"] not in ("JPEG", "PNG", "H264", "VP9")
         assert (row["verdict"], row["evidence"]) == (expected_row.verdict,
                                                      expected_row.evidence), key
-        assert [e["kind"] for e in row["evidence"]] == (["unfamiliar"] if unseen else []), key
+        assert row["score_ai"] == pytest.approx(expected_row.score_ai, abs=1e-5), key
+        assert [e["kind"] for e in row["evidence"] if e["source"] != "frames"] == \
+            (["unfamiliar"] if unseen else []), key
         assert row["verdict"] == "uncertain" or not unseen, key
+        if key in videos:
+            assert row["frames_scored"] == expected_row.frames_scored == 16, key
+            assert row["frame_scores"] == pytest.approx(expected_row.frame_scores, abs=1e-5)
+            assert row["frame_times_s"] == expected_row.frame_times_s, key
+            assert row["duration_s"] == pytest.approx(expected_row.duration_s), key
+            assert row["worst_frame_s"] == expected_row.worst_frame_s, key
+        else:
+            assert row["frame_scores"] is None and row["duration_s"] is None, key
     assert summary["objects"] == len(expected)
+    assert summary["by_media"] == {"image": len(images) + 2, "video": len(videos) + 2}
     not_scanned = summary["not_scanned"]
-    assert not_scanned["total"] == len(objects) - len(expected) == 10
-    assert not_scanned["by_reason"]["excluded-by-rule"]["by_extension"] == {"json": 8}
-    assert not_scanned["by_reason"]["video"]["by_extension"] == {"mp4": 1, "mov": 1}
+    assert not_scanned["total"] == len(objects) - len(expected) == 8
+    assert not_scanned["by_reason"] == {"excluded-by-rule": {
+        "count": 8, "by_extension": {"json": 8}, "examples": not_scanned["by_reason"][
+            "excluded-by-rule"]["examples"]}}
     manifest = json.loads(storage.read_bytes(f"{out}/_manifest.json"))
-    assert manifest["not_scanned"] == not_scanned
+    assert manifest["not_scanned"] == not_scanned and manifest["video"] == "scan"
     if where == "local":
         frame = pd.read_parquet(out)
         assert len(frame) == frame["uri"].nunique() == len(expected)
     print_scan_summary(summary, explain=True)
     printed = capsys.readouterr().out
-    assert "not read:   10 objects: excluded-by-rule 8 (json 8); video 2 (" in printed
-    assert "    video: " in printed  # --explain-selection names the first few
+    assert f"by media:   image={len(images) + 2}, video={len(videos) + 2}" in printed
+    assert "not read:   8 objects: excluded-by-rule 8 (json 8)" in printed
+    assert "    excluded-by-rule: " in printed  # --explain-selection names the first few
 
 
 def test_listing_stays_a_window_ahead_of_the_writer(model_uri, local_ray, tmp_path,
