@@ -10,7 +10,11 @@ streaming encoders write), from textured frames like bench/preprocess.py's. Meas
 - `detector.io.video.sample_frames` (`--frames` frames, seek + decode forward + resize):
   sampled frames per second;
 - the baseline, in the same run: `detector.io.preprocess.load_image` on the same frames
-  saved as JPEG q90 (one image decoded per frame).
+  saved as JPEG q90 (one image decoded per frame);
+- memory per concurrent video: in a fresh process holding the video's bytes, the peak
+  resident memory that sampling adds (FFmpeg's decoder state, the full-size frame, the
+  sampled frames), which is what each video a scan's decode task samples costs beyond
+  its bytes.
 Best of `--repeats`. Writes JSON (default bench/results/video.json).
 """
 
@@ -19,7 +23,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -99,15 +105,46 @@ def main() -> None:
                    for _ in range(args.repeats))
         results[name] = {"bytes": len(blob), "frames_decoded": sampled.decoded,
                          "sampled_frames_per_s": args.frames / best,
-                         "vs_images": (args.frames / best) / results["image_decodes_per_s"]}
+                         "vs_images": (args.frames / best) / results["image_decodes_per_s"],
+                         "sampling_peak_bytes": sampling_peak(blob, args.size, args.frames)}
     print(f"images ({args.width}x{args.height} JPEG q90 -> {args.size} px): "
           f"{results['image_decodes_per_s']:.1f} per s")
     for name in ("gop250", "gop48"):
         row = results[name]
         print(f"video {name}: {row['sampled_frames_per_s']:.1f} sampled frames per s "
               f"({row['frames_decoded']} decoded for {args.frames}), "
-              f"{row['vs_images']:.2f}x the image rate")
+              f"{row['vs_images']:.2f}x the image rate; sampling adds "
+              f"{row['sampling_peak_bytes'] / 2**20:.0f} MiB at its peak to the video's "
+              f"{row['bytes'] / 2**20:.1f} MiB")
     save_json(args.json, results)
+
+
+PEAK = """
+import sys
+import av  # its libraries are loaded before the baseline
+from detector.io import video
+blob = open(sys.argv[1], "rb").read()
+def status(key):
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+before = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+video.sample_frames(blob, int(sys.argv[2]), int(sys.argv[3]))
+print(status("VmHWM") - before)
+"""
+
+
+def sampling_peak(blob: bytes, size: int, count: int) -> int:
+    """Peak resident bytes that sampling `blob` adds, measured in a fresh process that
+    already holds the bytes (Linux's VmHWM, reset before sampling: ru_maxrss would carry
+    this process's own peak over into the child)."""
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as file:
+        file.write(blob)
+        file.flush()
+        out = subprocess.run([sys.executable, "-c", PEAK, file.name, str(size), str(count)],
+                             check=True, capture_output=True, text=True,
+                             cwd=os.path.dirname(HERE)).stdout
+    return int(out.split()[-1])
 
 
 def _timed(work) -> float:

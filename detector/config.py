@@ -229,6 +229,9 @@ class ServeConfig:
     metrics_interval_s: float | None = None  # None keeps Serve's default (10 s)
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Videos (a video/* body, or video bytes): their own size limit, and frames scored each
+    max_video_bytes: int = 100 * 1024 * 1024
+    video_frames: int = DEFAULT_FRAMES
     api_key_env: str = "DETECTOR_API_KEY"
     num_cpus: float = 2.0  # per Model replica; on CPU also its model's thread count
     num_gpus: float = 0.0  # per Model replica

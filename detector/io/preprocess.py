@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import posixpath
+import struct
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -123,7 +124,10 @@ def could_be_image(head: bytes) -> bool:
     prefix = head[:16]  # what Image.open hands each plugin's check
     for fmt in Image.ID:
         _, accept = Image.OPEN[fmt]
-        found = accept(prefix) if accept else False
+        try:
+            found = accept(prefix) if accept else False
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # a check that needs more bytes: Image.open skips it alike
         if found and not isinstance(found, str):  # a str is Pillow's "no, because ..."
             return True
     try:

@@ -71,6 +71,17 @@ class DetectResult(ApiModel):
         "for a `real` verdict)")
     generator_decided_by: Literal["provenance", "classifier"] | None = Field(
         default=None, description="provenance: a decisive finding names the tool")
+    media: Literal["image", "video"] = Field(default="image")
+    duration_s: float | None = Field(default=None, ge=0, description="videos: the duration "
+                                     "the container states")
+    frames_scored: int | None = Field(default=None, ge=1, description="videos: how many "
+                                      "frames were sampled, uniformly over the duration")
+    frame_scores: list[float] | None = Field(default=None, description="videos: each sampled "
+                                             "frame's calibrated P(AI-generated)")
+    frame_times_s: list[float] | None = Field(default=None, description="videos: when each "
+                                              "sampled frame is shown")
+    worst_frame_s: float | None = Field(default=None, description="videos: the time of the "
+                                        "frame scored most likely AI")
 
 
 class ModelInfo(ApiModel):

@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from detector.config import ServeConfig
-from detector.io import console, preprocess
+from detector.io import console, preprocess, video
 from detector.io.threads import reserved_threads
 from detector.model.artifact import ModelCard, resolve
 from detector.model.explain import Explainer, overlay_png
@@ -55,6 +55,7 @@ from detector.serving import labels as label_store
 from detector.verdicts import consistency, familiarity, provenance
 from detector.verdicts.attribution import attribute_for
 from detector.verdicts.verdict import classify_for, decide_for
+from detector.verdicts.video import decide_video
 
 # Serve routes the "ray.serve" logger into each replica's log file with the request id.
 log = logging.getLogger("ray.serve")
@@ -333,6 +334,7 @@ DETECT_DOC = {
         "required": True,
         "content": {
             "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "video/*": {"schema": {"type": "string", "format": "binary"}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {
                 "schema": {
@@ -438,7 +440,8 @@ class Ingress:
                          **api.errors(400, 401, 413, 415, 422, 503)},
               dependencies=BEARER)
     async def detect(self, request: Request) -> JSONResponse:
-        """One image (raw body or multipart `file`) -> `{score_ai, verdict, threshold, ...}`."""
+        """One image or video (raw body or multipart `file`) -> `{score_ai, verdict,
+        threshold, ...}`; a video's answer adds its frames' scores."""
         start = time.perf_counter()
         outcome = _Outcome()
         try:
@@ -458,9 +461,17 @@ class Ingress:
         check = _flag(request.query_params.get("consistency"), "consistency")
         explain = _flag(request.query_params.get("explain"), "explain")
         start = time.perf_counter()
-        blob = await self._read_image(request)
+        blob = await self._read_upload(request)
         outcome.bytes = len(blob)
         start = outcome.lap("read", start)
+        if video.looks_like_video(blob[:16]):
+            if check or explain:
+                raise ApiError(422, "invalid-request", "consistency and explain are for "
+                               "images; a video is scored by its sampled frames")
+            return await self._detect_video(blob, outcome, start)
+        if len(blob) > self.config.max_body_bytes:  # a multipart body may hold a video
+            raise ApiError(413, "too-large", f"{len(blob)} bytes exceeds the image limit of "
+                           f"{self.config.max_body_bytes}")
         async with self.decoding:  # more wait here, holding only their bytes
             pixels, info = await asyncio.to_thread(self._decode, blob)
         start = outcome.lap("decode", start)
@@ -495,6 +506,45 @@ class Ingress:
             [api.GeneratorScore(**s) for s in named.scores],
             **explained,
         )
+
+    async def _detect_video(self, blob: bytes, outcome: _Outcome, start: float
+                            ) -> api.DetectResult:
+        """A video: frames sampled here, scored in one call by the Model replicas, decided
+        by the video rule predict and scans apply (`detector.verdicts.video`)."""
+        async with self.decoding:  # one video's frames at a time per permit
+            sampled = await asyncio.to_thread(self._sample, blob)
+        start = outcome.lap("decode", start)
+        evidence = await asyncio.to_thread(provenance.inspect, blob)
+        start = outcome.lap("provenance", start)
+        answer = await self._call(self.model.score_pixels.remote(sampled.pixels))
+        outcome.batch_size = len(sampled.pixels)
+        outcome.lap("model", start)
+        scores = np.asarray(answer["scores"]).reshape(-1)
+        decided = decide_video(self.model_card, scores, sampled.times_s, answer["heads"],
+                               evidence)
+        named, info = decided.named, sampled.info
+        return api.DetectResult(
+            score_ai=decided.score_ai, verdict=decided.verdict, decided_by=decided.decided_by,
+            evidence=[api.EvidenceItem(**e.to_dict()) for e in decided.evidence],
+            threshold=self.card["threshold"], model=f"{self.card['name']}@{self.card['id']}",
+            format=info.codec.upper(), width=info.width, height=info.height,
+            generator=named.generator, generator_decided_by=named.decided_by,
+            generator_scores=None if named.scores is None else
+            [api.GeneratorScore(**s) for s in named.scores],
+            media="video", duration_s=info.duration_s, frames_scored=len(scores),
+            frame_scores=[round(float(s), 6) for s in scores],
+            frame_times_s=[round(float(t), 3) for t in sampled.times_s],
+            worst_frame_s=decided.worst_frame_s,
+        )
+
+    def _sample(self, blob: bytes) -> video.Frames:
+        limits = video.VideoLimits(max_bytes=self.config.max_video_bytes)
+        try:
+            return video.sample_frames(blob, self.card["image_size"],
+                                       self.config.video_frames, limits)
+        except video.VideoError as err:
+            raise ApiError(413 if err.code == "too-large" else 400, err.code,
+                           err.detail) from None
 
     @app.post("/v1/scans", status_code=202, response_model=api.ScanStarted,
               openapi_extra=SCAN_DOC, responses=api.errors(401, 403, 413, 422, 429),
@@ -663,16 +713,21 @@ class Ingress:
             raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: "
                            "Bearer <key>)", headers={"WWW-Authenticate": "Bearer"})
 
-    async def _read_image(self, request: Request) -> bytes:
+    async def _read_upload(self, request: Request) -> bytes:
+        """The uploaded file, within its limit: a video/* body's is `max_video_bytes`, an
+        image's `max_body_bytes`; a multipart body may be either until it is read."""
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        limit = self.config.max_body_bytes
+        images, videos = self.config.max_body_bytes, self.config.max_video_bytes
         if kind == "multipart/form-data":
-            body = await read_bounded(request, limit + MULTIPART_OVERHEAD)
+            body = await read_bounded(request, max(images, videos) + MULTIPART_OVERHEAD)
             return await _multipart_file(request, body)
+        if kind.startswith("video/"):
+            return await read_bounded(request, videos)
         if kind and not kind.startswith("image/") and kind not in RAW_TYPES:
             raise ApiError(415, "unsupported-media-type", f"{kind} is not accepted; send "
-                           "image/*, application/octet-stream or multipart/form-data")
-        return await read_bounded(request, limit)
+                           "image/*, video/*, application/octet-stream or "
+                           "multipart/form-data")
+        return await read_bounded(request, images)
 
     def _decode(self, blob: bytes) -> tuple[np.ndarray, preprocess.ImageInfo]:
         try:

@@ -808,3 +808,12 @@ def test_mirror_keeps_the_pixel_grid_phase_a_centre_flip_shifts():
     outs = [robust_augment(scene, rng) for _ in range(40)]
     assert all(o.shape == scene.shape and o.dtype == np.uint8 for o in outs)
     assert any(np.array_equal(o, mirror(scene)) for o in outs)
+
+
+@pytest.mark.parametrize("head", [b"", b"B", b"\x89PN", b"\xff\xd8", b"RIFF", bytes(3)])
+def test_a_head_too_short_for_a_format_check_is_no_image_and_no_crash(head):
+    """Pillow's own checks read past a few bytes (BMP's DIB header, say): an empty or
+    3-byte file is simply not an image."""
+    from detector.io.preprocess import could_be_image
+
+    assert could_be_image(head) is False

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.e2e
 
 SIZE = 32
 MAX_BODY = 256 * 1024
+MAX_VIDEO = 2 * MAX_BODY  # videos have a limit of their own
 MAX_PIXELS = 1_000_000
 API_KEY = "test-key-0123456789"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -102,7 +103,7 @@ def base(serve_port, model_uri, reviewed) -> str:
         "model_uri": model_uri, "min_replicas": "1", "max_replicas": "1",
         "max_batch_size": "16", "batch_wait_timeout_s": "0.05",
         "max_body_bytes": str(MAX_BODY), "max_pixels": str(MAX_PIXELS),
-        "num_cpus": "0.5", "ingress_num_cpus": "0.25",
+        "max_video_bytes": str(MAX_VIDEO), "num_cpus": "0.5", "ingress_num_cpus": "0.25",
         # A variable nobody sets: a developer's exported DETECTOR_API_KEY must not leak in.
         "api_key_env": "DETECTOR_SERVE_TEST_UNSET",
         "labels_uri": reviewed["labels"], "scan_allow": str(reviewed["images"]),
@@ -368,6 +369,44 @@ def test_multipart_upload(base, predictor):
         predictor.predict_bytes([blob])[0].score_ai, abs=1e-5)
     missing = requests.post(f"{base}/v1/detect", files={"other": ("a.jpg", blob)}, timeout=60)
     assert_error(missing, 422, "missing-file")
+
+
+def test_a_video_gets_over_http_what_predict_answers(base, predictor):
+    """An MP4 sent as video/mp4, a WebM as raw bytes and a MOV in a multipart form are
+    each scored by their sampled frames, as predict scores them; a video cut short, an
+    audio-only MP4 and one over the video limit get JSON 4xx, and so does asking for a
+    consistency check or a heatmap of a video."""
+    from video_fixtures import audio_only, make_video
+
+    mp4, webm = make_video("mp4", (1,) * 12 + (0,) * 12), make_video("webm")
+    mov = make_video("mov", (0,) * 24)
+    answers = [post(base, mp4, "video/mp4"), post(base, webm, "application/octet-stream"),
+               requests.post(f"{base}/v1/detect", timeout=60,
+                             files={"file": ("clip.mov", mov, "video/quicktime")})]
+    for blob, response in zip([mp4, webm, mov], answers, strict=True):
+        assert response.status_code == 200, response.text
+        body, expected = response.json(), predictor.predict_bytes([blob])[0]
+        assert (body["media"], body["frames_scored"]) == ("video", 16)
+        assert (body["verdict"], body["decided_by"], body["evidence"], body["format"]) == (
+            expected.verdict, expected.decided_by, expected.evidence, expected.format)
+        assert body["score_ai"] == pytest.approx(expected.score_ai, abs=1e-5)
+        assert body["frame_scores"] == pytest.approx(expected.frame_scores, abs=1e-5)
+        assert body["frame_times_s"] == expected.frame_times_s
+        assert body["worst_frame_s"] == expected.worst_frame_s
+        assert body["duration_s"] == pytest.approx(expected.duration_s)
+        assert (body["width"], body["height"]) == (64, 48)
+    assert_error(post(base, mp4[: len(mp4) * 2 // 3], "video/mp4"), 400, "truncated")
+    assert_error(post(base, audio_only(), "video/mp4"), 400, "not-a-video")
+    assert_error(post(base, mp4 + bytes(MAX_VIDEO), "video/mp4"), 413, "too-large")
+    for query in ("consistency=true", "explain=true"):
+        refused = requests.post(f"{base}/v1/detect?{query}", data=mp4, timeout=60,
+                                headers={"Content-Type": "video/mp4"})
+        assert_error(refused, 422, "invalid-request")
+    # A multipart body may carry a video up to the video limit, an image only up to its own.
+    big = encode(np.random.default_rng(0).integers(0, 256, (400, 400, 3), np.uint8), "PNG")
+    assert MAX_BODY < len(big) < MAX_VIDEO
+    assert_error(requests.post(f"{base}/v1/detect", files={"file": ("big.png", big)},
+                               timeout=60), 413, "too-large")
 
 
 def local_error(blob: bytes) -> str:
@@ -699,6 +738,25 @@ def test_page_in_headless_chromium(base, predictor, tmp_path):
             browser.evaluate("evidence.textContent")
         assert browser.evaluate("generator.textContent") == \
             "Generator: OpenAI (named by the file's provenance)"
+
+        # A video: previewed as one, decided by its frames, with a bar per sampled frame.
+        from video_fixtures import make_video
+
+        clip = tmp_path / "clip.mp4"
+        clip.write_bytes(make_video("mp4", (1,) * 12 + (0,) * 12))
+        expected = predictor.predict_bytes([clip.read_bytes()])[0]
+        browser.send("DOM.setFileInputFiles", files=[str(clip)], nodeId=node)
+        strip = "document.getElementById('frame-strip')"
+        browser.wait_for(f"{strip}.children.length === 16")
+        shot = browser.send("Page.captureScreenshot", format="png")["data"]
+        (ARTIFACTS / "serve-page-video.png").write_bytes(base64.b64decode(shot))
+        assert browser.evaluate("result.className") == expected.verdict
+        assert "16 frames scored" in browser.evaluate("meta.textContent")
+        assert browser.evaluate("[getComputedStyle(document.getElementById('preview-video'))"
+                                ".display, getComputedStyle(preview).display]") == \
+            ["block", "none"]
+        first = f"{expected.frame_times_s[0]:.1f} s: score_ai {100 * expected.frame_scores[0]:.1f}%"
+        assert browser.evaluate(f"{strip}.children[0].title") == first
     finally:
         browser.close()
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
