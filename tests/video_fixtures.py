@@ -5,6 +5,7 @@ claim hours."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 
@@ -18,14 +19,18 @@ def sample_frame(label: int, index: int, size=(64, 48)) -> np.ndarray:
 
 
 def make_video(kind: str = "mp4", labels=(0,) * 24, fps: int = 8, size=(64, 48),
-               lossless: bool = False) -> bytes:
+               lossless: bool = False, tags: dict[str, str] | None = None,
+               container_options: dict[str, str] | None = None) -> bytes:
     """A video of `detector sample` frames (one per entry of `labels`: 0 real, 1 AI),
-    encoded as `kind` by FFmpeg's own encoders through PyAV."""
+    encoded as `kind` by FFmpeg's own encoders through PyAV, with container metadata
+    `tags` set before any stream, as PyAV writers do."""
     import av
 
     fmt, codec = FORMATS[kind]
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=fmt) as out:
+    with av.open(buffer, mode="w", format=fmt, options=container_options or {}) as out:
+        for key, value in (tags or {}).items():
+            out.metadata[key] = value
         options = {"qp": "0"} if lossless and codec == "libx264" else \
             {"lossless": "1"} if lossless else {}
         stream = out.add_stream(codec, rate=fps, options=options)
@@ -78,3 +83,35 @@ def claiming_hours(blob: bytes, hours: float) -> bytes:
     assert entries == 1  # one run of equal deltas: sample count, then the delta
     data[at + 8:at + 12] = int(hours * 3600 * media_scale / 24).to_bytes(4, "big")
     return bytes(data)
+
+
+# A ComfyUI graph as its front-end sends it (API format) and the editor's workflow.
+COMFY_PROMPT = {
+    "3": {"class_type": "KSampler", "inputs": {"seed": 42, "steps": 20, "cfg": 6.0,
+                                                "sampler_name": "euler", "model": ["4", 0]}},
+    "4": {"class_type": "CheckpointLoaderSimple",
+          "inputs": {"ckpt_name": "wan2.1_t2v_1.3B_fp16.safetensors"}},
+    "9": {"class_type": "SaveVideo", "inputs": {"filename_prefix": "video/ComfyUI",
+                                                 "format": "auto", "codec": "auto"}},
+}
+COMFY_WORKFLOW = {"last_node_id": 9, "last_link_id": 9, "version": 0.4,
+                  "nodes": [{"id": 3, "type": "KSampler"}, {"id": 9, "type": "SaveVideo"}]}
+
+
+def comfyui_save_video() -> bytes:
+    """An MP4 as ComfyUI's own SaveVideo node writes it (comfy_api's VideoFromComponents
+    .save_to): opened with movflags=use_metadata_tags, each of `prompt` and `workflow`
+    a tag of its own holding json.dumps of the graph."""
+    return make_video("mp4", (1,) * 16, container_options={"movflags": "use_metadata_tags"},
+                      tags={"prompt": json.dumps(COMFY_PROMPT),
+                            "workflow": json.dumps(COMFY_WORKFLOW)})
+
+
+def vhs_video_combine(kind: str = "mp4") -> bytes:
+    """A video as ComfyUI-VideoHelperSuite's Video Combine writes it with save_metadata
+    on: FFmpeg given `comment=` + json.dumps({"prompt": json.dumps(prompt), "workflow":
+    workflow}) (an ffmetadata file) and creation_time=now. In MP4 that is the ©cmt atom,
+    in WebM a Matroska COMMENT tag."""
+    metadata = {"prompt": json.dumps(COMFY_PROMPT), "workflow": COMFY_WORKFLOW}
+    return make_video(kind, (1,) * 16, tags={"comment": json.dumps(metadata),
+                                             "creation_time": "2026-12-01T10:00:00.000000Z"})

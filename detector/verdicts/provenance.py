@@ -1,6 +1,6 @@
 """Provenance evidence read from an image's (or a video's) own bytes, beside the pixel
-classifier. A video's container is read for its C2PA manifest only (MP4 and MOV carry one
-in a BMFF box, as Sora, Veo and Kling write it; AVI in a RIFF chunk).
+classifier. A video's container is read for its C2PA manifest (MP4 and MOV carry one in
+a BMFF box, as Sora, Veo and Kling write it; AVI in a RIFF chunk) and its metadata tags.
 
     c2pa        a C2PA manifest store (c2pa-python): the active manifest and, through
                 ingredients, those it was made from; each one's IPTC digital source types,
@@ -15,6 +15,10 @@ in a BMFF box, as Sora, Veo and Kling write it; AVI in a RIFF chunk).
     stealth     A1111's "stealth pnginfo": parameters hidden in a PNG's low bits (alpha
                 or RGB), found from the first pixel rows alone
     metadata    a metadata block Pillow refuses (a text chunk inflating past 1 MB)
+    container   a video's metadata tags: ComfyUI's `prompt` / `workflow` graphs (its
+                SaveVideo node writes them as tags of their own, VideoHelperSuite's Video
+                Combine as JSON in `comment`), an `encoder` or `software` tag naming a
+                generator (the rule for EXIF Software)
 
 Each finding is an `Evidence` (source, kind, strength, detail, generator). Strength `strong` is
 decisive (see `detector.verdicts.verdict`), `weak` and `info` are shown and never decide. Parsing
@@ -107,7 +111,7 @@ TOOLS = tuple((re.compile(pattern, re.I), name) for pattern, name in (
     (r"stable[\s-]?diffusion", "Stable Diffusion"),
 ))
 # Bumped when a rule above changes what is found: a resumed scan then re-reads every row.
-RULES_VERSION = 3  # 3: findings name their generator
+RULES_VERSION = 4  # 3: findings name their generator; 4: video container tags
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +138,7 @@ def inspect(blob: bytes) -> list[Evidence]:
     register_formats()  # HEIC / JPEG XL carry XMP and EXIF too
     container = video.media_type(blob[:16])
     if container is not None:  # MP4/MOV (BMFF) and AVI carry C2PA manifests; WebM has none
-        return _c2pa_findings(blob, container)
+        return _c2pa_findings(blob, container, list(_container_tags(blob)))
     try:
         with Image.open(io.BytesIO(blob)) as image:  # headers only: no pixels decoded
             mime = Image.MIME.get(image.format or "", "image/jpeg")
@@ -514,6 +518,38 @@ def _png_text(info: dict) -> Iterator[Evidence]:
     if _json_keys(info.get("Comment")) >= {"steps", "sampler"}:  # NovelAI's settings
         yield Evidence("png-text", "generator-metadata", STRONG, "generation settings in "
                        "Comment (steps, sampler, ...)", tool_name(str(info.get("Software"))))
+
+
+def _container_tags(blob: bytes) -> Iterator[Evidence]:
+    """Findings in a video container's metadata tags (read from its header by PyAV;
+    nothing is decoded). Tag names are compared in lower case: Matroska writes them in
+    upper case."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(blob), mode="r") as container:
+            tags = {**{k.lower(): v for s in container.streams.video for k, v in
+                       s.metadata.items()},
+                    **{k.lower(): v for k, v in container.metadata.items()}}
+    except (av.FFmpegError, ValueError, OSError):
+        return  # an unreadable container: sampling its frames says why
+    tags = {k: v for k, v in tags.items() if isinstance(v, str) and len(v) <= MAX_TAG_CHARS}
+    graphs = [key for key in COMFYUI_GRAPHS if _is_json_object(tags.get(key, ""))]
+    in_comment = sorted(_json_keys(tags.get("comment")) & set(COMFYUI_GRAPHS))
+    if not graphs and in_comment:
+        graphs = [f"comment ({', '.join(in_comment)})"]
+    if graphs:
+        yield Evidence("container", "generator-metadata", STRONG,
+                       f"ComfyUI graph in the video's tags: {', '.join(graphs)}", "ComfyUI")
+    for key in ("encoder", "software"):  # the tool fields, as EXIF Software is one
+        text = tags.get(key, "")
+        if GENERATORS.search(text):
+            yield Evidence("container", "generator-software", STRONG,
+                           _clip(f"{key} tag {text}"), tool_name(text))
+
+
+COMFYUI_GRAPHS = ("prompt", "workflow")
+MAX_TAG_CHARS = 1 << 20  # a tag longer than this is not read (PNG text has Pillow's 1 MB cap)
 
 
 # A1111's "parameters" text: also written by its forks (Forge, SD.Next), named as one.

@@ -169,3 +169,27 @@ def test_a_c2pa_signed_mp4_is_decided_by_its_manifest(trained_tiny):
     assert result.generator == "OpenAI Sora" and result.frames_scored == 16
     assert unsigned.decided_by == "classifier"
     np.testing.assert_allclose(result.frame_scores, unsigned.frame_scores, atol=1e-5)
+
+
+def test_comfyui_videos_are_decided_by_the_graphs_in_their_tags(trained_tiny):
+    """ComfyUI writes its graphs into a video's container tags: the SaveVideo node as tags
+    of their own (MP4), VideoHelperSuite's Video Combine as JSON in `comment` (MP4's ©cmt,
+    WebM's COMMENT). Each is `ai-generated` by provenance naming ComfyUI; FFmpeg's own
+    `encoder` tag (Lavf...) on an ordinary video says nothing."""
+    from video_fixtures import comfyui_save_video, vhs_video_combine
+
+    from detector.model.predictor import Predictor
+    from detector.verdicts import provenance
+
+    made = {"SaveVideo": comfyui_save_video(), "Video Combine mp4": vhs_video_combine("mp4"),
+            "Video Combine webm": vhs_video_combine("webm")}
+    for name, blob in made.items():
+        found = provenance.inspect(blob)
+        assert [(e.source, e.kind, e.strength, e.generator) for e in found] == [
+            ("container", "generator-metadata", "strong", "ComfyUI")], (name, found)
+    assert provenance.inspect(make_video("mp4")) == []
+    predictor = Predictor.from_uri(trained_tiny[0], backend="keras")
+    for result in predictor.predict_bytes(list(made.values())):
+        assert (result.verdict, result.decided_by, result.generator) == (
+            "ai-generated", "provenance", "ComfyUI"), result
+        assert result.frames_scored == 16
