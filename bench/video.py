@@ -14,7 +14,12 @@ streaming encoders write), from textured frames like bench/preprocess.py's. Meas
 - memory per concurrent video: in a fresh process holding the video's bytes, the peak
   resident memory that sampling adds (FFmpeg's decoder state, the full-size frame, the
   sampled frames), which is what each video a scan's decode task samples costs beyond
-  its bytes.
+  its bytes;
+- scans (`--scan-videos N`, 0 to skip), each in its own process on a local Ray, with the
+  untrained `--model` at `--size` px: a folder of N copies of the video, and of 4N
+  (scanned frames per second, and the peak memory of the whole process tree: a scan's
+  memory must not grow with the number of videos), against the baseline of a folder of
+  as many JPEG frames as the N videos' sampled frames (images per second).
 Best of `--repeats`. Writes JSON (default bench/results/video.json).
 """
 
@@ -76,6 +81,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scan-videos", type=int, default=16)
+    parser.add_argument("--model", default="resnet50v2")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "video.json"))
     args = parser.parse_args()
 
@@ -107,6 +114,8 @@ def main() -> None:
                          "sampled_frames_per_s": args.frames / best,
                          "vs_images": (args.frames / best) / results["image_decodes_per_s"],
                          "sampling_peak_bytes": sampling_peak(blob, args.size, args.frames)}
+    if args.scan_videos:
+        results["scans"] = scans(blob, jpegs, args)
     print(f"images ({args.width}x{args.height} JPEG q90 -> {args.size} px): "
           f"{results['image_decodes_per_s']:.1f} per s")
     for name in ("gop250", "gop48"):
@@ -116,7 +125,42 @@ def main() -> None:
               f"{row['vs_images']:.2f}x the image rate; sampling adds "
               f"{row['sampling_peak_bytes'] / 2**20:.0f} MiB at its peak to the video's "
               f"{row['bytes'] / 2**20:.1f} MiB")
+    for name in ("images", "videos", "videos_4x") if "scans" in results else ():
+        row = results["scans"][name]
+        print(f"scan {name}: {row['objects']} objects, {row['per_s']:.1f} "
+              f"{'frames' if name.startswith('video') else 'images'} per s "
+              f"({row.get('vs_images', 1.0):.2f}x the images), peak {row['peak_pss_mb']} MB")
     save_json(args.json, results)
+
+
+def scans(blob: bytes, jpegs: list[bytes], args) -> dict:
+    """End-to-end scans of videos (N and 4N copies of `blob`) and of the baseline, as many
+    JPEG frames as N videos' sampled frames, each through bench/scan.py's child."""
+    from _measure import run_child
+    from _model import untrained_artifact
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_uri = untrained_artifact(tmp, args.model, args.size)
+        folders = {"images": [(f"frame-{i}.jpg", jpegs[i % len(jpegs)])
+                              for i in range(args.scan_videos * args.frames)],
+                   "videos": [(f"clip-{i}.mp4", blob) for i in range(args.scan_videos)],
+                   "videos_4x": [(f"clip-{i}.mp4", blob) for i in range(4 * args.scan_videos)]}
+        for name, files in folders.items():
+            folder = os.path.join(tmp, name)
+            os.makedirs(folder)
+            for file_name, data in files:
+                with open(os.path.join(folder, file_name), "wb") as f:
+                    f.write(data)
+            result, peak = run_child(os.path.join(HERE, "scan.py"), folder, model_uri, "data",
+                                     "keras", "float32")
+            per_object = 1 if name == "images" else args.frames
+            out[name] = {"objects": result["objects"], "peak_pss_mb": peak,
+                         "per_s": result["objects"] * per_object / result["seconds"]}
+    for name in ("videos", "videos_4x"):
+        out[name]["vs_images"] = out[name]["per_s"] / out["images"]["per_s"]
+    out["peak_growth_4x_videos"] = out["videos_4x"]["peak_pss_mb"] / out["videos"]["peak_pss_mb"]
+    return out
 
 
 PEAK = """
