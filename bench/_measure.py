@@ -92,10 +92,13 @@ def run_child(script: str, *args: str) -> tuple[dict, int]:
 
 class OwnPeakRss:
     """Peak RSS of this process alone (a driver: what must fit on a KubeRay head),
-    sampled every 0.1 s while the `with` block runs; `.mb` after it."""
+    sampled every 0.1 s while the `with` block runs; `.mb` after it, and `.anon_mb`, the
+    peak of its private memory alone (Linux RssAnon: without the pages of Ray's shared
+    object store it has mapped, which the node holds once whoever maps them)."""
 
     def __enter__(self) -> OwnPeakRss:
         self._me, self._peak, self._done = psutil.Process(), 0, threading.Event()
+        self._peak_anon = 0
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -103,6 +106,7 @@ class OwnPeakRss:
     def _sample(self) -> None:
         while not self._done.is_set():
             self._peak = max(self._peak, self._me.memory_info().rss)
+            self._peak_anon = max(self._peak_anon, _rss_anon())
             time.sleep(0.1)
 
     def __exit__(self, *exc) -> None:
@@ -112,6 +116,20 @@ class OwnPeakRss:
     @property
     def mb(self) -> int:
         return round(self._peak / 2**20)
+
+    @property
+    def anon_mb(self) -> int:
+        return round(self._peak_anon / 2**20)
+
+
+def _rss_anon() -> int:
+    """This process's private resident bytes (0 where /proc/self/status has no RssAnon)."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next((line for line in status if line.startswith("RssAnon:")), "")
+    except OSError:
+        return 0
+    return int(line.split()[1]) * 1024 if line else 0
 
 
 def batches(x, y, size: int, seed: int | None = None):

@@ -110,13 +110,17 @@ def scan_child(source: str, model_uri: str, out: str, partition_size: str,
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
                  logging_level="ERROR")
         marks: list[tuple[float, int]] = []
-        curve: list[tuple[int, int]] = []  # (objects done, driver RSS MB), every ~5% of it
+        # (objects done, driver RSS MB, of which private (anon) and shared-memory MB),
+        # every ~5% of it
+        curve: list[tuple[int, int, int, int]] = []
         me = psutil.Process()
 
         def on_progress(p: dict) -> None:
             marks.append((time.perf_counter(), p["done"]))
             if p["done"] >= (len(curve) + 1) * int(objects) / 20:
-                curve.append((p["done"], round(me.memory_info().rss / 2**20)))
+                kinds = rss_kinds()
+                curve.append((p["done"], round(me.memory_info().rss / 2**20),
+                              kinds["RssAnon"], kinds["RssShmem"]))
 
         started = time.perf_counter()
         summary = scan(ScanConfig(source=source, model=model_uri, out=out, via="data",
@@ -128,8 +132,18 @@ def scan_child(source: str, model_uri: str, out: str, partition_size: str,
     manifest = reports.read_manifest(out)
     report({"objects": summary["objects"], "seconds": seconds, "parts": summary["parts"],
             "steady_objects_per_s": (last_done - first_done) / max(last_t - first_t, 1e-9),
-            "driver_peak_rss_mb": peak.mb, "driver_rss_curve": curve,
+            "driver_peak_rss_mb": peak.mb, "driver_peak_private_mb": peak.anon_mb,
+            "driver_rss_curve": curve,
             "timeline": manifest["timeline"], "listed_ahead": manifest.get("listed_ahead")})
+
+
+def rss_kinds() -> dict[str, int]:
+    """This process's resident memory by kind, MB (Linux): RssAnon is its own heap;
+    RssShmem counts the pages of shared memory it has touched, such as Ray's object
+    store (/dev/shm), which every process on the node maps and the node holds once."""
+    with open("/proc/self/status") as status:
+        return {k: int(v.split()[0]) // 1024 for k, v in
+                (line.split(":", 1) for line in status) if k.startswith("Rss")}
 
 
 def run_scan(source: str, model_uri: str, out: str, partition_size: int,
@@ -194,17 +208,20 @@ def print_local(results: dict) -> None:
     plain = results["plain_objects_per_s"]
     print(f"plain loop: {plain:.0f} objects/s")
     print(f"{'objects':>9s} {'parts':>6s} {'objects/s':>9s} {'steady':>7s} {'x plain':>7s} "
-          f"{'driver MB':>9s} {'x previous':>10s}")
+          f"{'driver MB':>9s} {'private MB':>10s} {'x previous':>10s}")
     previous = None
     for r in results["local"]:
-        growth = f"{r['driver_peak_rss_mb'] / previous:10.2f}" if previous else f"{'':10s}"
+        private = r["driver_peak_private_mb"]
+        growth = f"{private / previous:10.2f}" if previous else f"{'':10s}"
         print(f"{r['objects']:9d} {r['parts']:6d} {r['objects_per_s']:9.0f} "
               f"{r['steady_objects_per_s']:7.0f} {r['steady_objects_per_s'] / plain:7.2f} "
-              f"{r['driver_peak_rss_mb']:9d} {growth}")
-        previous = r["driver_peak_rss_mb"]
+              f"{r['driver_peak_rss_mb']:9d} {private:10d} {growth}")
+        previous = private
     last = results["local"][-1]
-    print("driver RSS MB as the last scan went (objects done: MB): " + ", ".join(
-        f"{done}: {mb}" for done, mb in last["driver_rss_curve"]), flush=True)
+    print("driver MB as the last scan went (objects done: RSS, of which private + shared "
+          "memory): " + ", ".join(f"{done}: {rss} ({anon} + {shmem})"
+                                  for done, rss, anon, shmem in last["driver_rss_curve"]),
+          flush=True)
 
 
 def s3_run(tmp: str, model_uri: str, objects: int, partition_size: int) -> dict:
