@@ -184,9 +184,12 @@ class ReviewRow(ApiModel):
     evidence: list[EvidenceItem] | None
     generator: str | None
     generator_scores: list[GeneratorScore] | None
+    media: Literal["image", "video"] | None = None
     format: str | None
     width: int | None
     height: int | None
+    worst_frame_s: float | None = Field(default=None, description="videos: the time of "
+                                        "the frame scored most likely AI")
     threshold: float | None
     model: str | None
     group: str | None = Field(default=None, description="its near-duplicate group (the "

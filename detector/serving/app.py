@@ -667,13 +667,14 @@ class Ingress:
         original: bool = Query(False, description="the object's own bytes instead of a "
                                "thumbnail of the square the model scored"),
     ) -> Response:
-        """An image under the scan allow-list, for the review page: a PNG thumbnail, or
-        its original bytes."""
+        """An image or video under the scan allow-list, for the review page: a PNG
+        thumbnail (a video's middle frame), or its original bytes."""
         self._authorize(request)
         if not scan_service.allowed(uri, self.config.scan_allow):
             raise ApiError(403, "forbidden", f"{uri} is outside the scan allow-list")
+        limit = max(self.config.max_body_bytes, self.config.max_video_bytes)
         try:
-            blob = await asyncio.to_thread(review.read_image, uri, self.config.max_body_bytes)
+            blob = await asyncio.to_thread(review.read_image, uri, limit)
         except FileNotFoundError:
             raise ApiError(404, "not-found", f"no object at {uri}") from None
         except review.TooLarge as err:
@@ -681,10 +682,12 @@ class Ingress:
         if original:
             return Response(blob, media_type=review.media_type(blob))
         try:
-            png = await asyncio.to_thread(review.thumbnail, blob, self.config.max_body_bytes,
-                                          self.config.max_pixels)
+            png = await asyncio.to_thread(
+                review.thumbnail, blob, self.config.max_body_bytes, self.config.max_pixels,
+                video.VideoLimits(max_bytes=self.config.max_video_bytes))
         except preprocess.ImageError as err:
-            raise ApiError(422, err.code, err.detail) from None
+            raise ApiError(413 if err.code == "too-large" else 422, err.code,
+                           err.detail) from None
         return Response(png, media_type="image/png",
                         headers={"Cache-Control": "private, max-age=3600"})
 

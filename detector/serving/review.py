@@ -8,7 +8,8 @@ A row is worth reviewing when
                     (the report's `_near_duplicates.parquet`, which HTTP scans write)
 Rows are listed in report order (parts by name, rows by URI), a page at a time: memory
 holds one part and one page, never the whole report. Thumbnails are the square the model
-scored, decoded by the one preprocessing path, for URIs under the app's scan allow-list.
+scored, decoded by the one preprocessing path, for URIs under the app's scan allow-list;
+a video's is its middle frame, sampled as a scan samples frames.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from detector.io import preprocess, storage
+from detector.io import preprocess, storage, video
 from detector.scanning import report
 
 REASONS = ("uncertain", "classifier-ai", "mixed-group")
 COLUMNS = ["uri", "score_ai", "verdict", "decided_by", "evidence", "generator",
-           "generator_scores", "format", "width", "height", "threshold", "model"]
+           "generator_scores", "media", "format", "width", "height", "worst_frame_s",
+           "threshold", "model"]
 THUMBNAIL_PX = 160
 
 
@@ -99,21 +101,29 @@ def read_image(uri: str, max_bytes: int) -> bytes:
         raise FileNotFoundError(f"{uri}: {exc}") from None
 
 
-def thumbnail(blob: bytes, max_bytes: int, max_pixels: int) -> bytes:
-    """A PNG of the square the model scores, THUMBNAIL_PX wide. Raises ImageError."""
+def thumbnail(blob: bytes, max_bytes: int, max_pixels: int,
+              video_limits: video.VideoLimits | None = None) -> bytes:
+    """A PNG of the square the model scores, THUMBNAIL_PX wide (a video's: its middle
+    frame, within `video_limits`). Raises ImageError (VideoError is one)."""
     from PIL import Image
 
-    pixels, _ = preprocess.load_image(blob, THUMBNAIL_PX, max_bytes=max_bytes,
-                                      max_pixels=max_pixels)
+    if video_limits is not None and video.looks_like_video(blob[:16]):
+        pixels = video.sample_frames(blob, THUMBNAIL_PX, 1, video_limits).pixels[0]
+    else:
+        pixels, _ = preprocess.load_image(blob, THUMBNAIL_PX, max_bytes=max_bytes,
+                                          max_pixels=max_pixels)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
 def media_type(blob: bytes) -> str:
-    """The image/* type of an original's bytes, for serving them back as they are."""
+    """The image/* or video/* type of an original's bytes, for serving them back as they
+    are."""
     from PIL import Image
 
+    if video.media_type(blob[:16]):
+        return video.media_type(blob[:16])
     preprocess.register_formats()
     try:
         with Image.open(io.BytesIO(blob)) as img:

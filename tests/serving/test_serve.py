@@ -846,6 +846,22 @@ def test_review_lists_the_rows_worth_a_human_and_serves_their_thumbnails(base, r
     assert original.content == (folder / "signed.png").read_bytes()
     assert original.headers["content-type"] == "image/png"
 
+    # A video's thumbnail is its middle frame; its original comes back as a video.
+    from video_fixtures import make_video
+
+    clip = folder / "clip.mp4"
+    clip.write_bytes(make_video("mp4"))
+    thumb = requests.get(f"{base}/v1/review/image", params={"uri": str(clip)}, timeout=60)
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(thumb.content)).size == (160, 160)
+    original = requests.get(f"{base}/v1/review/image", timeout=60,
+                            params={"uri": str(clip), "original": "true"})
+    assert original.headers["content-type"] == "video/mp4"
+    clip.write_bytes(make_video("mp4")[:2000])  # cut short: a JSON 4xx, as for an image
+    cut = requests.get(f"{base}/v1/review/image", params={"uri": str(clip)}, timeout=60)
+    assert_error(cut, 422, "truncated")
+    clip.unlink()
+
     def refused(path: str, params: dict, status: int, code: str) -> None:
         assert_error(requests.get(f"{base}{path}", params=params, timeout=60), status, code)
 
