@@ -64,6 +64,13 @@ class Frames:
     info: VideoInfo
     decoded: int  # frames decoded to reach them
 
+    def fields(self) -> dict:
+        """What an answer or a report row says of the video itself: `format` (its
+        codec), `width`, `height`, `duration_s`, `frames_scored`."""
+        info = self.info
+        return {"format": info.codec.upper(), "width": info.width, "height": info.height,
+                "duration_s": info.duration_s, "frames_scored": len(self.pixels)}
+
 
 def looks_like_video(head: bytes) -> bool:
     """Whether the first bytes of a file are a video container: ISO-BMFF (MP4, MOV, 3GP)

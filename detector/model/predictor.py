@@ -167,15 +167,7 @@ class Predictor:
                                    error=err.code, error_detail=err.detail)
         scores, heads = self.score_and_attribute(sampled.pixels)
         decided = decide_video(self.card, scores, sampled.times_s, heads, evidence)
-        named, info = decided.named, sampled.info
-        return VideoPrediction(
-            decided.score_ai, decided.verdict, decided.decided_by,
-            [e.to_dict() for e in decided.evidence], info.codec.upper(), info.width,
-            info.height, generator=named.generator, generator_scores=named.scores,
-            generator_decided_by=named.decided_by, duration_s=info.duration_s,
-            frames_scored=len(scores), frame_scores=[round(float(s), 6) for s in scores],
-            frame_times_s=[round(float(t), 3) for t in sampled.times_s],
-            worst_frame_s=decided.worst_frame_s)
+        return VideoPrediction(**sampled.fields(), **decided.fields())
 
     def _check_consistency(self, images: np.ndarray, scores: np.ndarray,
                            evidence: list[list]) -> None:

@@ -231,9 +231,7 @@ def _decode_video(row: dict, blob: bytes, image_size: int, frames: int,
     except video.VideoError as err:
         row.update(error=err.code, error_detail=err.detail)
         return [row]
-    info = sampled.info
-    row.update(format=info.codec.upper(), width=info.width, height=info.height,
-               duration_s=info.duration_s, frames_scored=len(sampled.pixels))
+    row.update(sampled.fields())  # frames_scored: the frame rows its writer waits for
     return [row, *({"kind": "frame", "partition": row["partition"], "uri": row["uri"],
                     "frame_index": i, "frame_s": float(t), "pixels": pixels.tobytes()}
                    for i, (pixels, t) in enumerate(zip(sampled.pixels, sampled.times_s,
@@ -435,15 +433,7 @@ class PartWriter:
         heads = None if ordered[0]["heads"] is None else [f["heads"] for f in ordered]
         decided = decide_video(self.card, scores, times, heads, _evidence(row),
                                self.run["threshold"])
-        named = decided.named
-        return {**row, "score_ai": decided.score_ai, "verdict": decided.verdict,
-                "decided_by": decided.decided_by,
-                "evidence": [e.to_dict() for e in decided.evidence],
-                "generator": named.generator, "generator_scores": named.scores,
-                "generator_decided_by": named.decided_by,
-                "frame_scores": [round(float(s), 6) for s in scores],
-                "frame_times_s": [round(float(t), 3) for t in times],
-                "worst_frame_s": decided.worst_frame_s}
+        return {**row, **decided.fields()}
 
     def _commit(self, name: str, state: dict) -> dict:
         header = state["header"]

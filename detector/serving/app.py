@@ -522,20 +522,9 @@ class Ingress:
         scores = np.asarray(answer["scores"]).reshape(-1)
         decided = decide_video(self.model_card, scores, sampled.times_s, answer["heads"],
                                evidence)
-        named, info = decided.named, sampled.info
-        return api.DetectResult(
-            score_ai=decided.score_ai, verdict=decided.verdict, decided_by=decided.decided_by,
-            evidence=[api.EvidenceItem(**e.to_dict()) for e in decided.evidence],
-            threshold=self.card["threshold"], model=f"{self.card['name']}@{self.card['id']}",
-            format=info.codec.upper(), width=info.width, height=info.height,
-            generator=named.generator, generator_decided_by=named.decided_by,
-            generator_scores=None if named.scores is None else
-            [api.GeneratorScore(**s) for s in named.scores],
-            media="video", duration_s=info.duration_s, frames_scored=len(scores),
-            frame_scores=[round(float(s), 6) for s in scores],
-            frame_times_s=[round(float(t), 3) for t in sampled.times_s],
-            worst_frame_s=decided.worst_frame_s,
-        )
+        return api.DetectResult(  # evidence and generator scores validate into their models
+            **sampled.fields(), **decided.fields(), media="video",
+            threshold=self.card["threshold"], model=f"{self.card['name']}@{self.card['id']}")
 
     def _sample(self, blob: bytes) -> video.Frames:
         limits = video.VideoLimits(max_bytes=self.config.max_video_bytes)

@@ -122,8 +122,8 @@ def media_type(blob: bytes) -> str:
     are."""
     from PIL import Image
 
-    if video.media_type(blob[:16]):
-        return video.media_type(blob[:16])
+    if kind := video.media_type(blob[:16]):
+        return kind
     preprocess.register_formats()
     try:
         with Image.open(io.BytesIO(blob)) as img:

@@ -31,6 +31,18 @@ class VideoVerdict:
     evidence: list[Evidence]  # the container's findings, then a `frames` finding if any
     named: Attribution
     worst_frame_s: float
+    frame_scores: list[float]  # each frame's score, rounded as answers and reports give it
+    frame_times_s: list[float]
+
+    def fields(self) -> dict:
+        """The decision as predict's answer, the HTTP answer and a report row give it."""
+        named = self.named
+        return {"score_ai": self.score_ai, "verdict": self.verdict,
+                "decided_by": self.decided_by,
+                "evidence": [e.to_dict() for e in self.evidence],
+                "generator": named.generator, "generator_scores": named.scores,
+                "generator_decided_by": named.decided_by, "frame_scores": self.frame_scores,
+                "frame_times_s": self.frame_times_s, "worst_frame_s": self.worst_frame_s}
 
 
 def decide_video(card, scores: Sequence[float], times_s: Sequence[float],
@@ -48,4 +60,5 @@ def decide_video(card, scores: Sequence[float], times_s: Sequence[float],
     named = attribute_for(card, verdict, evidence,
                           None if heads is None else np.asarray(heads[worst]))
     return VideoVerdict(summary.score_ai, verdict, decided_by, evidence, named,
-                        summary.worst_frame_s)
+                        summary.worst_frame_s, [round(float(s), 6) for s in scores],
+                        [round(float(t), 3) for t in times_s])
