@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from artifacts import save_exported
 from ray_cluster import BIN, client_env, free_port, ray_cli, ray_head, wait_for
 
 from detector import deploy
@@ -199,24 +200,14 @@ def model_uri(tmp_path_factory) -> str:
     """An untrained vit_tiny artifact: the endpoint and scans need a model, not a good one.
     With its ONNX and int8 exports, as the train job publishes them: the scan job runs
     OpenVINO int8."""
-    import numpy as np
-
     from detector.io import preprocess
     from detector.model.architectures import build_model
-    from detector.model.artifact import ModelCard, save_artifact
-    from detector.model.export import export_into
+    from detector.model.artifact import ModelCard
 
     uri = str(tmp_path_factory.mktemp("cluster") / "vit_tiny")
     card = ModelCard(name="vit_tiny", architecture="vit", image_size=SIZE,
                      preprocess_version=preprocess.PREPROCESS_VERSION)
-    model = build_model("vit_tiny", image_size=SIZE)
-
-    def exports(directory: str) -> None:
-        pixels = np.random.default_rng(0).integers(0, 256, (16, SIZE, SIZE, 3), dtype=np.uint8)
-        card.exports.update(export_into(model, card, directory, pixels, None,
-                                        calibration=pixels))
-
-    return save_artifact(model, card, uri, extra_files=exports)
+    return save_exported(build_model("vit_tiny", image_size=SIZE), card, uri, int8=True)
 
 
 def image_bytes() -> bytes:

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+from artifacts import save_exported
 from PIL import Image
 from ray_cluster import free_port, processes
 
@@ -34,16 +35,18 @@ PART = 150  # objects per partition: several parts per listing range
 
 
 def make_model(path: str, seed: int) -> str:
+    """An untrained vit_tiny with its ONNX export, as training publishes one: scans load it
+    on OpenVINO, as they load a trained model."""
     import keras
 
     from detector.model.architectures import build_model
-    from detector.model.artifact import ModelCard, save_artifact
+    from detector.model.artifact import ModelCard
 
     keras.utils.set_random_seed(seed)
-    save_artifact(build_model("vit_tiny", image_size=SIZE),
-                  ModelCard(name="vit_tiny", architecture="vit", image_size=SIZE,
-                            preprocess_version=1, threshold=0.5, uncertain_margin=0.0), path)
-    return path
+    return save_exported(build_model("vit_tiny", image_size=SIZE),
+                         ModelCard(name="vit_tiny", architecture="vit", image_size=SIZE,
+                                   preprocess_version=1, threshold=0.5, uncertain_margin=0.0),
+                         path)
 
 
 @pytest.fixture(scope="module")
@@ -696,8 +699,8 @@ def test_consistency_scan_makes_flipping_rows_uncertain_like_predict(scan_bucket
         moves.append((float(np.abs(scores[1:] - scores[0]).max()), uri, scores))
     _, flipping, scores = max(moves, key=lambda m: m[0])
     moved = scores[1:][np.argmax(np.abs(scores[1:] - scores[0]))]
-    strict = save_artifact(model, dataclasses.replace(
-        card, threshold=float(scores[0] + moved) / 2, uncertain_margin=0.0),
+    strict = save_artifact(model, dataclasses.replace(  # on Keras, as the scores above
+        card, threshold=float(scores[0] + moved) / 2, uncertain_margin=0.0, exports={}),
         str(tmp_path / "strict"))
     out = "s3://scan/reports/consistency"
     summary = scan(config(prefix, strict, out, consistency=True), progress=False)

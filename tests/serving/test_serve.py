@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from artifacts import save_exported
 from PIL import Image
 from ray_cluster import free_port
 
@@ -48,16 +49,17 @@ CHROMIUM = "/usr/bin/chromium"
 @pytest.fixture(scope="module")
 def model_uri(tmp_path_factory) -> str:
     """An untrained vit_tiny artifact: enough for the API, scores are deterministic. Its
-    card says it was trained on JPEG, PNG and WebP (`SEEN`), as training records it."""
+    card says it was trained on JPEG, PNG and WebP (`SEEN`), as training records it, and
+    names its ONNX export, which replicas load on OpenVINO as they load a trained model."""
     from detector.model.architectures import build_model
-    from detector.model.artifact import ModelCard, save_artifact
+    from detector.model.artifact import ModelCard
 
     uri = str(tmp_path_factory.mktemp("serve") / "vit_tiny")
     model = build_model("vit_tiny", image_size=SIZE)
     card = ModelCard(name="vit_tiny", architecture="vit", image_size=SIZE,
                      preprocess_version=preprocess.PREPROCESS_VERSION,
                      domain={"formats": sorted(SEEN), "long_side": [32, 96]})
-    return save_artifact(model, card, uri)
+    return save_exported(model, card, uri)
 
 
 @pytest.fixture(scope="module")

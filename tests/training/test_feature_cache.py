@@ -72,6 +72,12 @@ def test_a_set_built_on_a_base_computes_features_only_for_its_reviewed_images(
     images = sum(sum(json.loads((tmp_path / "base" / "manifest.json").read_text())["counts"][s]
                      .values()) for s in ("val", "train"))
     assert (base_record["donor"], base_record["computed_images"]) == (None, images)
+    # A run with other settings the key leaves out (learning rate, batch size) reuses it.
+    said.clear()
+    assert features.ensure_cache(dataclasses.replace(cfg, lr=1e-4, batch_size=8), NAME, SIZE,
+                                 say=said.append) == base_cache
+    assert said == [f"Feature cache for {NAME}: reusing {base_cache} "
+                    f"({base_record['rows']['train']:,} training rows, 2 view(s))"], said
 
     # A reviewer labels new images by URI and relabels one base image by its hash.
     write_sample(str(tmp_path / "scanned"), SampleSpec(per_class=4, size=SIZE, seed=6))

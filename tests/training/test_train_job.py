@@ -4,7 +4,8 @@ One module-scoped cluster: prepare shards naming three generator families -> tra
 architectures with 2 workers (one worker is killed mid-run and Ray Train resumes from the
 last checkpoint) -> artifacts with attribution heads, which predict, export, evaluate,
 recalibrate and ensemble; then, on binary shards, a frozen base: a stopped job continued
-with --resume, and the feature cache.
+with --resume, the feature cache, and a fine-tune from a version (a fine-tune of a whole
+model on pixels is part of the learning loop's test, tests/training/test_retrain.py).
 """
 
 from __future__ import annotations
@@ -346,43 +347,6 @@ def test_ensemble_of_both_trained_models_is_evaluated_and_loads_like_a_model(nam
                                [row["score_ai"] for row in evaluated], atol=1e-5)
 
 
-def test_a_fine_tune_starts_from_its_parent_and_publishes_a_candidate(cluster, named_shards):
-    """`--init-from OUT/<name>`: the same model warm-started from that name's latest (its
-    first epoch already scores like the parent, where a fresh one starts near chance), at
-    the fine-tune's default learning rate, published beside it with the parent on its card
-    and `latest` left where it was, for `detector promote` to move."""
-    models = named_shards / "models"
-    parent = version(models / "vit_tiny")
-    output = submit(cluster["address"], "jobs/train.py", "--data",
-                    str(named_shards / "shards"), "--model", "vit_tiny", "--out", str(models),
-                    "--init-from", str(models / "vit_tiny"), "--epochs", "2", "--workers", "2",
-                    "--batch-size", "16")
-    assert f"Fine-tuning vit_tiny from version {parent.name} (2 epochs at lr 1e-05)" in output
-    assert version(models / "vit_tiny") == parent  # a candidate: latest did not move
-    children = [p for p in (models / "vit_tiny").iterdir()
-                if (p / "detector.json").exists() and p != parent
-                and json.loads((p / "detector.json").read_text()).get("parent")]
-    assert len(children) == 1, children
-    card = json.loads((children[0] / "detector.json").read_text())
-    assert card["parent"] == {"id": parent.name, "name": "vit_tiny", "uri": str(parent)}
-    assert card["config"]["lr"] == 1e-5 and card["config"]["init_from"] == str(parent)
-    history = json.loads((children[0] / "history.json").read_text())
-    parent_best = max(h["val_accuracy"] for h in
-                      json.loads((parent / "history.json").read_text()))
-    assert history[0]["val_accuracy"] >= parent_best - 0.1, (history[0], parent_best)
-    listed = subprocess.run([BIN / "detector", "models", "list", str(models / "vit_tiny")],
-                            capture_output=True, text=True, check=True, env=client_env()).stdout
-    line = next(x for x in listed.splitlines() if children[0].name in x)
-    assert line.startswith("  vit_tiny@") and f"parent={parent.name}" in line, listed
-    # Another model's weights, or another input size, are refused before training.
-    refused = subprocess.run(
-        [BIN / "detector", "train", "--data", str(named_shards / "shards"), "--model",
-         "resnet50v2_tiny", "--out", str(models), "--init-from", str(parent)],
-        capture_output=True, text=True, env=client_env())
-    assert refused.returncode != 0 and "its --model is ['vit_tiny']" in refused.stderr, \
-        refused.stderr[-2000:]
-
-
 def test_a_stopped_job_resumes_and_no_feature_cache_trains_on_pixels(cluster, shards):
     """A job stopped after a checkpoint continues with --resume where it stopped: the
     history runs on and Adam's step count never goes back to zero. The first job asks for
@@ -391,7 +355,7 @@ def test_a_stopped_job_resumes_and_no_feature_cache_trains_on_pixels(cluster, sh
     with --no-feature-cache: on pixels, no cache computed (that both paths train the same
     model is a unit test; the cached path is the next test)."""
     name, epochs = "resnet50v2_tiny_frozen", 12
-    out_dir = shards / "resumed"
+    out_dir = shards / "frozen"
     args = ["jobs/train.py", "--data", str(shards / "shards"), "--model", name, "--weights",
             "none", "--no-feature-cache", "--out", str(out_dir), "--workers", "2", "--lr",
             "3e-3", "--batch-size", "32", "--patience", "1000"]
@@ -419,20 +383,29 @@ def test_a_stopped_job_resumes_and_no_feature_cache_trains_on_pixels(cluster, sh
     assert not (shards / "shards" / "_features").exists()
 
 
-def test_frozen_base_trains_on_cached_features_reused_across_runs(cluster, shards):
-    """resnet50v2_tiny_frozen (a frozen base, like resnet50v2): the base's features are
-    computed once and the head trains on them to a held-out accuracy; a re-applied job
-    with other settings starts fresh and reuses the cache, whose key does not include
-    them."""
-    def args(out: str, *extra: str) -> list[str]:
-        return ["jobs/train.py", "--data", str(shards / "shards"), "--model",
-                "resnet50v2_tiny_frozen", "--weights", "none", "--out", str(shards / out),
-                "--workers", "2", "--lr", "3e-3", "--batch-size", "32", "--patience", "20",
-                "--lr-patience", "20", *extra]
+def test_frozen_base_trains_on_cached_features_and_fine_tunes_its_head(cluster, shards):
+    """The previous test's job re-applied with --resume and the feature cache on (the
+    default): a run of other settings starts fresh; the base's features are computed once
+    and the head trains on them to a held-out accuracy, published beside the version
+    trained on pixels. Then `--init-from` that version: the same model warm-started from it
+    (its first epoch already scores like the parent) at the fine-tune's default learning
+    rate, on features of its own base (a cache keyed by the parent, every row taken from
+    the first cache, none computed), published as a candidate with the parent on its card
+    and `latest` left where it was, for `detector promote` to move."""
+    name, models = "resnet50v2_tiny_frozen", shards / "frozen"
 
-    cached = submit(cluster["address"], *args("cached", "--epochs", "20"))
-    assert "Feature cache for resnet50v2_tiny_frozen: computing" in cached, cached[-3000:]
-    first = version(shards / "cached" / "resnet50v2_tiny_frozen")
+    def args(*extra: str) -> list[str]:
+        return ["jobs/train.py", "--data", str(shards / "shards"), "--model", name,
+                "--weights", "none", "--out", str(models), "--workers", "2",
+                "--batch-size", "32", *extra]
+
+    pixels = version(models / name)  # the previous test's
+    cached = submit(cluster["address"], *args("--lr", "3e-3", "--patience", "20",
+                                              "--lr-patience", "20", "--epochs", "20",
+                                              "--resume"))
+    assert "had other feature_cache; starting fresh" in cached, cached[-3000:]
+    assert f"Feature cache for {name}: computing" in cached, cached[-3000:]
+    first = version(models / name)
     metrics = json.loads((first / "metrics.json").read_text())
     # 48 test images, so one image is 0.021 of accuracy; at the threshold fitted on 42
     # validation images one run measured 0.729 (validation 0.95, ROC AUC 0.88). Chance
@@ -441,33 +414,38 @@ def test_frozen_base_trains_on_cached_features_reused_across_runs(cluster, shard
     card = json.loads((first / "detector.json").read_text())
     assert card["config"]["feature_cache"] is True and card["image_size"] == SIZE
     assert len(list((shards / "shards" / "_features").iterdir())) == 1
-
-    again = submit(cluster["address"], *args("cached", "--epochs", "2", "--lr", "1e-3", "--resume"))
-    assert "had other lr; starting fresh" in again, again[-3000:]
-    assert "Feature cache for resnet50v2_tiny_frozen: reusing" in again
     # A new immutable version beside the first; the pointer moved, the first is intact.
-    second = version(shards / "cached" / "resnet50v2_tiny_frozen")
-    assert second != first and (first / "model.keras").exists()
-    history = json.loads((second / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2]
-    listed = subprocess.run([BIN / "detector", "models", "list", str(shards / "cached")],
-                            capture_output=True, text=True, check=True, env=client_env()).stdout
-    lines = listed.rstrip().splitlines()
-    assert len(lines) == 2 and lines[1].startswith(f"* resnet50v2_tiny_frozen@{second.name}")
-    assert lines[0].startswith(f"  resnet50v2_tiny_frozen@{first.name}"), listed
+    assert first != pixels and (pixels / "model.keras").exists()
+    history = json.loads((first / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 21))
 
-    # A fine-tune of the first version trains its head on features of its own base: a
-    # cache keyed by the parent, every row taken from the first run's cache, none computed.
-    tuned = submit(cluster["address"], *args("cached", "--epochs", "2", "--lr", "1e-4",
-                                             "--init-from", str(first)))
-    assert "Feature cache for resnet50v2_tiny_frozen: computing" in tuned, tuned[-3000:]
+    tuned = submit(cluster["address"], *args("--epochs", "2", "--init-from", str(models / name)))
+    assert f"Fine-tuning {name} from version {first.name} (2 epochs at lr 1e-05)" in tuned, \
+        tuned[-3000:]
+    assert f"Feature cache for {name}: computing" in tuned, tuned[-3000:]
     assert "images come from " in tuned and ", 0 computed" in tuned, tuned[-3000:]
-    assert version(shards / "cached" / "resnet50v2_tiny_frozen") == second  # a candidate
-    child = next(p for p in (shards / "cached" / "resnet50v2_tiny_frozen").iterdir()
-                 if p not in (first, second) and (p / "detector.json").exists())
+    assert len(list((shards / "shards" / "_features").iterdir())) == 2
+    assert version(models / name) == first  # a candidate: latest did not move
+    child = next(p for p in (models / name).iterdir()
+                 if p not in (pixels, first) and (p / "detector.json").exists())
     card = json.loads((child / "detector.json").read_text())
-    assert card["parent"]["id"] == first.name and card["config"]["feature_cache"] is True
-    parent_best = max(h["val_accuracy"] for h in json.loads((first / "history.json").read_text()))
+    assert card["parent"] == {"id": first.name, "name": name, "uri": str(first)}
+    assert card["config"]["lr"] == 1e-5 and card["config"]["init_from"] == str(first)
+    assert card["config"]["feature_cache"] is True
+    parent_best = max(h["val_accuracy"] for h in history)
     assert json.loads((child / "history.json").read_text())[0]["val_accuracy"] >= \
         parent_best - 0.1
-    assert len(list((shards / "shards" / "_features").iterdir())) == 2
+    listed = subprocess.run([BIN / "detector", "models", "list", str(models)],
+                            capture_output=True, text=True, check=True, env=client_env()).stdout
+    lines = listed.rstrip().splitlines()
+    assert len(lines) == 3, listed
+    assert lines[0].startswith(f"  {name}@{pixels.name}"), listed
+    assert lines[1].startswith(f"* {name}@{first.name}"), listed
+    assert lines[2].startswith(f"  {name}@{child.name}") and f"parent={first.name}" in lines[2]
+    # Another model's weights are refused before training.
+    refused = subprocess.run(
+        [BIN / "detector", "train", "--data", str(shards / "shards"), "--model",
+         "resnet50v2_tiny", "--out", str(models), "--init-from", str(first)],
+        capture_output=True, text=True, env=client_env())
+    assert refused.returncode != 0 and f"its --model is ['{name}']" in refused.stderr, \
+        refused.stderr[-2000:]
