@@ -64,8 +64,12 @@ def test_labelled_misses_retrain_into_a_promoted_version_that_misses_fewer(
            str(root / "bucket" / "fake" / KNOWN), "--out", str(root / "shards"),
            "--image-size", str(SIZE))
     models = root / "models"
+    # One Train worker here and in the retrain job: how two workers split the data depends
+    # on timing, and this test's gate (one image of 48 is 0.021 of accuracy) then failed
+    # in 2 of 4 runs, on a weak baseline (0.62) or a candidate a few images worse. Two
+    # workers, a worker killed, are the training module's test.
     submit(address, "jobs/train.py", "--data", str(root / "shards"), "--model", "vit_tiny",
-           "--out", str(models), "--workers", "2", "--epochs", "12", "--lr", "1e-3",
+           "--out", str(models), "--workers", "1", "--epochs", "12", "--lr", "1e-3",
            "--batch-size", "16")
     baseline = latest(models / "vit_tiny")
 
@@ -89,7 +93,7 @@ def test_labelled_misses_retrain_into_a_promoted_version_that_misses_fewer(
 
     run = submit(address, "jobs/retrain.py", "--model", str(models / "vit_tiny"),
                  "--labels", str(labels), "--shards", str(root / "shards-reviewed"),
-                 "--report", str(root / "retrain"), "--workers", "2", "--lr", "1e-4",
+                 "--report", str(root / "retrain"), "--workers", "1", "--lr", "1e-4",
                  check=False)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
