@@ -1,6 +1,6 @@
 """Ray Train: data-parallel training of each requested model, then evaluation.
 
-Driver side (`train_models`): one `TensorflowTrainer` per model, each worker reading its
+Driver side (`train_models`): one data-parallel Ray Train trainer per model, each worker reading its
 own shard of the training split from Ray Data; afterwards one Ray task (on a worker, with
 the workers' resources) turns the best checkpoint into the final artifact. Worker side
 (`train_loop_per_worker`): MultiWorkerMirroredStrategy around `detector.training.fit.fit`.
@@ -56,6 +56,7 @@ REPORT_POLL_S = "0.25"
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
+    import keras
     import numpy as np
     import ray.train
     import tensorflow as tf
@@ -71,7 +72,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     relay = loop_config.get("relay")  # lines for the person running the job (console.py)
     context = ray.train.get_context()
     world, rank = context.get_world_size(), context.get_world_rank()
-    tf.keras.utils.set_random_seed(cfg.seed)
+    keras.utils.set_random_seed(cfg.seed)
     # Ray sets TF_CONFIG for every worker; the strategy all-reduces gradients between them.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
@@ -213,10 +214,13 @@ def _build_overrides(name: str, cfg: TrainConfig, generators: list[str]) -> dict
 
 def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: str | None = None,
                   say=print, relay: Any = None):
-    """The TensorflowTrainer for one model, reading the prepared shards, or the frozen
+    """The Ray Train trainer for one model (data-parallel, TensorFlow's multi-worker
+    strategy: `detector.training.backend`), reading the prepared shards, or the frozen
     base's cached features at `feature_cache` (see `detector.training.features`)."""
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from detector.training.backend import MultiWorkerConfig
 
     # Read by the trainer in this process and passed on to its controller and workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
@@ -240,8 +244,9 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: s
     if classes:
         say(f"{name}: an attribution head over {len(classes)} generators "
             f"({', '.join(classes)})")
-    return TensorflowTrainer(
+    return DataParallelTrainer(
         train_loop_per_worker,
+        backend_config=MultiWorkerConfig(),
         train_loop_config={"train_config": to_dict(cfg), "model": name, "image_size": image_size,
                            "feature_cache": feature_cache, "relay": relay,
                            "generators": classes},

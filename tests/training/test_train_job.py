@@ -246,8 +246,10 @@ def test_artifact_predicts_what_evaluation_scored(named_shards):
 
 def test_training_publishes_an_onnx_export_that_matches_keras(named_shards, tmp_path):
     """Training ends with model.onnx and its parity record; `detector export --int8` adds
-    an int8 model; predict runs on each with the same verdicts on these images."""
+    an int8 model; predict runs on each with the same verdicts on these images (int8's
+    may differ only where int8's measured error reaches a decision boundary)."""
     from detector.model.artifact import load_card
+    from detector.verdicts.verdict import classify_for
 
     artifact = version(named_shards / "models" / "resnet50v2_tiny")
     record = load_card(str(artifact)).exports["onnx"]
@@ -260,13 +262,23 @@ def test_training_publishes_an_onnx_export_that_matches_keras(named_shards, tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     assert "int8: model_int8.xml on openvino/int8" in out.stdout
     images = sorted(str(p) for p in (named_shards / "bucket" / "fake").rglob("*.png"))[:4]
-    verdicts = {}
-    for flags in (["--backend", "keras"], [], ["--precision", "int8"]):
+    scores, verdicts = {}, {}
+    runs = {"keras": ["--backend", "keras"], "openvino": [], "int8": ["--precision", "int8"]}
+    for run, flags in runs.items():
         lines = subprocess.run([BIN / "detector", "predict", "--model", str(copy), *flags,
                                 *images], capture_output=True, text=True, check=True,
                                env=client_env()).stdout.strip().splitlines()
-        verdicts[" ".join(flags)] = [line.split("\t")[2] for line in lines]
-    assert len(set(map(tuple, verdicts.values()))) == 1, verdicts
+        scores[run] = [float(line.split("\t")[1]) for line in lines]
+        verdicts[run] = [line.split("\t")[2] for line in lines]
+    assert verdicts["keras"] == verdicts["openvino"], verdicts
+    # int8 moves a score by up to its parity record's max_abs_diff (measured at export):
+    # a verdict may change only for a score within that of the threshold or a band edge.
+    card = load_card(str(copy))
+    error = card.exports["int8"]["max_abs_diff"]
+    for score, exact, int8 in zip(scores["keras"], verdicts["keras"], verdicts["int8"],
+                                  strict=True):
+        reachable = {classify_for(card, score + step * error) for step in np.linspace(-1, 1, 41)}
+        assert int8 == exact or int8 in reachable, (score, exact, int8, error, card.threshold)
 
 
 def test_evaluate_reproduces_the_training_evaluation(named_shards, tmp_path):
