@@ -330,14 +330,14 @@ def test_a_scan_beside_a_serve_app_of_another_model_fits_in_what_is_free(head, m
 
     from detector.data.sample import SampleSpec, write_sample
     from detector.model.architectures import build_model
-    from detector.model.artifact import ModelCard, load_card, save_artifact
+    from detector.model.artifact import ModelCard, load_card
 
     source = tmp_path / "bucket"
     write_sample(str(source), SampleSpec(per_class=150, size=48, seed=5))
-    other = save_artifact(build_model("vit_tiny", image_size=SIZE),
+    other = save_exported(build_model("vit_tiny", image_size=SIZE),
                           ModelCard(name="other", architecture="vit", image_size=SIZE,
                                     preprocess_version=load_card(model_uri).preprocess_version),
-                          str(tmp_path / "other"))
+                          str(tmp_path / "other"))  # its replica runs OpenVINO
     scorer = load_card(model_uri)
     env = client_env() | {"RAY_ADDRESS": head["gcs"]}
     port, log = free_port(), tmp_path / "serve.log"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from artifacts import publish_exported
 
 pytestmark = pytest.mark.e2e
 
@@ -17,20 +18,14 @@ SIZE = 32
 def test_a_published_version_on_s3_scores_as_on_local_disk(bucket, tmp_path):
     from detector.io import storage
     from detector.model.architectures import build_model
-    from detector.model.artifact import ModelCard, publish_version, resolve
-    from detector.model.export import export_into
+    from detector.model.artifact import ModelCard, resolve
     from detector.model.predictor import Predictor
 
     model = build_model("vit_tiny", image_size=SIZE)
     card = ModelCard(name="vit_tiny", architecture="vit", image_size=SIZE,
                      preprocess_version=1)
     pixels = np.random.default_rng(0).integers(0, 256, (24, SIZE, SIZE, 3), dtype=np.uint8)
-
-    def exports(directory: str) -> None:
-        card.exports.update(export_into(model, card, directory, pixels, None,
-                                        calibration=pixels))
-
-    local = publish_version(model, card, str(tmp_path / "vit_tiny"), extra_files=exports)
+    local = publish_exported(model, card, str(tmp_path / "vit_tiny"), int8=True, pixels=pixels)
     storage.upload_dir(str(tmp_path / "vit_tiny"), f"s3://{bucket}/models/vit_tiny")
     name = f"s3://{bucket}/models/vit_tiny"
     assert resolve(name) == f"{name}/{card.id}"

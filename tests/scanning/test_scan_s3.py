@@ -438,8 +438,7 @@ def head_model(attribution_bucket, tmp_path_factory) -> str:
 
     from detector.io.preprocess import load_image
     from detector.model.architectures import build_model
-    from detector.model.artifact import CARD_FILE, ModelCard, save_artifact
-    from detector.model.export import export_into
+    from detector.model.artifact import ModelCard
     from detector.model.predictor import Predictor
 
     def middle(values: np.ndarray) -> float:
@@ -456,11 +455,8 @@ def head_model(attribution_bucket, tmp_path_factory) -> str:
     card.threshold = middle(scores)
     card.attribution = {"threshold": middle(heads.max(axis=1))}
     path = str(tmp_path_factory.mktemp("head-model") / "vit_tiny_heads")
-    save_artifact(model, card, path)
-    card.exports = export_into(model, card, path, pixels, None, calibration=pixels)
+    save_exported(model, card, path, int8=True, pixels=pixels)
     assert card.exports["int8"]["attribution"]["max_abs_diff"] < 0.2, card.exports
-    with open(f"{path}/{CARD_FILE}", "w") as handle:
-        handle.write(card.to_json())
     return path
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from artifacts import save_exported
+from artifacts import publish_exported, save_exported
 from PIL import Image
 from ray_cluster import free_port
 
@@ -509,7 +509,7 @@ def test_a_running_app_keeps_its_version_while_a_new_one_is_published(serve_port
     from ray import serve
 
     from detector.model.architectures import build_model
-    from detector.model.artifact import ModelCard, publish_version
+    from detector.model.artifact import ModelCard
     from detector.model.predictor import Predictor
 
     name_uri = str(tmp_path / "models" / "vit_tiny")
@@ -519,7 +519,8 @@ def test_a_running_app_keeps_its_version_while_a_new_one_is_published(serve_port
         card = ModelCard(name="vit_tiny", architecture="vit", image_size=SIZE,
                          preprocess_version=preprocess.PREPROCESS_VERSION,
                          threshold=threshold, uncertain_margin=0.0)
-        return publish_version(build_model("vit_tiny", image_size=SIZE), card, name_uri), card
+        model = build_model("vit_tiny", image_size=SIZE)
+        return publish_exported(model, card, name_uri), card  # replicas run OpenVINO
 
     first_uri, first = publish(1, 0.5)
     config = ServeConfig(model_uri=name_uri, min_replicas=1, max_replicas=1,

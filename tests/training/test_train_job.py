@@ -359,6 +359,16 @@ def test_ensemble_of_both_trained_models_is_evaluated_and_loads_like_a_model(nam
                                [row["score_ai"] for row in evaluated], atol=1e-5)
 
 
+FROZEN = "resnet50v2_tiny_frozen"
+
+
+def frozen_args(shards: Path, *extra: str) -> list[str]:
+    """A frozen-base training job on the binary shards, into shards/frozen."""
+    return ["jobs/train.py", "--data", str(shards / "shards"), "--model", FROZEN, "--weights",
+            "none", "--out", str(shards / "frozen"), "--workers", "2", "--batch-size", "32",
+            *extra]
+
+
 def test_a_stopped_job_resumes_and_no_feature_cache_trains_on_pixels(cluster, shards):
     """A job stopped after a checkpoint continues with --resume where it stopped: the
     history runs on and Adam's step count never goes back to zero. The first job asks for
@@ -366,11 +376,9 @@ def test_a_stopped_job_resumes_and_no_feature_cache_trains_on_pixels(cluster, sh
     --resume, the run's settings may not) finishes. The model has a frozen base trained
     with --no-feature-cache: on pixels, no cache computed (that both paths train the same
     model is a unit test; the cached path is the next test)."""
-    name, epochs = "resnet50v2_tiny_frozen", 12
+    name, epochs = FROZEN, 12
     out_dir = shards / "frozen"
-    args = ["jobs/train.py", "--data", str(shards / "shards"), "--model", name, "--weights",
-            "none", "--no-feature-cache", "--out", str(out_dir), "--workers", "2", "--lr",
-            "3e-3", "--batch-size", "32", "--patience", "1000"]
+    args = frozen_args(shards, "--no-feature-cache", "--lr", "3e-3", "--patience", "1000")
     submitted = submit(cluster["address"], *args, "--epochs", "1000", wait=False)
     job_id = next(line.split("'")[1] for line in submitted.splitlines()
                   if "submitted successfully" in line)
@@ -395,29 +403,19 @@ def test_a_stopped_job_resumes_and_no_feature_cache_trains_on_pixels(cluster, sh
     assert not (shards / "shards" / "_features").exists()
 
 
-def test_frozen_base_trains_on_cached_features_and_fine_tunes_its_head(cluster, shards):
+def test_frozen_base_trains_its_head_on_cached_features(cluster, shards):
     """The previous test's job re-applied with --resume and the feature cache on (the
     default): a run of other settings starts fresh; the base's features are computed once
     and the head trains on them to a held-out accuracy, published beside the version
-    trained on pixels. Then `--init-from` that version: the same model warm-started from it
-    (its first epoch already scores like the parent) at the fine-tune's default learning
-    rate, on features of its own base (a cache keyed by the parent, every row taken from
-    the first cache, none computed), published as a candidate with the parent on its card
-    and `latest` left where it was, for `detector promote` to move."""
-    name, models = "resnet50v2_tiny_frozen", shards / "frozen"
-
-    def args(*extra: str) -> list[str]:
-        return ["jobs/train.py", "--data", str(shards / "shards"), "--model", name,
-                "--weights", "none", "--out", str(models), "--workers", "2",
-                "--batch-size", "32", *extra]
-
-    pixels = version(models / name)  # the previous test's
-    cached = submit(cluster["address"], *args("--lr", "3e-3", "--patience", "20",
-                                              "--lr-patience", "20", "--epochs", "20",
-                                              "--resume"))
+    trained on pixels."""
+    models = shards / "frozen"
+    pixels = version(models / FROZEN)  # the previous test's
+    cached = submit(cluster["address"], *frozen_args(
+        shards, "--lr", "3e-3", "--patience", "20", "--lr-patience", "20", "--epochs", "20",
+        "--resume"))
     assert "had other feature_cache; starting fresh" in cached, cached[-3000:]
-    assert f"Feature cache for {name}: computing" in cached, cached[-3000:]
-    first = version(models / name)
+    assert f"Feature cache for {FROZEN}: computing" in cached, cached[-3000:]
+    first = version(models / FROZEN)
     metrics = json.loads((first / "metrics.json").read_text())
     # 48 test images, so one image is 0.021 of accuracy; at the threshold fitted on 42
     # validation images one run measured 0.729 (validation 0.95, ROC AUC 0.88). Chance
@@ -431,7 +429,22 @@ def test_frozen_base_trains_on_cached_features_and_fine_tunes_its_head(cluster, 
     history = json.loads((first / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, 21))
 
-    tuned = submit(cluster["address"], *args("--epochs", "2", "--init-from", str(models / name)))
+
+def test_a_fine_tune_of_the_frozen_head_is_a_candidate_that_starts_from_its_parent(
+        cluster, shards):
+    """`--init-from` the previous test's version: the same model warm-started from it (its
+    first epoch already scores like the parent) at the fine-tune's default learning rate,
+    on features of its own base (a cache keyed by the parent, every row taken from the
+    first cache, none computed), published as a candidate with the parent on its card and
+    `latest` left where it was, for `detector promote` to move."""
+    name, models = FROZEN, shards / "frozen"
+    first = version(models / name)  # the previous test's, on cached features
+    pixels = next(p for p in (models / name).iterdir()
+                  if p != first and (p / "detector.json").exists())  # the one before
+    history = json.loads((first / "history.json").read_text())
+
+    tuned = submit(cluster["address"], *frozen_args(shards, "--epochs", "2", "--init-from",
+                                                    str(models / name)))
     assert f"Fine-tuning {name} from version {first.name} (2 epochs at lr 1e-05)" in tuned, \
         tuned[-3000:]
     assert f"Feature cache for {name}: computing" in tuned, tuned[-3000:]
