@@ -413,7 +413,7 @@ def copy_base(config: PrepareConfig, base: dict, run_id: str, tally: Tally,
     """Copy the base set's images in (less those `reviewed` replaced, with labels given by
     hash applied), adding their summary rows to `tally`; returns what the labels did."""
     relabels = labelled.relabels if labelled else {}
-    copied = extend.copy_base(config.base, base, config.out, run_id, reviewed, relabels)
+    copied = extend.copy_base_parts(config.base, base, config.out, run_id, reviewed, relabels)
     rows, relabeled = 0, set()
     for batch in copied.iter_batches(batch_size=None, batch_format="pyarrow") if copied else ():
         summary = batch.to_pylist()

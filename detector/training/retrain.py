@@ -46,7 +46,7 @@ def retrain(cfg: RetrainConfig, say=print) -> dict:
     """Run the loop on the current Ray cluster; returns the record (also `retrain.json`
     under `cfg.report`)."""
     from detector.data import prepare
-    from detector.training.train import settle, train_models
+    from detector.training.train import train_models
 
     baseline = resolve(cfg.model)
     if name_of(baseline) is None:
@@ -64,7 +64,6 @@ def retrain(cfg: RetrainConfig, say=print) -> dict:
         f"labelled images, {labels['relabeled']} relabelled by hash, "
         f"{len(manifest['skipped'])} skipped)")
     train_cfg = fine_tune_config(cfg, baseline, card.name, card.config)
-    settle(train_cfg, say=lambda _: None)  # a parent that cannot be continued fails here
     trained = train_models(train_cfg)["models"][0]
     candidate = trained["artifact"]
     say(f"Candidate {card.name}@{trained['id']}: test accuracy "

@@ -3,9 +3,10 @@
 One module-scoped cluster: prepare shards naming three generator families -> train both
 architectures with 2 workers (one worker is killed mid-run and Ray Train resumes from the
 last checkpoint) -> artifacts with attribution heads, which predict, export, evaluate,
-recalibrate and ensemble; then, on binary shards, a frozen base: a stopped job continued
-with --resume, the feature cache, and a fine-tune from a version (a fine-tune of a whole
-model on pixels is part of the learning loop's test, tests/training/test_retrain.py).
+recalibrate and ensemble; then, on binary shards, a frozen base on one worker: a stopped
+job continued with --resume, the feature cache, and a fine-tune from a version (a
+fine-tune of a whole model on pixels is part of the learning loop's test,
+tests/training/test_retrain.py).
 """
 
 from __future__ import annotations
@@ -363,9 +364,12 @@ FROZEN = "resnet50v2_tiny_frozen"
 
 
 def frozen_args(shards: Path, *extra: str) -> list[str]:
-    """A frozen-base training job on the binary shards, into shards/frozen."""
+    """A frozen-base training job on the binary shards, into shards/frozen. One Train
+    worker: stopping, resuming, caching and fine-tuning do not depend on how many there
+    are, and two workers with one killed are the first test's; a second worker costs each
+    of these jobs its own TensorFlow start and an all-reduce every step."""
     return ["jobs/train.py", "--data", str(shards / "shards"), "--model", FROZEN, "--weights",
-            "none", "--out", str(shards / "frozen"), "--workers", "2", "--batch-size", "32",
+            "none", "--out", str(shards / "frozen"), "--workers", "1", "--batch-size", "32",
             *extra]
 
 
