@@ -258,7 +258,12 @@ def test_training_publishes_an_onnx_export_that_matches_keras(named_shards, tmp_
     assert record["max_abs_diff"] < 1e-4 and record["verdict_agreement"] == 1.0
     copy = tmp_path / "model"
     shutil.copytree(artifact, copy)
-    out = subprocess.run([BIN / "detector", "export", "--model", str(copy), "--int8"],
+    # The AUC gate is on the test split's 75 images, where one pair of images changing
+    # order moves ROC AUC by 0.005 (one run: 0.9864 -> 0.9814, refused at the default
+    # 0.005); its refusal is tested in tests/model/test_runtimes.py. This test is about
+    # what an accepted int8 model answers.
+    out = subprocess.run([BIN / "detector", "export", "--model", str(copy), "--int8",
+                          "--max-auc-drop", "0.05"],
                          capture_output=True, text=True, env=client_env())
     assert out.returncode == 0, out.stderr[-3000:]
     assert "int8: model_int8.xml on openvino/int8" in out.stdout
