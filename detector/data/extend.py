@@ -87,7 +87,7 @@ def labelled_images(labels_uri: str) -> Labelled:
 
 
 def copy_base_parts(base_uri: str, manifest: dict, out_uri: str, run_id: str,
-              replaced: set[str], relabels: dict[str, tuple[int, str | None]]):
+                    replaced: set[str], relabels: dict[str, tuple[int, str | None]]):
     """A Ray dataset of the summary rows of the base's images copied into `out_uri`,
     less those whose sha256 is in `replaced`, with `relabels` applied."""
     import ray

@@ -27,7 +27,7 @@ from ray.train.v2._internal.util import TrainingFramework
 
 @dataclass
 class MultiWorkerConfig(BackendConfig):
-    """The backend config for `DataParallelTrainer` that Ray's `TensorflowConfig` is."""
+    """What Ray's `TensorflowConfig` is to `DataParallelTrainer`, importing no TensorFlow."""
 
     @property
     def backend_cls(self):

@@ -73,7 +73,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     world, rank = context.get_world_size(), context.get_world_rank()
     keras.utils.set_random_seed(cfg.seed)
-    # Ray sets TF_CONFIG for every worker; the strategy all-reduces gradients between them.
+    # TF_CONFIG is set on every worker (detector.training.backend); the strategy
+    # all-reduces gradients between them.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
         model = build_model(name, image_size=image_size,
