@@ -3,8 +3,8 @@
 One module-scoped cluster: prepare shards naming three generator families -> train both
 architectures with 2 workers (one worker is killed mid-run and Ray Train resumes from the
 last checkpoint) -> artifacts with attribution heads, which predict, export, evaluate,
-recalibrate and ensemble; then, on binary shards, a frozen base on one worker: a stopped
-job continued with --resume, the feature cache, and a fine-tune from a version (a
+recalibrate and ensemble; then, on binary shards, a frozen base: a stopped job continued
+with --resume (2 workers), the feature cache and a fine-tune from a version (1; a
 fine-tune of a whole model on pixels is part of the learning loop's test,
 tests/training/test_retrain.py).
 """
@@ -368,14 +368,14 @@ def test_ensemble_of_both_trained_models_is_evaluated_and_loads_like_a_model(nam
 FROZEN = "resnet50v2_tiny_frozen"
 
 
-def frozen_args(shards: Path, *extra: str) -> list[str]:
+def frozen_args(shards: Path, *extra: str, workers: int = 1) -> list[str]:
     """A frozen-base training job on the binary shards, into shards/frozen. One Train
-    worker: stopping, resuming, caching and fine-tuning do not depend on how many there
-    are, and two workers with one killed are the first test's; a second worker costs each
-    of these jobs its own TensorFlow start and an all-reduce every step."""
+    worker by default: caching and fine-tuning do not depend on how many there are, and
+    two workers with one killed are the first test's; a second worker costs each of these
+    jobs its own TensorFlow start and an all-reduce every step."""
     return ["jobs/train.py", "--data", str(shards / "shards"), "--model", FROZEN, "--weights",
-            "none", "--out", str(shards / "frozen"), "--workers", "1", "--batch-size", "32",
-            *extra]
+            "none", "--out", str(shards / "frozen"), "--workers", str(workers),
+            "--batch-size", "32", *extra]
 
 
 def test_a_stopped_job_resumes_and_no_feature_cache_trains_on_pixels(cluster, shards):
@@ -387,7 +387,10 @@ def test_a_stopped_job_resumes_and_no_feature_cache_trains_on_pixels(cluster, sh
     model is a unit test; the cached path is the next test)."""
     name, epochs = FROZEN, 12
     out_dir = shards / "frozen"
-    args = frozen_args(shards, "--no-feature-cache", "--lr", "3e-3", "--patience", "1000")
+    # Two workers: on one, epochs are quick enough that the first job once ran all 12
+    # before `ray job stop` took effect, leaving the resumed run nothing to do.
+    args = frozen_args(shards, "--no-feature-cache", "--lr", "3e-3", "--patience", "1000",
+                       workers=2)
     submitted = submit(cluster["address"], *args, "--epochs", "1000", wait=False)
     job_id = next(line.split("'")[1] for line in submitted.splitlines()
                   if "submitted successfully" in line)
