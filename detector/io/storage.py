@@ -17,6 +17,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -90,23 +91,63 @@ def s3_filesystem() -> pafs.S3FileSystem:
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = resolve(uri)
-    with fs.open_input_stream(path) as stream:
+    if is_s3(uri):
+        return _get_object(uri)[0]
+    with pafs.LocalFileSystem().open_input_stream(local_path(uri)) as stream:
         return stream.read()
 
 
 def read_prefix(uri: str, size: int, want_rest: Callable[[bytes], bool]) -> tuple[bytes, bool]:
     """The first `size` bytes of an object, and the rest only when `want_rest(first)` asks
-    for it, through one open stream (on S3 a ranged GET for each part read). Returns
-    (bytes, whole): `whole` is False when the rest was left unread."""
-    fs, path = resolve(uri)
-    with fs.open_input_stream(path) as stream:
-        first = stream.read(size)
-        if len(first) < size:
-            return first, True
-        if not want_rest(first):
-            return first, False
-        return first + stream.read(), True
+    for it (on S3 a ranged GET for each part; the second only of the same version).
+    Returns (bytes, whole): `whole` is False when the rest was left unread."""
+    if is_s3(uri):
+        first, etag = _get_object(uri, f"bytes=0-{size - 1}")
+        return _with_rest(first, size, want_rest,
+                          lambda: _get_object(uri, f"bytes={size}-", if_match=etag)[0])
+    with pafs.LocalFileSystem().open_input_stream(local_path(uri)) as stream:
+        return _with_rest(stream.read(size), size, want_rest, stream.read)
+
+
+def _with_rest(first: bytes, size: int, want_rest: Callable[[bytes], bool],
+               rest: Callable[[], bytes]) -> tuple[bytes, bool]:
+    if len(first) < size:  # that was all of it
+        return first, True
+    if not want_rest(first):
+        return first, False
+    return first + rest(), True
+
+
+# S3 errors that mean the object (or its bucket) is not there.
+_MISSING = {"NoSuchKey", "NoSuchBucket", "404"}
+
+
+def _get_object(uri: str, byte_range: str | None = None,
+                if_match: str | None = None) -> tuple[bytes, str]:
+    """(bytes, ETag) of an S3 object, or of `byte_range` of it, in one GET. pyarrow's
+    streams send a HEAD before every GET (it takes no listed size in Python), which
+    doubles a scan's requests and their latency. Errors are those pyarrow raises:
+    FileNotFoundError when the object is missing, OSError for any other failure."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    request = {"Bucket": bucket, "Key": key}
+    if byte_range:
+        request["Range"] = byte_range
+    if if_match:
+        request["IfMatch"] = if_match
+    try:
+        response = s3_client().get_object(**request)
+        return response["Body"].read(), response["ETag"]
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in _MISSING:
+            raise FileNotFoundError(f"{uri}: {exc}") from exc
+        if code == "InvalidRange":  # a range past the end: the object is empty
+            return b"", exc.response.get("ETag", "")
+        raise OSError(f"{uri}: {exc}") from exc
+    except BotoCoreError as exc:
+        raise OSError(f"{uri}: {exc}") from exc
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -176,11 +217,28 @@ def local_etag(size: int, mtime_ns: int) -> str:
     return hashlib.sha1(f"{size}:{mtime_ns}".encode()).hexdigest()[:16]
 
 
-def s3_client():
-    """A boto3 S3 client (boto3 reads AWS_ENDPOINT_URL and the credential chain itself)."""
-    import boto3
+# The variables boto3 builds an S3 client from: a client is kept per combination, so a
+# process whose environment points elsewhere (tests, one endpoint per module) gets a new one.
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
+               "AWS_REGION", "AWS_DEFAULT_REGION")
+_client_lock = threading.Lock()
 
-    return boto3.client("s3")
+
+def s3_client():
+    """This process's boto3 S3 client (boto3 reads AWS_ENDPOINT_URL and the credential
+    chain itself). Clients are thread-safe, and building one costs tens of milliseconds,
+    so reads share it."""
+    return _cached_client(tuple(os.environ.get(name) for name in _CLIENT_ENV))
+
+
+@lru_cache(maxsize=8)
+def _cached_client(_environment: tuple[str | None, ...]):
+    import boto3
+    from botocore.config import Config
+
+    with _client_lock:  # boto3's sessions are not thread-safe: one built at a time
+        # As many connections as a task's reads in flight (io.reads), and a few to spare.
+        return boto3.session.Session().client("s3", config=Config(max_pool_connections=16))
 
 
 def delete_tree(uri: str) -> None:

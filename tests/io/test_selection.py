@@ -4,6 +4,9 @@ account of every object not read."""
 from __future__ import annotations
 
 import io
+import logging
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -82,10 +85,11 @@ def _large(fmt: str) -> bytes:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_objects_not_named_as_images_are_identified_from_their_first_bytes(where, tmp_path,
-                                                                          request):
+                                                                          request, caplog):
     """A large log under a bare key costs SNIFF_BYTES, never its whole size; a large image
     under a bare key or an unknown extension is read whole and decodes, whatever its format
-    (Pillow writes a TIFF's directory after the pixels, past the sniffed bytes)."""
+    (Pillow writes a TIFF's directory after the pixels, past the sniffed bytes). On S3 each
+    part read is one GET, with no HEAD before it (the server's own log counts them)."""
     preprocess.register_formats()
     objects = {
         "3f2a9c1b": _large("JPEG"), "upload-77": _large("HEIF"), "scan.tiff.v2": _large("TIFF"),
@@ -106,7 +110,15 @@ def test_objects_not_named_as_images_are_identified_from_their_first_bytes(where
         root = str(tmp_path)
     uris = [storage.join(root, key) for key in objects]
     sizes = [len(blob) for blob in objects.values()]
+    caplog.set_level(logging.INFO, logger="werkzeug")  # moto's request log
+    before = len(caplog.records)
     fetched = dict(zip(objects, reads.fetch_many(uris, sizes), strict=True))
+    if where == "s3":
+        lines = (re.search(r"([A-Z]+) /\S* HTTP/", r.getMessage()) for r in caplog.records[before:])
+        methods = Counter(found.group(1) for found in lines if found)
+        # One GET for each object read whole or only sniffed; two (its first bytes, then
+        # the rest) for each large image whose name does not say it is one.
+        assert methods == {"GET": len(objects) + 4}, methods
     for key in ("3f2a9c1b", "upload-77", "scan.tiff.v2", "frame", "tiny", "named.jpg"):
         assert fetched[key].data == objects[key] and fetched[key].error is None, key
         assert fetched[key].bytes_read == len(objects[key])
@@ -118,3 +130,8 @@ def test_objects_not_named_as_images_are_identified_from_their_first_bytes(where
         assert "the rest was not read" in fetched[key].detail
     # Without a listed size (a manifest without sizes) the first bytes still decide.
     assert reads.fetch(storage.join(root, "server-log")).bytes_read == reads.SNIFF_BYTES
+    # A sniffed range past the end of an empty object reads it whole; a missing one is
+    # named as vanished, not as a failed read.
+    storage.write_bytes(storage.join(root, "empty"), b"")
+    assert reads.fetch(storage.join(root, "empty")) == reads.Fetched(b"")
+    assert reads.fetch(storage.join(root, "gone")).error == "vanished"
