@@ -663,7 +663,7 @@ def test_a_scan_that_cannot_be_scheduled_fails_with_the_missing_resources(scan_b
     too_big, seconds = scan("--cpus-per-actor", "64")
     assert "--cpus-per-actor 64 and a decode task (0.5 CPU) fit on no node" in too_big.stderr
     assert "cannot add nodes" in too_big.stderr and seconds < 60, seconds
-    no_gpu, _ = scan("--gpus-per-actor", "1", "--stall-timeout", "15")
+    no_gpu, _ = scan("--gpus-per-actor", "1", "--stall-timeout", "5")
     assert "nothing could be scheduled" in no_gpu.stderr and "'GPU': 1.0" in no_gpu.stderr
 
 
