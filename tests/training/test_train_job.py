@@ -3,8 +3,8 @@
 One module-scoped cluster: prepare shards naming three generator families -> train both
 architectures with 2 workers (one worker is killed mid-run and Ray Train resumes from the
 last checkpoint) -> artifacts with attribution heads, which predict, export, evaluate,
-recalibrate and ensemble; then, on binary shards, a frozen base: a stopped job continued
-with --resume (2 workers), the feature cache and a fine-tune from a version (1; a
+recalibrate and ensemble; then, on binary shards, a frozen base on one worker: a stopped
+job continued with --resume, the feature cache and a fine-tune from a version (a
 fine-tune of a whole model on pixels is part of the learning loop's test,
 tests/training/test_retrain.py).
 """
@@ -368,41 +368,45 @@ def test_ensemble_of_both_trained_models_is_evaluated_and_loads_like_a_model(nam
 FROZEN = "resnet50v2_tiny_frozen"
 
 
-def frozen_args(shards: Path, *extra: str, workers: int = 1) -> list[str]:
-    """A frozen-base training job on the binary shards, into shards/frozen. One Train
-    worker by default: caching and fine-tuning do not depend on how many there are, and
-    two workers with one killed are the first test's; a second worker costs each of these
-    jobs its own TensorFlow start and an all-reduce every step."""
+def frozen_args(shards: Path, *extra: str) -> list[str]:
+    """A frozen-base training job on the binary shards, into shards/frozen, on one Train
+    worker: stopping, caching and fine-tuning do not depend on how many there are, and two
+    workers with one killed are the first test's; a second worker costs each of these jobs
+    its own TensorFlow start and an all-reduce every step."""
     return ["jobs/train.py", "--data", str(shards / "shards"), "--model", FROZEN, "--weights",
-            "none", "--out", str(shards / "frozen"), "--workers", str(workers),
+            "none", "--out", str(shards / "frozen"), "--workers", "1",
             "--batch-size", "32", *extra]
 
 
 def test_a_stopped_job_resumes_and_no_feature_cache_trains_on_pixels(cluster, shards):
-    """A job stopped after a checkpoint continues with --resume where it stopped: the
-    history runs on and Adam's step count never goes back to zero. The first job asks for
-    more epochs than it could run before the stop; the resumed one (epochs may change on
-    --resume, the run's settings may not) finishes. The model has a frozen base trained
-    with --no-feature-cache: on pixels, no cache computed (that both paths train the same
-    model is a unit test; the cached path is the next test)."""
-    name, epochs = FROZEN, 12
+    """A job stopped after a checkpoint continues with --resume from its last checkpoint:
+    the history runs on and Adam's step count never goes back to zero. The first job asks
+    for more epochs than it runs before the stop; the resumed one (epochs may change on
+    --resume, the run's settings may not) finishes three more. The model has a frozen base
+    trained with --no-feature-cache: on pixels, no cache computed (that both paths train
+    the same model is a unit test; the cached path is the next test)."""
+    name = FROZEN
     out_dir = shards / "frozen"
-    # Two workers: on one, epochs are quick enough that the first job once ran all 12
-    # before `ray job stop` took effect, leaving the resumed run nothing to do.
-    args = frozen_args(shards, "--no-feature-cache", "--lr", "3e-3", "--patience", "1000",
-                       workers=2)
+    run_dir = out_dir / "_ray_runs" / f"train-{name}"
+    args = frozen_args(shards, "--no-feature-cache", "--lr", "3e-3", "--patience", "1000")
     submitted = submit(cluster["address"], *args, "--epochs", "1000", wait=False)
     job_id = next(line.split("'")[1] for line in submitted.splitlines()
                   if "submitted successfully" in line)
-    wait_for(lambda: registered_checkpoint(out_dir / "_ray_runs" / f"train-{name}"), 600,
+    wait_for(lambda: registered_checkpoint(run_dir), 600,
              "a registered checkpoint of the first job")
+    # `ray job stop` returns once the job is stopped; its Train workers go with it. Only
+    # then is the last registered checkpoint the one a resume starts from.
     subprocess.run([BIN / "ray", "job", "stop", f"--address={cluster['address']}", job_id],
                    env=client_env(), check=True, capture_output=True)
+    wait_for(lambda: not worker_pids(cluster), 120, "the stopped job's workers to exit")
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    stopped_at = snapshot["latest_checkpoint_result"]["metrics"]["epoch"]
+    epochs = stopped_at + 3
     output = submit(cluster["address"], *args, "--epochs", str(epochs), "--resume")
     resumed = [line for line in output.splitlines() if f"Resuming {name}" in line]
     assert resumed, output[-4000:]
     epoch = int(resumed[0].rsplit(" ", 1)[-1])
-    assert 1 <= epoch < epochs, epoch  # it stopped after a checkpoint, within a few epochs
+    assert epoch == stopped_at >= 1, (epoch, stopped_at)  # from the last checkpoint
     artifact = version(out_dir / name)
     history = json.loads((artifact / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
