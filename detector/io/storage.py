@@ -144,7 +144,7 @@ def _get_object(uri: str, byte_range: str | None = None,
         if code in _MISSING:
             raise FileNotFoundError(f"{uri}: {exc}") from exc
         if code == "InvalidRange":  # a range past the end: the object is empty
-            return b"", exc.response.get("ETag", "")
+            return b"", ""  # no rest to ask for, so no version to pin
         raise OSError(f"{uri}: {exc}") from exc
     except BotoCoreError as exc:
         raise OSError(f"{uri}: {exc}") from exc
@@ -218,9 +218,11 @@ def local_etag(size: int, mtime_ns: int) -> str:
 
 
 # The variables boto3 builds an S3 client from: a client is kept per combination, so a
-# process whose environment points elsewhere (tests, one endpoint per module) gets a new one.
-_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
-               "AWS_REGION", "AWS_DEFAULT_REGION")
+# process whose environment points elsewhere (tests, one endpoint per module) or carries
+# new credentials gets a new one, as it did when every call built its own.
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+               "AWS_DEFAULT_REGION")
 _client_lock = threading.Lock()
 
 
