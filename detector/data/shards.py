@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from detector.io import storage
+from detector.io import parquet, storage
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -77,10 +77,8 @@ def split_files(shards_uri: str, split: str, manifest: dict | None = None):
 def read_split(shards_uri: str, split: str, columns: list[str] | None = None,
                manifest: dict | None = None):
     """A Ray Data dataset over one split's parts (only those the manifest names)."""
-    import ray
-
     fs, paths = split_files(shards_uri, split, manifest)
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns or ["image", "label"])
+    return parquet.read_parquet(paths, fs, columns=columns or ["image", "label"])
 
 
 def sample_split(shards_uri: str, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 from detector.data import shards
 from detector.data.augment import AUGMENT_VERSION, robust_augment
 from detector.data.labels import REVIEW_SOURCE
-from detector.io import storage
+from detector.io import parquet, storage
 from detector.io.preprocess import PREPROCESS_VERSION
 from detector.io.threads import configure_gpus, limit_threads, reserved_threads
 from detector.model.architectures import build_model, get_spec
@@ -240,12 +240,10 @@ def reviewed_hashes(shards_uri: str, manifest: dict) -> set[str]:
 def copy_rows(source: str, destination: str, dropped: set[str]) -> None:
     """Copy a donor's (split, view) directory into this cache, less the rows of `dropped`
     images, as a Ray Data pass (the driver never holds the rows)."""
-    import ray
-
     if not _has_files(source):
         return
     fs, path = storage.resolve(source)
-    rows = ray.data.read_parquet(path, filesystem=fs, partitioning=None)
+    rows = parquet.read_parquet([path], fs, partitioning=None)
     if dropped:
         hashes = pa.array(sorted(dropped), pa.string())
         rows = rows.map_batches(lambda t: t.filter(pc.invert(pc.is_in(t["sha256"], hashes))),

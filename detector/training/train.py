@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from detector.config import TrainConfig, to_dict
 from detector.data import shards
 from detector.data.augment import robust_augment
-from detector.io import console, storage
+from detector.io import console, parquet, storage
 from detector.io.preprocess import PREPROCESS_VERSION
 from detector.io.threads import configure_gpus, limit_threads, reserved_threads
 from detector.model.architectures import build_model, get_spec
@@ -337,7 +337,7 @@ def training_dataset(fs, paths: list[str], columns: list[str], size_bytes: int):
         return ray.data.from_arrow(pa.concat_tables(
             pq.read_table(path, filesystem=fs, columns=columns, partitioning=None)
             for path in paths))
-    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns, partitioning=None)
+    dataset = parquet.read_parquet(paths, fs, columns=columns, partitioning=None)
     return dataset.materialize() if size_bytes < MATERIALIZE_BELOW_BYTES else dataset
 
 

@@ -115,6 +115,31 @@ def test_prepare_streams_s3_into_complete_shards(sampled, capsys):
                 f"test={counts['test'][name]}") in printed
 
 
+def footer_readers_started() -> int:
+    """Ray Data's footer-reading actors this Ray has started, running or done."""
+    import ray
+
+    return sum(info["ActorClassName"] == "FooterReader"
+               for info in ray._private.state.actors().values())
+
+
+def test_a_split_read_through_ray_data_gets_a_footer_pool_sized_to_its_parts(sampled):
+    """The previous test's shards on S3, as training reads them: every row of the split,
+    its footers read by one actor per 10 part files (Ray's default starts 32 for these 3:
+    see detector.io.parquet)."""
+    from detector.io import parquet
+
+    fs, parts = shard_sets.split_files("s3://shards/run1", "train")
+    assert parquet.count_files(fs, parts) == len(parts)
+    assert parquet.count_files(fs, [parts[0].rsplit("/", 1)[0]]) >= len(parts)  # a folder
+    before = footer_readers_started()
+    dataset = shard_sets.read_split("s3://shards/run1", "train", ["sha256"])
+    read = [sha for batch in dataset.iter_batches(batch_format="pyarrow")
+            for sha in batch["sha256"].to_pylist()]
+    assert sorted(read) == sorted(membership("s3://shards/run1")["train"])
+    assert footer_readers_started() - before == parquet.footer_readers(len(parts)) == 1
+
+
 def test_rerun_gives_identical_membership_and_drops_stale_parts(sampled):
     import boto3
 

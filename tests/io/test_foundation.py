@@ -158,3 +158,19 @@ def test_threads_follow_the_cpus_ray_reserved():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.split() == ["3", "3"]
+
+
+def test_parquet_reads_size_the_footer_pool_to_the_files_and_respect_a_set_size(monkeypatch):
+    """One footer-reading actor per 10 files, up to Ray's 32; set only for the read, and a
+    size the user set in the environment is left alone (detector.io.parquet)."""
+    from detector.io import parquet
+
+    assert [parquet.footer_readers(n) for n in (0, 1, 10, 11, 95, 5_000)] == [1, 1, 1, 2, 10, 32]
+    monkeypatch.delenv(parquet.POOL_SETTING, raising=False)
+    with parquet._footer_pool(3):
+        assert os.environ[parquet.POOL_SETTING] == "3"
+    assert parquet.POOL_SETTING not in os.environ
+    monkeypatch.setenv(parquet.POOL_SETTING, "8")
+    with parquet._footer_pool(3):
+        assert os.environ[parquet.POOL_SETTING] == "8"
+    assert os.environ[parquet.POOL_SETTING] == "8"

@@ -129,8 +129,17 @@ def test_a_set_built_on_a_base_computes_features_only_for_its_reviewed_images(
                                  say=said.append)
     assert features.read_record(same)["computed_images"] == 0
     assert features.read_record(same)["donor"] == base_cache
+    # (The rule alone: a cache without a donor computing every image is the first one's.)
+    import keras
+
     other = save_parent(tmp_path, None, seed=7)
-    fresh = features.ensure_cache(dataclasses.replace(cfg, init_from=other), NAME, SIZE,
-                                  say=said.append)
-    assert features.read_record(fresh)["donor"] is None
-    assert features.read_record(fresh)["computed_images"] == images
+    other_cfg = dataclasses.replace(cfg, init_from=other)
+    other_base = features.base_digest(
+        keras.models.load_model(storage.join(other, "model.keras"), compile=False),
+        features.feature_layer(NAME))
+    base_manifest = json.loads((tmp_path / "base" / "manifest.json").read_text())
+    other_key = features.key_for(other_cfg, NAME, SIZE, base_manifest)
+    assert other_base != base_record["base"]
+    assert features.find_donor(base, base_manifest, other_key, other_base) is None
+    assert features.find_donor(base, base_manifest, other_key, base_record["base"])["uri"] \
+        in (base_cache, same)  # the same key with the base's weights finds one
