@@ -132,10 +132,12 @@ def test_a_set_built_on_a_base_computes_features_only_for_its_reviewed_images(
     # (The rule alone: a cache without a donor computing every image is the first one's.)
     import keras
 
+    from detector.model.artifact import MODEL_FILE
+
     other = save_parent(tmp_path, None, seed=7)
     other_cfg = dataclasses.replace(cfg, init_from=other)
     other_base = features.base_digest(
-        keras.models.load_model(storage.join(other, "model.keras"), compile=False),
+        keras.models.load_model(storage.join(other, MODEL_FILE), compile=False),
         features.feature_layer(NAME))
     base_manifest = json.loads((tmp_path / "base" / "manifest.json").read_text())
     other_key = features.key_for(other_cfg, NAME, SIZE, base_manifest)
