@@ -84,6 +84,9 @@ class TrainConfig:
     image_size: int | None = _opt(None, "input size; default: the shards' size")
     weights: str = _opt("imagenet", "resnet50v2 base weights: imagenet | none | PATH/URI")
     augment: str = _opt("none", "training augmentation: none | robust", choices=("none", "robust"))
+    review_weight: int = _opt(1, "times each reviewed image (source `review`, from --labels) "
+                              "is seen per epoch: a few dozen corrections among thousands of "
+                              "base images otherwise barely move the weights", fine_tune=4)
     feature_cache: bool = _opt(True, "for models with a frozen base (resnet50v2): compute the "
                                "base's features once (a Ray Data pass, kept beside the shards "
                                "and reused by runs with the same data and settings) and train "
@@ -125,6 +128,7 @@ class RetrainConfig:
                             "trained on, from its card)")
     epochs: int = _opt(5, "fine-tune epochs")
     lr: float = _opt(1e-5, "fine-tune learning rate")
+    review_weight: int = _opt(4, "times each reviewed image is seen per fine-tune epoch")
     workers: int = _opt(2, "Ray Train workers")
     cpus_per_worker: float = _opt(1.0, "CPUs per worker")
     gpus_per_worker: float = _opt(0.0, "GPUs per worker")

@@ -24,7 +24,7 @@ from detector.training import compare
 from detector.training.promote import promote
 
 # What the fine-tune takes from the retrain job rather than from the parent's settings.
-FROM_JOB = ("epochs", "lr", "workers", "cpus_per_worker", "gpus_per_worker")
+FROM_JOB = ("epochs", "lr", "review_weight", "workers", "cpus_per_worker", "gpus_per_worker")
 
 
 def fine_tune_config(cfg: RetrainConfig, parent_uri: str, parent_name: str,
@@ -78,7 +78,8 @@ def retrain(cfg: RetrainConfig, say=print) -> dict:
     record = {"baseline": baseline, "candidate": candidate, "shards": cfg.shards,
               "labels": labels, "written": manifest["written"], "passed": gate["passed"],
               "regressions": gate["regressions"], "promoted": result["promoted"],
-              "reason": result.get("reason"), "epochs": train_cfg.epochs, "lr": train_cfg.lr}
+              "reason": result.get("reason"), "epochs": train_cfg.epochs, "lr": train_cfg.lr,
+              "review_weight": train_cfg.review_weight}
     if cfg.report:
         compare.write(gate, cfg.report)
         storage.write_bytes(storage.join(cfg.report, "retrain.json"),

@@ -22,11 +22,13 @@ import tempfile
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from detector.config import TrainConfig, to_dict
 from detector.data import shards
 from detector.data.augment import robust_augment
+from detector.data.labels import REVIEW_SOURCE
 from detector.io import console, parquet, storage
 from detector.io.preprocess import PREPROCESS_VERSION
 from detector.io.threads import configure_gpus, limit_threads, reserved_threads
@@ -234,14 +236,21 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: s
     manifest = shards.read_manifest(cfg.data)
     classes = generator_classes(manifest)
     extra = ["generator"] if classes else []
+    # Reviewed images repeated in the training split (--review-weight): their hashes, as
+    # many as there are labels, find their rows in the shards and in a feature cache alike.
+    reviewed = reviewed_train_hashes(cfg.data, manifest) if cfg.review_weight > 1 else []
+    repeat = (reviewed, cfg.review_weight)
+    if reviewed:
+        say(f"{name}: {len(reviewed)} reviewed training images, each seen "
+            f"{cfg.review_weight}x per epoch")
     if feature_cache:
         views = features.views_of(cfg)
         datasets = {"val": _feature_dataset(feature_cache, "val", columns=extra)}
-        datasets |= {train_view(k): _feature_dataset(feature_cache, "train", k, extra)
+        datasets |= {train_view(k): _feature_dataset(feature_cache, "train", k, extra, repeat)
                      for k in range(views)}
     else:
-        datasets = {split: _shard_dataset(cfg.data, split, manifest, extra)
-                    for split in ("train", "val")}
+        datasets = {"train": _shard_dataset(cfg.data, "train", manifest, extra, repeat),
+                    "val": _shard_dataset(cfg.data, "val", manifest, extra)}
     if classes:
         say(f"{name}: an attribution head over {len(classes)} generators "
             f"({', '.join(classes)})")
@@ -271,7 +280,8 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: s
 # The settings a checkpoint's weights and optimizer state depend on: `--resume` continues
 # a run only when all of them (and the shards' fingerprint) are what they were. Epochs,
 # patience, workers and resources may change between a run and its resume.
-RUN_SETTINGS = ("weights", "augment", "views", "lr", "batch_size", "seed", "init_from")
+RUN_SETTINGS = ("weights", "augment", "views", "lr", "batch_size", "seed", "init_from",
+                "review_weight")
 
 
 def run_key(cfg: TrainConfig, name: str, image_size: int) -> dict:
@@ -279,7 +289,10 @@ def run_key(cfg: TrainConfig, name: str, image_size: int) -> dict:
     settings = to_dict(cfg)
     key = {"fingerprint": shards.read_manifest(cfg.data)["fingerprint"], "model": name,
            "image_size": image_size}
-    return key | {setting: settings[setting] for setting in RUN_SETTINGS} | {
+    # A setting added after runs were recorded joins the key only when not its default,
+    # so those runs still resume.
+    settings = {k: v for k, v in settings.items() if not (k == "review_weight" and v == 1)}
+    return key | {s: settings[s] for s in RUN_SETTINGS if s in settings} | {
         "views": features.views_of(cfg),
         # Checkpoints on the cache hold the head alone: not a run to continue without it.
         "feature_cache": bool(cfg.feature_cache and features.feature_layer(name))}
@@ -299,7 +312,8 @@ def start_run(cfg: TrainConfig, name: str, image_size: int, run_uri: str, say=pr
     if cfg.resume and previous is None:
         say(f"--resume: no earlier run of {name} under {cfg.out}; starting fresh")
     elif cfg.resume:
-        changed = sorted(k for k in key if previous.get(k) != key[k])
+        changed = sorted(k for k in key.keys() | previous.keys()
+                         if previous.get(k) != key.get(k))
         say(f"--resume: the checkpointed run of {name} had other {', '.join(changed)}; "
             "starting fresh")
     storage.delete_tree(run_uri)
@@ -316,29 +330,55 @@ READ_HERE_BELOW_BYTES = 64 << 20
 MATERIALIZE_BELOW_BYTES = 1 << 30
 
 
-def _shard_dataset(shards_uri: str, split: str, manifest: dict, extra: list[str]):
+def _shard_dataset(shards_uri: str, split: str, manifest: dict, extra: list[str],
+                   repeat: tuple[list[str], int] = ((), 1)):
     rows = sum(manifest["counts"][split].values())
     fs, paths = shards.split_files(shards_uri, split, manifest)
     return training_dataset(fs, paths, ["image", "label", *extra],
-                            rows * 3 * manifest["image_size"] ** 2)
+                            rows * 3 * manifest["image_size"] ** 2, repeat)
 
 
-def _feature_dataset(cache_uri: str, split: str, view: int = 0, columns: list[str] = ()):
+def _feature_dataset(cache_uri: str, split: str, view: int = 0, columns: list[str] = (),
+                     repeat: tuple[list[str], int] = ((), 1)):
     fs, path, size = features.feature_files(cache_uri, split, view)
-    return training_dataset(fs, [path], ["features", "label", *columns], size)
+    return training_dataset(fs, [path], ["features", "label", *columns], size, repeat)
 
 
-def training_dataset(fs, paths: list[str], columns: list[str], size_bytes: int):
+def reviewed_train_hashes(shards_uri: str, manifest: dict) -> list[str]:
+    """The sha256 of the training split's reviewed images (source `review`)."""
+    fs, paths = shards.split_files(shards_uri, "train", manifest)
+    return sorted({digest for path in paths for digest in pq.read_table(
+        path, filesystem=fs, columns=["sha256"], partitioning=None,
+        filters=[("source_name", "==", REVIEW_SOURCE)])["sha256"].to_pylist()})
+
+
+def training_dataset(fs, paths: list[str], columns: list[str], size_bytes: int,
+                     repeat: tuple[list[str], int] = ((), 1)):
     """The Ray dataset Ray Train feeds the workers from, for Parquet `paths` holding
-    about `size_bytes` (see READ_HERE_BELOW_BYTES)."""
+    about `size_bytes` (see READ_HERE_BELOW_BYTES). `repeat` = (hashes, k): the rows of
+    those images k times (the reviewed images of a fine-tune, --review-weight)."""
     import ray
 
     if size_bytes < READ_HERE_BELOW_BYTES:
-        return ray.data.from_arrow(pa.concat_tables(
+        dataset = ray.data.from_arrow(pa.concat_tables(
             pq.read_table(path, filesystem=fs, columns=columns, partitioning=None)
             for path in paths))
-    dataset = parquet.read_parquet(paths, fs, columns=columns, partitioning=None)
-    return dataset.materialize() if size_bytes < MATERIALIZE_BELOW_BYTES else dataset
+    else:
+        dataset = parquet.read_parquet(paths, fs, columns=columns, partitioning=None)
+        if size_bytes < MATERIALIZE_BELOW_BYTES:
+            dataset = dataset.materialize()
+    hashes, times = repeat
+    if not hashes or times < 2:
+        return dataset
+    wanted = pc.field("sha256").isin(list(hashes))
+    again = pa.concat_tables(pq.read_table(path, filesystem=fs, columns=columns,
+                                           partitioning=None, filters=wanted)
+                             for path in paths)
+    if not again.num_rows:
+        return dataset
+    # Extra copies as blocks among the others in a random order: the shuffle buffer mixes
+    # what is near, so copies appended at the end would crowd the last steps of an epoch.
+    return dataset.union(ray.data.from_arrow([again] * (times - 1))).randomize_block_order()
 
 
 def finalize(cfg: TrainConfig, name: str, image_size: int, checkpoint_dir: str,
@@ -438,6 +478,8 @@ def settle(cfg: TrainConfig, say=print) -> tuple[TrainConfig, int]:
     ValueError for settings that cannot train: checked before any Ray or TensorFlow work
     starts."""
     parse_policy(cfg.threshold_policy)  # a typo fails now, not after hours of training
+    if cfg.review_weight < 1:
+        raise ValueError(f"--review-weight {cfg.review_weight}: give 1 or more")
     # Paths as the user typed them, relative to this directory; the workers run elsewhere.
     cfg = dataclasses.replace(cfg, data=storage.absolute(cfg.data),
                               out=storage.absolute(cfg.out),

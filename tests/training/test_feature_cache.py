@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,10 +15,11 @@ import pytest
 
 from detector.config import PrepareConfig, TrainConfig
 from detector.data import labels as label_data
-from detector.data import prepare
+from detector.data import prepare, shards
 from detector.data.sample import SampleSpec, write_sample
 from detector.io import storage
 from detector.training import features
+from detector.training.train import READ_HERE_BELOW_BYTES, reviewed_train_hashes, training_dataset
 
 pytestmark = pytest.mark.ray
 
@@ -98,6 +100,23 @@ def test_a_set_built_on_a_base_computes_features_only_for_its_reviewed_images(
     assert relabelled["sha256"] in reviewed
     assert 0 < len(reviewed) <= manifest["reviewed"]["written"] + 1
 
+    # A fine-tune sees each reviewed training image --review-weight times an epoch: read
+    # here, and through Ray Data (larger sets); from the shards, and from a feature cache
+    # below.
+    again = reviewed_train_hashes(built, manifest)
+    assert again and set(again) <= reviewed
+    train_images = sum(manifest["counts"]["train"].values())
+
+    def assert_repeated(dataset) -> None:
+        seen = Counter(row["sha256"] for row in dataset.iter_rows())
+        assert {sha for sha, n in seen.items() if n == 3} == set(again)
+        assert set(seen.values()) == {1, 3}
+        assert sum(seen.values()) == train_images + 2 * len(again)
+
+    fs, paths = shards.split_files(built, "train", manifest)
+    for size in (0, READ_HERE_BELOW_BYTES):
+        assert_repeated(training_dataset(fs, paths, ["label", "sha256"], size, (again, 3)))
+
     # Fine-tuning the version trained on the base (its base is the cache's) on the new set.
     parent = save_parent(tmp_path, storage.join(base_cache, features.WEIGHTS))
     tune = dataclasses.replace(cfg, data=built, init_from=parent)
@@ -107,6 +126,8 @@ def test_a_set_built_on_a_base_computes_features_only_for_its_reviewed_images(
     assert record["donor"] == base_cache and record["computed_images"] == len(reviewed)
     assert record["base"] == base_record["base"] and cache != base_cache
     assert any(f"come from {base_cache}, {len(reviewed)} computed" in line for line in said)
+    fs, path, size = features.feature_files(cache, "train", view=1)
+    assert_repeated(training_dataset(fs, [path], ["label", "sha256"], size, (again, 3)))
 
     # What was taken is what a full pass over the new set computes.
     full = str(tmp_path / "full")

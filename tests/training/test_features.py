@@ -178,6 +178,13 @@ def test_resume_continues_only_a_run_with_the_same_shards_and_settings(tmp_path)
     assert start(cfg) and not said  # same shards and settings: Ray Train resumes it
     assert start(dataclasses.replace(cfg, epochs=40, workers=4, patience=9)) and not said
     assert not start(dataclasses.replace(cfg, lr=1e-3)) and "other lr;" in said[0]
+    assert start(cfg) is False  # back to the recorded settings: fresh after the change
+    # Reviewed images weighed otherwise are other data; the default weight is no key, so
+    # runs recorded before the setting existed still resume.
+    assert not start(dataclasses.replace(cfg, review_weight=4))
+    assert "other review_weight;" in said[0]
+    assert not start(cfg) and "other review_weight;" in said[0]
+    assert start(cfg) and not said
     assert not start(dataclasses.replace(cfg, resume=False)) and not said  # fresh, as asked
     (shards / "manifest.json").write_text(json.dumps({"fingerprint": "B"}))
     assert not start(cfg)

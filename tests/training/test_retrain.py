@@ -110,6 +110,8 @@ def test_labelled_misses_retrain_into_a_promoted_version_that_misses_fewer(
     assert gate["passed"] and not gate["regressions"], gate["regressions"]
     assert record["promoted"] and record["labels"]["written"] == min(50, len(missed))
     assert "promoted: " in output
+    # The reviewed images in the training split weigh 4x (--review-weight's default).
+    assert record["review_weight"] == 4 and "each seen 4x per epoch" in output, output[-3000:]
     # latest moved to the candidate, which records its parent.
     candidate = latest(models / "vit_tiny")
     assert candidate != baseline and record["candidate"].endswith(candidate)
