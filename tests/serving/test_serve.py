@@ -553,8 +553,12 @@ def test_a_running_app_keeps_its_version_while_a_new_one_is_published(serve_port
         serve.delete("versions")
 
 
-@pytest.mark.parametrize("key", [API_KEY, None], ids=["with-key", "default-no-key"])
-def test_openapi_contract_holds_under_schemathesis(serve_port, model_uri, tmp_path, key):
+# The whole fuzz runs with a key; without one (the contract differs only in what it
+# declares about auth) a third of it covers every operation and phase again.
+@pytest.mark.parametrize("key,examples", [(API_KEY, 100), (None, 34)],
+                         ids=["with-key", "default-no-key"])
+def test_openapi_contract_holds_under_schemathesis(serve_port, model_uri, tmp_path, key,
+                                                   examples):
     """`st run --checks all` against a running app, with a key and a scan allow-list and
     as `detector serve` starts it by default (no key), finds nothing: every status is
     documented, every body matches its schema, schema-valid requests are accepted and
@@ -580,15 +584,16 @@ def test_openapi_contract_holds_under_schemathesis(serve_port, model_uri, tmp_pa
         [sys.executable, "-m", "schemathesis.cli", "--config-file",
          str(here / "schemathesis.toml"), "run",
          f"http://127.0.0.1:{serve_port}/typed/openapi.json", "--checks", "all",
-         # Every phase once, 100 cases an operation (a seeded, fixed amount of work: a
-         # time budget fuzzed less on slower or busier machines).
-         "--max-examples", "100", "--workers", "2", "--seed", "1",
+         # Every phase once, a fixed number of cases an operation (a seeded, fixed amount
+         # of work: a time budget fuzzed less on slower or busier machines).
+         "--max-examples", str(examples), "--workers", "2", "--seed", "1",
          *(["-H", f"Authorization: Bearer {key}"] if key else [])],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     serve.delete("typed")
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     tested = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
-    assert tested and int(tested[1]) > 500, run.stdout[-3000:]  # it really exercised the app
+    # It really exercised the app: 100 cases an operation generated 500+ requests.
+    assert tested and int(tested[1]) > 5 * examples, run.stdout[-3000:]
 
 
 def test_concurrent_requests_share_batches(base):
