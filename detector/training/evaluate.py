@@ -293,6 +293,12 @@ def evaluate_model(
     return report
 
 
+def training_history(model_uri: str) -> list[dict]:
+    """The epochs a version's weights were trained in (`history.json`; none if absent)."""
+    history_uri = storage.join(model_uri, "history.json")
+    return json.loads(storage.read_bytes(history_uri)) if storage.exists(history_uri) else []
+
+
 def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str,
                       backend: str = "auto", precision: str = "float32") -> dict:
     """`detector evaluate`: re-evaluate a saved artifact with its own threshold, on the
@@ -301,9 +307,7 @@ def evaluate_artifact(model_uri: str, shards_uri: str, split: str, out_dir: str,
     model_uri = resolve(model_uri)
     predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision)
     report = evaluate_model(predictor, shards_uri, split, threshold=predictor.card.threshold)
-    history_uri = storage.join(model_uri, "history.json")
-    if storage.exists(history_uri):
-        report.history = json.loads(storage.read_bytes(history_uri))
+    report.history = training_history(model_uri)
     if storage.is_s3(out_dir):
         import tempfile
 
@@ -377,6 +381,7 @@ def recalibrate_artifact(model_uri: str, shards_uri: str, backend: str = "auto",
     before = predictor.card.id
     policy = policy or predictor.card.config.get("threshold_policy", "balanced")
     report = evaluate_model(predictor, shards_uri, "test", policy=policy)  # refits on val
+    report.history = training_history(model_uri)  # the weights' own, carried over
     card = dataclasses.replace(
         predictor.card, **new_identity(), metrics=report.headline(),
         config={**predictor.card.config, "threshold_policy": policy,

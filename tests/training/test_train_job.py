@@ -322,6 +322,10 @@ def test_recalibration_publishes_a_new_version_with_the_same_weights(named_shard
     assert new != old and (old / "detector.json").exists()
     assert (new / "model.keras").read_bytes() == (old / "model.keras").read_bytes()
     assert (new / "model.onnx").exists()  # exports carry over: the weights are the same
+    # So does the history of the training that made them (and its picture).
+    assert json.loads((new / "history.json").read_text()) == \
+        json.loads((old / "history.json").read_text()) != []
+    assert (new / "history.png").stat().st_size > 0
     card = json.loads((new / "detector.json").read_text())
     assert card["config"]["recalibrated_from"] == old.name
     assert card["config"]["threshold_policy"] == "target-fpr:0.05"
