@@ -221,14 +221,15 @@ def find_donor(shards_uri: str, manifest: dict, key: CacheKey, base: str) -> dic
     return None
 
 
-def reviewed_hashes(shards_uri: str, manifest: dict) -> set[str]:
-    """The sha256 of every image of source `review` in a set built on another: the only
-    rows not copied unchanged from the base (`detector.data.extend`). As many as there
-    are labels, never as many as images."""
+def reviewed_hashes(shards_uri: str, manifest: dict,
+                    splits: tuple[str, ...] = ("val", "train")) -> set[str]:
+    """The sha256 of every image of source `review` in `splits` of a set built on
+    another: the only rows not copied unchanged from the base (`detector.data.extend`).
+    As many as there are labels, never as many as images."""
     import pyarrow.parquet as pq
 
     found: set[str] = set()
-    for split_name in ("val", "train"):  # part by part: memory stays that of one
+    for split_name in splits:  # part by part: memory stays that of one
         for part in shards.part_uris(shards_uri, split_name, manifest):
             fs, path = storage.resolve(part)
             found.update(pq.read_table(path, filesystem=fs, columns=["sha256"],

@@ -28,7 +28,6 @@ import pyarrow.parquet as pq
 from detector.config import TrainConfig, to_dict
 from detector.data import shards
 from detector.data.augment import robust_augment
-from detector.data.labels import REVIEW_SOURCE
 from detector.io import console, parquet, storage
 from detector.io.preprocess import PREPROCESS_VERSION
 from detector.io.threads import configure_gpus, limit_threads, reserved_threads
@@ -238,7 +237,8 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: s
     extra = ["generator"] if classes else []
     # Reviewed images repeated in the training split (--review-weight): their hashes, as
     # many as there are labels, find their rows in the shards and in a feature cache alike.
-    reviewed = reviewed_train_hashes(cfg.data, manifest) if cfg.review_weight > 1 else []
+    reviewed = sorted(features.reviewed_hashes(cfg.data, manifest, ("train",))) \
+        if cfg.review_weight > 1 else []
     repeat = (reviewed, cfg.review_weight)
     if reviewed:
         say(f"{name}: {len(reviewed)} reviewed training images, each seen "
@@ -280,8 +280,10 @@ def build_trainer(cfg: TrainConfig, name: str, image_size: int, feature_cache: s
 # The settings a checkpoint's weights and optimizer state depend on: `--resume` continues
 # a run only when all of them (and the shards' fingerprint) are what they were. Epochs,
 # patience, workers and resources may change between a run and its resume.
-RUN_SETTINGS = ("weights", "augment", "views", "lr", "batch_size", "seed", "init_from",
-                "review_weight")
+RUN_SETTINGS = ("weights", "augment", "views", "lr", "batch_size", "seed", "init_from")
+# Settings added after runs were recorded: in the key only when not their default, so
+# runs recorded before them still resume.
+LATER_RUN_SETTINGS = ("review_weight",)
 
 
 def run_key(cfg: TrainConfig, name: str, image_size: int) -> dict:
@@ -289,10 +291,10 @@ def run_key(cfg: TrainConfig, name: str, image_size: int) -> dict:
     settings = to_dict(cfg)
     key = {"fingerprint": shards.read_manifest(cfg.data)["fingerprint"], "model": name,
            "image_size": image_size}
-    # A setting added after runs were recorded joins the key only when not its default,
-    # so those runs still resume.
-    settings = {k: v for k, v in settings.items() if not (k == "review_weight" and v == 1)}
-    return key | {s: settings[s] for s in RUN_SETTINGS if s in settings} | {
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    key |= {setting: settings[setting] for setting in LATER_RUN_SETTINGS
+            if settings[setting] != defaults[setting]}
+    return key | {setting: settings[setting] for setting in RUN_SETTINGS} | {
         "views": features.views_of(cfg),
         # Checkpoints on the cache hold the head alone: not a run to continue without it.
         "feature_cache": bool(cfg.feature_cache and features.feature_layer(name))}
@@ -342,14 +344,6 @@ def _feature_dataset(cache_uri: str, split: str, view: int = 0, columns: list[st
                      repeat: tuple[list[str], int] = ((), 1)):
     fs, path, size = features.feature_files(cache_uri, split, view)
     return training_dataset(fs, [path], ["features", "label", *columns], size, repeat)
-
-
-def reviewed_train_hashes(shards_uri: str, manifest: dict) -> list[str]:
-    """The sha256 of the training split's reviewed images (source `review`)."""
-    fs, paths = shards.split_files(shards_uri, "train", manifest)
-    return sorted({digest for path in paths for digest in pq.read_table(
-        path, filesystem=fs, columns=["sha256"], partitioning=None,
-        filters=[("source_name", "==", REVIEW_SOURCE)])["sha256"].to_pylist()})
 
 
 def training_dataset(fs, paths: list[str], columns: list[str], size_bytes: int,

@@ -19,7 +19,7 @@ from detector.data import prepare, shards
 from detector.data.sample import SampleSpec, write_sample
 from detector.io import storage
 from detector.training import features
-from detector.training.train import READ_HERE_BELOW_BYTES, reviewed_train_hashes, training_dataset
+from detector.training.train import READ_HERE_BELOW_BYTES, training_dataset
 
 pytestmark = pytest.mark.ray
 
@@ -103,7 +103,7 @@ def test_a_set_built_on_a_base_computes_features_only_for_its_reviewed_images(
     # A fine-tune sees each reviewed training image --review-weight times an epoch: read
     # here, and through Ray Data (larger sets); from the shards, and from a feature cache
     # below.
-    again = reviewed_train_hashes(built, manifest)
+    again = sorted(features.reviewed_hashes(built, manifest, ("train",)))
     assert again and set(again) <= reviewed
     train_images = sum(manifest["counts"]["train"].values())
 
