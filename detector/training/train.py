@@ -53,6 +53,10 @@ SHUFFLE_BUFFER_ROWS = 2048
 # (fine-tuning on a few hundred images) would each wait up to 2 s. Polls are one small
 # RPC per worker; a user's own RAY_TRAIN_HEALTH_CHECK_INTERVAL_S still wins.
 REPORT_POLL_S = "0.25"
+# Each worker's BatchNorm layers normalise that worker's share of a step's batch alone. At
+# 8 images a worker, resnet50v2_tiny on 2 workers reached 0.75 test accuracy on the sample
+# data (val loss rising for the first epochs); at 16, 0.93 with everything else the same.
+MIN_BATCH_NORM_SHARE = 16
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -105,7 +109,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with storage.local_copy(storage.join(cfg.init_from, MODEL_FILE)) as path:
             model.load_weights(path)
 
-    per_worker_batch = max(1, cfg.batch_size // world)
+    per_worker_batch = worker_batch(cfg.batch_size, world)
     rng = np.random.default_rng([cfg.seed, rank, state.epoch if state else 0])
     epochs_started = [state.epoch if state else 0]
 
@@ -170,6 +174,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer_state=optimizer_state,
     )
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def worker_batch(batch_size: int, workers: int) -> int:
+    """Images per worker and step: the global --batch-size split across the workers."""
+    return max(1, batch_size // workers)
 
 
 def epoch_line(name: str, epochs: int, end: EpochEnd) -> str:
@@ -487,6 +496,13 @@ def settle(cfg: TrainConfig, say=print) -> tuple[TrainConfig, int]:
         )
     if cfg.init_from:
         cfg = fine_tune_from(cfg, image_size, generator_classes(manifest), say)
+    share = worker_batch(cfg.batch_size, cfg.workers)
+    for name in cfg.model:
+        if get_spec(name).batch_norm and share < MIN_BATCH_NORM_SHARE:
+            say(f"Note: {name} normalises each worker's {share} images a step on their own "
+                f"(--batch-size {cfg.batch_size} over {cfg.workers} workers); below "
+                f"{MIN_BATCH_NORM_SHARE} its BatchNorm statistics are noisy: raise "
+                f"--batch-size to {MIN_BATCH_NORM_SHARE * cfg.workers} or more")
     return cfg, image_size
 
 

@@ -86,6 +86,27 @@ def test_training_paths_typed_relative_reach_the_workers_absolute(tmp_path, monk
     assert storage.absolute("file://shards") == str(tmp_path / "shards")
 
 
+def test_too_few_images_per_worker_for_batch_norm_are_pointed_out(tmp_path):
+    """BatchNorm normalises each worker's share of a step on its own: a share under 16
+    gets a note naming the batch size that avoids it, for models that train BatchNorm
+    layers only (a ViT has none)."""
+    from detector.config import TrainConfig
+    from detector.training.train import settle
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"image_size": 32}))
+
+    def notes(models: tuple[str, ...], batch_size: int, workers: int) -> list[str]:
+        said = []
+        settle(TrainConfig(data=str(tmp_path), model=models, out=str(tmp_path / "out"),
+                           batch_size=batch_size, workers=workers), say=said.append)
+        return [line for line in said if line.startswith("Note:")]
+
+    [note] = notes(("resnet50v2_tiny", "vit_tiny"), 16, 2)
+    assert "resnet50v2_tiny normalises each worker's 8 images" in note
+    assert "raise --batch-size to 32 or more" in note
+    assert notes(("resnet50v2_tiny",), 32, 2) == notes(("vit_tiny",), 8, 4) == []
+
+
 def test_local_storage_lists_filters_and_writes_atomically(tmp_path):
     from detector.io import storage
 

@@ -108,8 +108,12 @@ def registered_checkpoint(run_dir: Path) -> bool:
     return snapshot.exists() and "\"checkpoint_dir_name\"" in snapshot.read_text()
 
 
-# Two models, 30 epochs each, with a worker lost: 13-15 min on the AVX2-only EPYC, beside
-# the scan module; pytest-timeout's 900 s default is too tight for it there.
+# Two models, 30 epochs each, with a worker lost: 13-15 min on the AVX2-only EPYC beside the
+# scan module; pytest-timeout's 900 s default is too tight for it there. 16 images a worker
+# (--batch-size 32): at 8, resnet50v2_tiny's BatchNorm statistics were noise and it reached
+# 0.75 test accuracy (train's note says so); at 16, 0.93-0.96, and both models name the
+# generator of every test image. At lr 2e-3 and 20 epochs vit_tiny swung between epochs and
+# named 0.85 in one run of two.
 @pytest.mark.timeout(1800)
 def test_train_job_survives_a_killed_worker_and_writes_both_artifacts(cluster, named_shards):
     """Both architectures, 2 workers, on shards that name three generator families (so
@@ -120,7 +124,7 @@ def test_train_job_survives_a_killed_worker_and_writes_both_artifacts(cluster, n
         [BIN / "ray", "job", "submit", f"--address={cluster['address']}", "--working-dir",
          str(REPO), "--", "python", "jobs/train.py", "--data", str(named_shards / "shards"),
          "--model", "resnet50v2_tiny,vit_tiny", "--out", str(models), "--workers", "2",
-         "--epochs", "30", "--lr", "1e-3", "--batch-size", "16", "--patience", "30",
+         "--epochs", "30", "--lr", "1e-3", "--batch-size", "32", "--patience", "30",
          "--lr-patience", "6"],
         env=client_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -140,8 +144,9 @@ def test_train_job_survives_a_killed_worker_and_writes_both_artifacts(cluster, n
     assert [row["model"] for row in comparison] == ["resnet50v2_tiny", "vit_tiny"]
     assert "| resnet50v2_tiny |" in (models / "comparison.md").read_text()
     for row in comparison:
-        assert row["accuracy"] > 0.75, row  # held-out test split; chance is 0.5
-        assert row["roc_auc"] > 0.8, row
+        # Held-out test split (75 images); chance is 0.5. 0.93-1.0 measured (see above).
+        assert row["accuracy"] > 0.85, row
+        assert row["roc_auc"] > 0.95, row
         artifact = version(models / row["model"])
         assert row["artifact"] == str(artifact) and row["id"] == artifact.name
         for name in ("model.keras", "detector.json", "metrics.json", "confusion_matrix.png",
@@ -181,16 +186,14 @@ def test_both_models_name_the_generator_of_held_out_images(named_shards):
         artifact = version(models / name)
         card = json.loads((artifact / "detector.json").read_text())
         assert card["generators"] == list(FAMILIES)
-        # The binary floor of this module's other 2-worker jobs: how two workers split the
-        # data depends on timing, and under CPU contention one run measured 0.879.
-        assert card["metrics"]["roc_auc"] > 0.8, card["metrics"]
+        assert card["metrics"]["roc_auc"] > 0.95, card["metrics"]  # as in the first test
         # Evaluation on the test split: per-generator accuracy, macro-F1, the matrix and
         # its picture, and the head's choice per image.
         attribution = json.loads((artifact / "metrics.json").read_text())["attribution"]
         assert attribution["classes"] == list(FAMILIES) and attribution["left_out"] > 0
-        # Chance is 1/3. Runs vary with how two workers split the data: 0.8-1.0 measured,
-        # so the issue's 0.9 is not yet met every run (see the note on #28).
-        assert attribution["accuracy"] >= 0.7 and attribution["macro_f1"] >= 0.6, attribution
+        # Chance is 1/3; the issue asks for 0.9. 1.0 measured, with a worker killed as
+        # without (at 8 images a worker: 0.8-1.0).
+        assert attribution["accuracy"] >= 0.9 and attribution["macro_f1"] >= 0.9, attribution
         assert sum(map(sum, attribution["confusion_matrix"])) == attribution["images"]
         assert card["metrics"]["attribution_accuracy"] == attribution["accuracy"]
         # The open-set rule, fitted on validation, names most test images and calls the
@@ -201,7 +204,7 @@ def test_both_models_name_the_generator_of_held_out_images(named_shards):
         assert shares["threshold"] == rule["threshold"]
         assert sum(shares[k] for k in ("named_correctly", "misattributed", "unknown")) == \
             pytest.approx(1)
-        assert shares["named_correctly"] >= 0.6, shares
+        assert shares["named_correctly"] >= 0.8, shares  # 0.975-1.0 measured
         assert (artifact / "attribution_confusion_matrix.png").exists()
         predictions = pq.read_table(artifact / "predictions.parquet").to_pylist()
         named = [row for row in predictions if row["generator"] is not None]
@@ -212,7 +215,7 @@ def test_both_models_name_the_generator_of_held_out_images(named_shards):
         keras_scores, keras_named = Predictor.from_uri(str(artifact), backend="keras") \
             .score_and_attribute(pixels)
         chosen = [FAMILIES[i] for i in np.argmax(keras_named[fake], axis=1)]
-        assert np.mean([a == b for a, b in zip(chosen, truth, strict=True)]) >= 0.7
+        assert np.mean([a == b for a, b in zip(chosen, truth, strict=True)]) >= 0.9
         # The head travels in the ONNX export: OpenVINO gives the same distribution.
         assert card["exports"]["onnx"]["attribution"]["top1_agreement"] >= 0.99
         # Robustness covers the head: its accuracy on each perturbed copy.

@@ -14,6 +14,7 @@ _VIT = "detector.model.architectures.vit:build_vit"
 register_model(
     "resnet50v2",
     builder=_RESNET,
+    batch_norm=True,  # its head's, and the whole base's when it trains
     family="resnet50v2",
     image_size=224,
     description="ResNet50V2 (ImageNet, frozen) + the notebook's dense head",
@@ -24,6 +25,7 @@ register_model(
 register_model(
     "resnet50v2_tiny",
     builder=_RESNET,
+    batch_norm=True,  # its head's, and the whole base's when it trains
     family="resnet50v2",
     image_size=64,
     description="test-sized ResNetV2: 3 two-block stages at 1/4 width, trained end to end",
@@ -36,6 +38,7 @@ register_model(
 register_model(
     "resnet50v2_tiny_frozen",
     builder=_RESNET,
+    batch_norm=True,  # its head's, and the whole base's when it trains
     family="resnet50v2",
     image_size=64,
     description="test-sized frozen-base ResNetV2 (the tiny stacks, seeded random weights) "

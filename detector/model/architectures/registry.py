@@ -28,6 +28,9 @@ class ModelSpec:
     # The layer whose output the trainable head reads when everything before it is frozen
     # (ResNet50V2's pooled features): training may then cache that output once.
     feature_layer: str | None = None
+    # Trains BatchNorm layers: under data-parallel training each worker normalises its own
+    # share of the batch, so too small a share makes the statistics noise (see train.py).
+    batch_norm: bool = False
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -42,13 +45,14 @@ def register_model(
     description: str = "",
     pretrained: bool = False,
     feature_layer: str | None = None,
+    batch_norm: bool = False,
     **defaults: Any,
 ) -> ModelSpec:
     """Register `builder` ("module:function", returning a keras.Model) under `name`."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} registered twice")
     spec = ModelSpec(name, family, image_size, builder, defaults, description, pretrained,
-                     feature_layer)
+                     feature_layer, batch_norm)
     _REGISTRY[name] = spec
     return spec
 
