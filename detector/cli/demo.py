@@ -44,7 +44,7 @@ def run(workdir: str) -> int:
     _step("3/6 train: both architectures, data-parallel on 2 Ray Train workers, with "
           "--augment robust (random JPEG, blur, rescale, mirror on both classes)")
     result = train_models(TrainConfig(
-        data=shards, model=DEMO_MODELS, out=models, workers=2, epochs=25, batch_size=16,
+        data=shards, model=DEMO_MODELS, out=models, workers=2, epochs=25, batch_size=32,
         lr=1e-3, weights="none", patience=8, int8=True, augment="robust",
     ))
     print(result["comparison"])
