@@ -332,8 +332,8 @@ def _pipeline(config: ScanConfig, card, via: str, specs: list[dict], out: str, r
 
 def _rows_per_call(config: ScanConfig) -> int:
     """Rows per scoring call, run as forward passes of `batch_size`. A call's output is a
-    block, and Ray Data keeps a stats record per output block in the driver for the
-    whole scan (`MapOperator._output_blocks_stats`): 32-row calls made 8x more of them."""
+    block, and each block costs the driver its bookkeeping (see forget_block_stats):
+    32-row calls made 8x more of them."""
     return max(config.batch_size, ROWS_PER_BLOCK)
 
 
