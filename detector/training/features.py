@@ -359,7 +359,11 @@ class FeatureExtractor:
         model = build_model(name, image_size=image_size, weights="none", generators=generators)
         load_weights(model, weights_uri)
         base, _ = split(model, feature_layer(name))
-        self._forward = tf.function(lambda x: base(x, training=False))
+        # Any batch size on one trace: batches of a block vary, and each new size would
+        # trace and optimise the base's graph again.
+        self._forward = tf.function(
+            lambda x: base(x, training=False),
+            input_signature=[tf.TensorSpec((None, image_size, image_size, 3), tf.float32)])
         self.image_size, self.augment, self.views, self.seed = image_size, augment, views, seed
 
     def __call__(self, batch: dict) -> dict:

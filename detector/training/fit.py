@@ -130,13 +130,13 @@ def fit(
         hits = tf.cast(tf.equal(tf.cast(predictions[:, 0] >= 0.5, tf.float32), binary), tf.float32)
         return tf.reduce_sum(losses), tf.reduce_sum(hits), tf.cast(tf.size(binary), tf.float32)
 
-    @tf.function
+    @_traced_once
     def train_step(images, labels):
         loss = strategy.run(train_replica, args=(images, labels))
         # Each replica already divided by the global batch: the sum is the batch mean.
         return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
 
-    @tf.function
+    @_traced_once
     def eval_step(images, labels):
         sums = strategy.run(eval_replica, args=(images, labels))
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, s, axis=None) for s in sums]
@@ -218,6 +218,27 @@ def _update(state: FitState, metrics: dict, settings: FitSettings) -> bool:
     if state.epochs_without_improvement >= settings.patience:
         state.stopped_early = True
     return False
+
+
+def _traced_once(step):
+    """`step(images, labels)` as a tf.function traced once for every batch size.
+
+    A plain tf.function traces again for each new shape it sees, and every epoch ends in
+    a smaller batch: four traces of the model (training and evaluation, full and last
+    batch) before the first epoch ends, each seconds of graph building and optimising."""
+    import tensorflow as tf
+
+    traced = {}
+
+    def call(images, labels):
+        key = (images.shape[1:], images.dtype, labels.shape[1:])
+        if key not in traced:
+            traced[key] = tf.function(step, input_signature=[
+                tf.TensorSpec((None, *images.shape[1:]), images.dtype),
+                tf.TensorSpec((None, *labels.shape[1:]), labels.dtype)])
+        return traced[key](images, labels)
+
+    return call
 
 
 def _as_images(images):

@@ -646,17 +646,21 @@ def test_clear_errors_for_an_empty_prefix_and_a_missing_bucket(scan_bucket, mode
 
 
 def test_a_scan_that_cannot_be_scheduled_fails_with_the_missing_resources(scan_bucket,
-                                                                          model_uri):
-    """A private local Ray cannot add nodes: an actor larger than any node ends the scan
-    at once, naming what is free; work that waits for a resource no node has (a GPU)
-    ends it after --stall-timeout, naming what waits. Neither hangs."""
+                                                                          model_uri,
+                                                                          local_ray):
+    """A cluster without an autoscaler (the module's, joined as `detector scan` joins a
+    running cluster through RAY_ADDRESS) cannot add nodes: an actor larger than any node
+    ends the scan at once, naming what is free; work that waits for a resource no node
+    has (a GPU) ends it after --stall-timeout, naming what waits. Neither hangs."""
+    address = local_ray.get_runtime_context().gcs_address
+
     def scan(*flags: str) -> tuple[subprocess.CompletedProcess, float]:
         started = time.monotonic()
         result = subprocess.run(
             [sys.executable, "-m", "detector", "scan", f"{scan_bucket}/real/batch-01",
              "--model", model_uri, "--out", "s3://scan/reports/stalled", "--via", "data",
              *flags], capture_output=True, text=True, timeout=300,
-            env=os.environ | {"RAY_ADDRESS": ""})
+            env=os.environ | {"RAY_ADDRESS": address})
         assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
         return result, time.monotonic() - started
 
