@@ -13,7 +13,11 @@ one preprocessing path), trains in one process:
    rule fitted on validation and its test shares (named correctly, misattributed, unknown),
    and training seconds as a ratio of the baseline's;
 3. with the head over two families, the third held out: what its test images get
-   (called real, `unknown`, misattributed), as `evaluate --holdout-generator` reports it.
+   (called real, `unknown`, misattributed), as `evaluate --holdout-generator` reports it;
+   and whether a feature-space distance would flag them instead: the Mahalanobis distance
+   of the features the heads read to the nearest class (real, each training family), past
+   the distance 95% of validation images stay within, against the share of unseen real
+   images it flags (the false alarms a user would get).
 """
 
 from __future__ import annotations
@@ -76,6 +80,43 @@ def outputs(model, pixels: np.ndarray) -> np.ndarray:
                            .reshape(len(pixels[i:i + 64]), -1) for i in range(0, len(pixels), 64)])
 
 
+def feature_distance(model, data: dict, unseen: np.ndarray, real: np.ndarray,
+                     quantile: float = 0.95) -> dict:
+    """Shares of `unseen` (a held-out family) and `real` (real images the model never saw)
+    flagged as far from the training data: Mahalanobis distance of the features the heads
+    read (the input of the `score_ai` layer) to the nearest class mean, with one covariance
+    shrunk by Ledoit-Wolf and fitted on the training split, past its `quantile` on the
+    validation split."""
+    import keras
+    from sklearn.covariance import LedoitWolf
+
+    from detector.model.architectures.heads import SCORE_LAYER
+
+    base = keras.Model(model.input, model.get_layer(SCORE_LAYER).input)
+
+    def features(pixels):
+        return np.concatenate([np.asarray(base(pixels[i:i + 64].astype("float32"),
+                                               training=False))
+                               for i in range(0, len(pixels), 64)])
+
+    def classes(split):  # 0 real, 1 + i family i
+        _, labels, indices = data[split]
+        return np.where(labels == 0, 0, 1 + indices).astype(int)
+
+    train, kinds = features(data["train"][0]), classes("train")
+    means = np.stack([train[kinds == k].mean(axis=0) for k in np.unique(kinds)])
+    precision = LedoitWolf().fit(train - means[kinds]).precision_
+
+    def distance(feats):
+        gaps = feats[:, None, :] - means[None]
+        return np.einsum("nkd,de,nke->nk", gaps, precision, gaps).min(axis=1)
+
+    limit = float(np.quantile(distance(features(data["val"][0])), quantile))
+    return {"quantile": quantile,
+            "held_out_flagged": round(float(np.mean(distance(features(unseen)) > limit)), 4),
+            "real_flagged": round(float(np.mean(distance(features(real)) > limit)), 4)}
+
+
 def run_seed(args, seed: int) -> dict:
     from sklearn.metrics import roc_auc_score
 
@@ -117,16 +158,18 @@ def run_seed(args, seed: int) -> dict:
     known = partial["val"][2] >= 0
     rule = fit_threshold(val[known, 1:], partial["val"][2][known])
     threshold = 0.5  # the uncalibrated decision threshold, as scores are raw here
-    unseen = outputs(model, family_arrays(700 + seed * 1000, args.per_family // 3,
-                                          (held_out,), args.size)[0])
-    unseen = unseen[len(unseen) // 2:]  # the held-out family's images, not the real ones
+    pixels = family_arrays(700 + seed * 1000, args.per_family // 3, (held_out,), args.size)[0]
+    real_pixels, unseen_pixels = np.split(pixels, 2)  # as many real images as the family's
+    unseen = outputs(model, unseen_pixels)
     answers = ["real" if row[0] < threshold else name(row[1:], kept, rule)[0]
                for row in unseen]
     result["held_out"] = {"generator": held_out, "images": len(answers),
                           "called_real": round(answers.count("real") / len(answers), 4),
                           "unknown": round(answers.count("unknown") / len(answers), 4),
                           "misattributed": round(sum(a in kept for a in answers)
-                                                 / len(answers), 4)}
+                                                 / len(answers), 4),
+                          "feature_distance": feature_distance(model, partial, unseen_pixels,
+                                                               real_pixels)}
     return result
 
 
@@ -153,7 +196,10 @@ def main() -> None:
               f"accuracy {head['attribution_accuracy']:.3f}, macro-F1 {head['macro_f1']:.3f};"
               f" open set {head['open_set']}; held-out {out['generator']}: "
               f"{out['called_real']:.0%} real, {out['unknown']:.0%} unknown, "
-              f"{out['misattributed']:.0%} misattributed", flush=True)
+              f"{out['misattributed']:.0%} misattributed; feature distance flags "
+              f"{out['feature_distance']['held_out_flagged']:.0%} of it and "
+              f"{out['feature_distance']['real_flagged']:.0%} of unseen real images",
+              flush=True)
     save_json(args.json, {"machine": info, "args": vars(args), "runs": runs})
 
 
