@@ -163,12 +163,14 @@ def _autoscaling_cluster_class():
 
 
 # The driver runs in its own process: Ray reads RAY_AUTH_MODE at import, and this test
-# process may already have imported Ray without it. Every wait in it is bounded.
+# process may already have imported Ray without it. Every wait in it is bounded. It writes
+# its report to a file: on stdout, Ray's autoscaler events (printed there by a thread of
+# its own) once ran into the report's line.
 DRIVER = r"""
 import json, sys, time
 import ray
 
-address, phases = sys.argv[1], json.loads(sys.argv[2])
+address, phases, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 ray.init(address=address, logging_level="ERROR")
 alive = lambda: [n for n in ray.nodes() if n["Alive"]]
 report = {"nodes_before": len(alive())}
@@ -201,7 +203,8 @@ deadline = time.monotonic() + 150
 while time.monotonic() < deadline and len(alive()) > 1:
     time.sleep(1)
 report.update(nodes_after=len(alive()), down_s=time.monotonic() - start)
-print("REPORT " + json.dumps(report))
+with open(out, "w") as handle:
+    json.dump(report, handle)
 """
 
 
@@ -221,14 +224,14 @@ def test_worker_nodes_follow_the_work():
     cluster = _autoscaling_cluster_class()(node_types(), temp_dir)
     try:
         cluster.start()
+        out = Path(temp_dir) / "report.json"
         result = subprocess.run([sys.executable, "-c", DRIVER, cluster.address,
-                                 json.dumps(phases)], env=client_env(), capture_output=True,
-                                text=True, timeout=600)
+                                 json.dumps(phases), str(out)], env=client_env(),
+                                capture_output=True, text=True, timeout=600)
         assert cluster.process.poll() is None, cluster.log.read_text()[-3000:]
-        lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
-        assert result.returncode == 0 and lines, (
+        assert result.returncode == 0 and out.exists(), (
             result.stdout[-2000:] + result.stderr[-2000:] + cluster.autoscaler_log())
-        report = json.loads(lines[-1].removeprefix("REPORT "))
+        report = json.loads(out.read_text())
     finally:
         cluster.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
