@@ -95,9 +95,7 @@ def feature_distance(model, data: dict, unseen: np.ndarray, real: np.ndarray,
     base = keras.Model(model.input, model.get_layer(SCORE_LAYER).input)
 
     def features(pixels):
-        return np.concatenate([np.asarray(base(pixels[i:i + 64].astype("float32"),
-                                               training=False))
-                               for i in range(0, len(pixels), 64)])
+        return outputs(base, pixels)  # (N, features), in the same batches
 
     def classes(split):  # 0 real, 1 + i family i
         _, labels, indices = data[split]
