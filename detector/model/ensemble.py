@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from detector.io import storage
 from detector.model.artifact import ModelCard, load_card, publish_directory, resolve
-from detector.verdicts import familiarity
+from detector.verdicts import familiarity, residual
 
 ARCHITECTURE = "ensemble"
 
@@ -69,7 +69,8 @@ def generators_of(cards: Sequence[ModelCard]) -> list[str]:
 def _domain(cards: Sequence[ModelCard]) -> dict:
     """What the members were trained on, together (see `detector.verdicts.familiarity`)."""
     merged = familiarity.merge(familiarity.Domain.from_card(card.domain) for card in cards)
-    return merged.to_card() if merged else {}
+    fitted = residual.same([card.domain for card in cards])  # members of the same shards
+    return {**merged.to_card(), **({"residual": fitted} if fitted else {})} if merged else {}
 
 
 def publish(member_uris: Sequence[str], out_uri: str, weights: Sequence[float] | None = None,

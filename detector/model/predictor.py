@@ -17,7 +17,7 @@ from detector.io import preprocess, video
 from detector.model import runtimes
 from detector.model.artifact import ModelCard, load_card, resolve
 from detector.model.ensemble import is_ensemble
-from detector.verdicts import attribution, consistency, familiarity, provenance
+from detector.verdicts import attribution, consistency, familiarity, provenance, residual
 from detector.verdicts.calibration import Calibration
 from detector.verdicts.verdict import classify_for, decide_for
 from detector.verdicts.video import decide_video
@@ -141,6 +141,9 @@ class Predictor:
             evidence[i] += [flag] if flag else []
         if decoded:
             images = np.stack([pixels for _, pixels, _ in decoded])
+            for (i, _, _), found in zip(decoded, residual.check(self.card.domain, images),
+                                        strict=True):
+                evidence[i] += [found] if found else []
             scores, heads = self.score_and_attribute(images)
             if consistency:
                 self._check_consistency(images, scores, [evidence[i] for i, _, _ in decoded])

@@ -32,7 +32,7 @@ from detector.model.artifact import ModelCard
 from detector.model.predictor import Predictor
 from detector.scanning import gate, report
 from detector.scanning.partitions import Partition, Span, cut, partition_id
-from detector.verdicts import consistency, familiarity, provenance
+from detector.verdicts import consistency, familiarity, provenance, residual
 from detector.verdicts.attribution import attribute_for
 from detector.verdicts.verdict import classify_for, decide_for
 from detector.verdicts.video import decide_video
@@ -324,16 +324,18 @@ def finish_rows(table: pa.Table, card, threshold: float, score_and_attribute,
         batch = shards.decode_pixels([r["pixels"] for r in decoded], card.image_size)
         scores, heads = score_and_attribute(batch)
         images = [i for i, r in enumerate(decoded) if r["kind"] == "object"]
+        unlike = residual.check(card.domain, batch[images])
         copies = (consistency.copy_scores(batch[images], lambda p: score_and_attribute(p)[0])
                   if check_consistency and images else [None] * len(images))
         for i, row in enumerate(decoded):
             if row["kind"] == "frame":  # its video is decided by the writer
                 row.update(score_ai=float(scores[i]), pixels=None,
                            heads=None if heads is None else heads[i].tolist())
-        for i, copy_scores in zip(images, copies, strict=True):
+        for i, copy_scores, unlike_real in zip(images, copies, unlike, strict=True):
             row, value = decoded[i], float(scores[i])
             evidence = _evidence(row)
-            found = [familiarity.check(card.domain, row["format"], row["width"], row["height"])]
+            found = [familiarity.check(card.domain, row["format"], row["width"], row["height"]),
+                     unlike_real]
             if copy_scores is not None:
                 found.append(consistency.finding(lambda s: classify_for(card, s, threshold),
                                                  value, copy_scores))

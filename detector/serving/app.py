@@ -52,7 +52,7 @@ from detector.model.predictor import Predictor
 from detector.scanning import service as scan_service
 from detector.serving import api, review
 from detector.serving import labels as label_store
-from detector.verdicts import consistency, familiarity, provenance
+from detector.verdicts import consistency, familiarity, provenance, residual
 from detector.verdicts.attribution import attribute_for
 from detector.verdicts.verdict import classify_for, decide_for
 from detector.verdicts.video import decide_video
@@ -477,7 +477,9 @@ class Ingress:
         start = outcome.lap("decode", start)
         evidence = await asyncio.to_thread(provenance.inspect, blob)
         flag = familiarity.check(self.model_card.domain, info.format, info.width, info.height)
-        evidence += [flag] if flag else []
+        unlike_real = (await asyncio.to_thread(residual.check, self.model_card.domain,
+                                               pixels[None]))[0]
+        evidence += [f for f in (flag, unlike_real) if f]
         start = outcome.lap("provenance", start)
         score, head, outcome.batch_size = await self._score(pixels)
         if check:  # the copies join the model's batches like any other request

@@ -21,7 +21,8 @@ from detector.io import storage
 from detector.model.artifact import name_of, new_identity, publish_directory, resolve
 from detector.model.predictor import Predictor
 from detector.training.attribution import attribution_metrics, open_set_rule
-from detector.verdicts import attribution, calibration
+from detector.verdicts import attribution, calibration, residual
+from detector.verdicts.verdict import decide_for
 
 TARGET_FPR = 0.01
 
@@ -41,6 +42,15 @@ class Scored:
     attribution: np.ndarray | None = None  # P(generator | AI), in card.generators order
     # the head's outputs on each robustness check's perturbed copies (a model with a head)
     robustness_attribution: dict[str, np.ndarray] = field(default_factory=dict)
+    # each image's residual spectrum distance and the card's threshold for it
+    # (verdicts/residual.py), when the card has the model
+    residual: np.ndarray | None = None
+    residual_threshold: float | None = None
+
+    @property
+    def unlike_real(self) -> np.ndarray | None:
+        """Which images get an `unlike-real` finding (None: the card has no model)."""
+        return None if self.residual is None else self.residual > self.residual_threshold
 
 
 @dataclass
@@ -105,7 +115,11 @@ def score_split(
         if robustness else {}
     perturbed_named: dict[str, list] = {name: [] for name in perturbed}
     size = predictor.image_size
+    model = residual.Model.from_card(predictor.card.domain)
+    distances = []
     for pixels, table in _iter_parts(shards_uri, split, size):
+        if model is not None:
+            distances.append(model.distances(pixels))
         labels.append(np.asarray(table.column("label").to_numpy(), dtype=np.int64))
         split_scores, attribution = predictor.score_and_attribute(pixels)
         scores.append(split_scores)
@@ -133,6 +147,8 @@ def score_split(
         generators=generators, sources=sources,
         attribution=np.concatenate(named) if named else None,
         robustness_attribution={k: np.concatenate(v) for k, v in perturbed_named.items() if v},
+        residual=np.concatenate(distances) if distances else None,
+        residual_threshold=model.threshold if model is not None else None,
     )
 
 
@@ -228,6 +244,10 @@ def build_report(
     if generators and scored.attribution is not None and scored.generators:
         metrics["attribution"] = attribution_metrics(scored.generators, scored.attribution,
                                                      generators, rule)
+    if scored.unlike_real is not None:  # what the residual check costs reals, and catches
+        metrics["residual"] = {"threshold": scored.residual_threshold, **{
+            f"{name}_flagged": float(scored.unlike_real[scored.labels == label].mean())
+            for name, label in (("real", 0), ("ai", 1)) if (scored.labels == label).any()}}
     robustness = {"original": _summary(metrics)}
     for name, scores in scored.robustness.items():
         robustness[name] = _summary(compute_metrics(scored.labels, scores, threshold))
@@ -324,8 +344,9 @@ def evaluate_holdout(model_uri: str, shards_uri: str, generator: str, split: str
     """`detector evaluate --holdout-generator NAME`: what a model with an attribution head
     answers for images of a generator it never saw (the split's images whose `generator`
     is NAME). Trains nothing: hold NAME out when preparing the model's training shards.
-    Each image is called real (score below the threshold), `unknown` by the open-set rule,
-    or misattributed to a generator the model knows; the shares say how honest it is."""
+    Each image is called real, `unknown`, or misattributed to a generator the model knows,
+    by the rules predict, serve and scan apply (`detector.verdicts.verdict` with the
+    residual check, then `detector.verdicts.attribution`); the shares say how honest it is."""
     model_uri = resolve(model_uri)
     predictor = Predictor.from_uri(model_uri, backend=backend, precision=precision)
     card = predictor.card
@@ -340,24 +361,31 @@ def evaluate_holdout(model_uri: str, shards_uri: str, generator: str, split: str
     if not rows:
         raise ValueError(f"no images of generator {generator!r} in the {split} split of "
                          f"{shards_uri}")
-    called_real, unknown, misattributed_as = 0, 0, Counter()
+    called_real, unknown, misattributed_as, verdicts = 0, 0, Counter(), Counter()
     for i in rows:
-        if scored.scores[i] < card.threshold:
+        found = None if scored.residual is None else residual.finding(
+            scored.residual[i], scored.residual_threshold)
+        evidence = [found] if found else []
+        verdict = decide_for(card, float(scored.scores[i]), evidence)[0]
+        verdicts[verdict] += 1
+        answer = attribution.attribute_for(card, verdict, evidence, scored.attribution[i])
+        if answer.generator is None:
             called_real += 1
-            continue
-        answer = attribution.name(scored.attribution[i], card.generators, card.attribution)[0]
-        if answer == attribution.UNKNOWN:
+        elif answer.generator == attribution.UNKNOWN:
             unknown += 1
         else:
-            misattributed_as[answer] += 1
+            misattributed_as[answer.generator] += 1
     called_ai = len(rows) - called_real
     return {
         "model": f"{card.name}@{card.id}", "generator": generator, "split": split,
         "images": len(rows), "called_real": called_real / len(rows),
         "unknown": unknown / len(rows), "misattributed": sum(misattributed_as.values()) /
         len(rows), "misattributed_as": dict(misattributed_as.most_common()),
-        # Of the images the score calls AI: how often the generator is honestly unknown.
+        # Of the images not called real: how often the generator is honestly unknown.
         "unknown_when_called_ai": unknown / called_ai if called_ai else None,
+        "verdicts": {k: v / len(rows) for k, v in sorted(verdicts.items())},
+        "unlike_real": float(scored.unlike_real[rows].mean())
+        if scored.unlike_real is not None else None,
         "rule": card.attribution, "runtime": predictor.runtime,
     }
 

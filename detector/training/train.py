@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -40,7 +41,7 @@ from detector.training import evaluate, features
 from detector.training.attribution import generator_classes, labels_with_generators
 from detector.training.evaluate import parse_policy
 from detector.training.fit import EpochEnd, FitSettings, FitState, fit
-from detector.verdicts import familiarity
+from detector.verdicts import familiarity, residual
 
 CURRENT_WEIGHTS = "current.weights.h5"
 BEST_WEIGHTS = "best.weights.h5"
@@ -62,7 +63,6 @@ MIN_BATCH_NORM_SHARE = 16
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import keras
-    import numpy as np
     import ray.train
     import tensorflow as tf
 
@@ -197,8 +197,6 @@ def train_view(view: int) -> str:
 def _read_optimizer(path: str):
     """The optimizer variables saved in a checkpoint; None in checkpoints from before
     they were saved (Adam then restarts, as it always did)."""
-    import numpy as np
-
     if not os.path.exists(path):
         return None
     with np.load(path) as stored:
@@ -466,10 +464,37 @@ def fine_tune_from(cfg: TrainConfig, image_size: int, classes: list[str], say=pr
 
 
 def training_domain(shards_uri: str, manifest: dict) -> dict:
-    """The train split's source formats and sizes, for the card (see
-    `detector.verdicts.familiarity`); read part by part, so memory stays that of one."""
+    """The train split's source formats and sizes (see `detector.verdicts.familiarity`)
+    and its real images' residual spectra (`detector.verdicts.residual`), for the card;
+    read part by part, so memory stays that of one."""
     domain = familiarity.measure(shards.source_shapes(shards_uri, "train", manifest))
-    return domain.to_card() if domain else {}
+    card = domain.to_card() if domain else {}
+    fitted = residual.fit(real_residuals(shards_uri, "train", manifest),
+                          real_residuals(shards_uri, "val", manifest))
+    return {**card, "residual": fitted} if card and fitted else card
+
+
+# Real images per split the residual model is fitted on: plenty for its few numbers
+# (residual.FEATURES means and covariances), and a bounded pass on any data set.
+RESIDUAL_FIT_IMAGES = 4000
+
+
+def real_residuals(shards_uri: str, split: str, manifest: dict,
+                   limit: int = RESIDUAL_FIT_IMAGES) -> np.ndarray:
+    """Residual spectrum features of the first `limit` real images of a split (parts in
+    the manifest's order; splits are by content hash, so any prefix is a fair sample)."""
+    fs, paths = shards.split_files(shards_uri, split, manifest)
+    rows, have = [], 0
+    for path in paths:
+        table = pq.read_table(path, filesystem=fs, columns=["image"], partitioning=None,
+                              filters=pc.field("label") == 0).slice(0, limit - have)
+        if table.num_rows:
+            rows.append(residual.features(shards.decode_pixels(table["image"].to_pylist(),
+                                                               manifest["image_size"])))
+        have += table.num_rows
+        if have >= limit:
+            break
+    return np.concatenate(rows) if rows else np.zeros((0, residual.FEATURES))
 
 
 def _family(name: str) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 from detector.data.shards import UNKNOWN
 from detector.verdicts.familiarity import unfamiliar
 from detector.verdicts.provenance import Evidence, named_generator
+from detector.verdicts.residual import unlike_real
 
 KEEP = 0.95  # the share of correctly named validation images the threshold keeps named
 TOP = 3  # generator scores reported beside the name
@@ -74,7 +75,10 @@ def attribute(verdict: str, evidence: Iterable[Evidence], probabilities: np.ndar
     2. A `real` verdict names none.
     3. Otherwise the head's answer under the open-set rule (`name`), except that an image
        outside the training domain (`detector.verdicts.familiarity`) is `unknown`: the
-       head never saw its like either. A model without a head names none.
+       head never saw its like either; and so is an `uncertain` one whose fine-scale noise
+       is unlike the real images' (`detector.verdicts.residual`): like neither the reals
+       nor, by its score, the generators the classifier knows. A model without a head
+       names none.
     """
     evidence = list(evidence)
     scores = None
@@ -86,7 +90,8 @@ def attribute(verdict: str, evidence: Iterable[Evidence], probabilities: np.ndar
         return Attribution(tool, scores, "provenance")
     if verdict == "real" or not head:
         return Attribution()
-    return Attribution(UNKNOWN if unfamiliar(evidence) else named, scores, "classifier")
+    unseen = unfamiliar(evidence) or (verdict == "uncertain" and unlike_real(evidence))
+    return Attribution(UNKNOWN if unseen else named, scores, "classifier")
 
 
 class Classes(Protocol):

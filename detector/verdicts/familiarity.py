@@ -37,7 +37,7 @@ class Domain:
     @classmethod
     def from_card(cls, domain: Mapping | None) -> Domain | None:
         """The domain a card records (`ModelCard.domain`), or None when it has none."""
-        if not domain:
+        if not domain or "formats" not in domain:  # none, or only verdicts.residual's model
             return None
         return cls(tuple(domain["formats"]), tuple(domain["long_side"]))  # type: ignore[arg-type]
 

@@ -10,7 +10,10 @@
    `uncertain` whenever a consistency check found the verdict flipping on a re-saved or
    resized copy (`detector.verdicts.consistency`, when asked for), or when the image lies
    outside the training data's formats and sizes (`detector.verdicts.familiarity`), or
-   when a video's frames disagree (`detector.verdicts.frames`).
+   when a video's frames disagree (`detector.verdicts.frames`). A `real` verdict also
+   needs the image's fine-scale noise to be like the real training images'
+   (`detector.verdicts.residual`): an image unlike them is `uncertain` instead, as images
+   of generators the classifier never saw are.
 
 Weak evidence (camera EXIF, a manifest that fails validation) and a C2PA
 `digitalCapture` claim are shown beside the verdict and never change it: metadata that
@@ -27,6 +30,7 @@ from detector.verdicts.consistency import disagrees
 from detector.verdicts.familiarity import unfamiliar
 from detector.verdicts.frames import mixed
 from detector.verdicts.provenance import Evidence, decisive
+from detector.verdicts.residual import unlike_real
 
 
 def classify(score: float, threshold: float, margin: float) -> str:
@@ -46,7 +50,10 @@ def decide(score: float, threshold: float, margin: float,
         return "ai-generated", "provenance"
     if disagrees(evidence) or unfamiliar(evidence) or mixed(evidence):
         return "uncertain", "classifier"
-    return classify(score, threshold, margin), "classifier"
+    verdict = classify(score, threshold, margin)
+    if verdict == "real" and unlike_real(evidence):  # like no real image it was shown
+        return "uncertain", "classifier"
+    return verdict, "classifier"
 
 
 class Thresholds(Protocol):

@@ -433,13 +433,16 @@ def head_model(attribution_bucket, tmp_path_factory) -> str:
     """A vit_tiny with an attribution head over three sample families, exported to OpenVINO
     int8 too. Untrained: its threshold and open-set rule sit midway between the middle two
     of its outputs on the bucket's images, so its answers mix `real`, named generators and
-    `unknown`, which is what the paths must agree on."""
+    `unknown`, which is what the paths must agree on. Its card holds the residual model of
+    real images (verdicts/residual.py) fitted on the scan bucket's, as training fits one,
+    so the paths must agree on which images it keeps from a `real` verdict too."""
     import keras
 
     from detector.io.preprocess import load_image
     from detector.model.architectures import build_model
     from detector.model.artifact import ModelCard
     from detector.model.predictor import Predictor
+    from detector.verdicts import residual
 
     def middle(values: np.ndarray) -> float:
         low, high = np.sort(values)[len(values) // 2 - 1 : len(values) // 2 + 1]
@@ -449,8 +452,11 @@ def head_model(attribution_bucket, tmp_path_factory) -> str:
     model = build_model("vit_tiny", image_size=SIZE, generators=len(FAMILIES))
     pixels = np.stack([load_image(storage.read_bytes(o.uri), SIZE)[0]
                        for o in storage.list_objects(attribution_bucket)])
+    reals = residual.features(np.stack([load_image(storage.read_bytes(uri), SIZE)[0]
+                                        for uri in selected("s3://scan/photos/real")[:200]]))
     card = ModelCard(name="vit_tiny_heads", architecture="vit", image_size=SIZE,
-                     preprocess_version=1, uncertain_margin=0.0, generators=list(FAMILIES))
+                     preprocess_version=1, uncertain_margin=0.0, generators=list(FAMILIES),
+                     domain={"residual": residual.fit(reals[:150], reals[150:])})
     scores, heads = Predictor.from_model(model, card).score_and_attribute(pixels)
     card.threshold = middle(scores)
     card.attribution = {"threshold": middle(heads.max(axis=1))}
@@ -496,6 +502,8 @@ def test_the_same_image_gets_the_same_generator_in_predict_http_and_a_scan(
             for got in (row, body):
                 assert (got["verdict"], got["generator"], got["generator_decided_by"]) == \
                     (want.verdict, want.generator, want.generator_decided_by), row["uri"]
+                assert [(e["source"], e["kind"]) for e in got["evidence"]] == \
+                    [(e["source"], e["kind"]) for e in want.evidence], row["uri"]
                 assert [s["generator"] for s in got["generator_scores"] or []] == \
                     [s["generator"] for s in want.generator_scores or []]
                 assert [s["score"] for s in got["generator_scores"] or []] == pytest.approx(
@@ -509,6 +517,10 @@ def test_the_same_image_gets_the_same_generator_in_predict_http_and_a_scan(
     by_head = [r["generator"] for r in rows if r["generator_decided_by"] == "classifier"]
     assert set(by_head) & set(FAMILIES) and "unknown" in by_head, by_head  # both answers
     assert all(r["generator"] is None for r in rows if r["verdict"] == "real")
+    # The sample's fakes are unlike the reals: none of them is called real.
+    unlike = [r for r in rows if any(e["kind"] == "unlike-real" for e in r["evidence"])]
+    assert {r["uri"] for r in unlike} >= {r["uri"] for r in rows if "/fake/" in r["uri"]}
+    assert all(r["verdict"] != "real" for r in unlike)
     counts = {g: by_head.count(g) for g in set(by_head)}
     assert summary["by_generator"] == dict(sorted(
         {**counts, **dict.fromkeys(named.values(), 1)}.items()))

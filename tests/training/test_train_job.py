@@ -155,8 +155,15 @@ def test_train_job_survives_a_killed_worker_and_writes_both_artifacts(cluster, n
             assert (artifact / name).exists(), name
         card = json.loads((artifact / "detector.json").read_text())
         assert card["image_size"] == SIZE and 0 < card["threshold"] < 1
-        # What it was trained on, so inputs far from it are flagged (verdicts.familiarity)
-        assert card["domain"] == {"formats": ["JPEG", "PNG", "WEBP"], "long_side": [SIZE, SIZE]}
+        # What it was trained on, so inputs far from it are flagged (verdicts.familiarity),
+        # and the real training images' residual spectra (verdicts.residual): the fakes of
+        # every family lie outside them, few test reals do (1.0 and 0.03 measured).
+        domain = card["domain"]
+        assert {k: domain[k] for k in ("formats", "long_side")} == \
+            {"formats": ["JPEG", "PNG", "WEBP"], "long_side": [SIZE, SIZE]}
+        assert domain["residual"]["fitted_on"] == "train" and domain["residual"]["images"] > 100
+        flagged = json.loads((artifact / "metrics.json").read_text())["residual"]
+        assert flagged["real_flagged"] <= 0.1 and flagged["ai_flagged"] >= 0.9, flagged
         # Calibrated on the validation split: never a worse ECE there; the band around
         # the threshold leaves both sides reachable.
         calibrated = json.loads((artifact / "metrics.json").read_text())["calibration"]
