@@ -48,7 +48,8 @@ class ModelCard:
     labels: dict[str, str] = field(default_factory=lambda: dict(LABELS))
     metrics: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
-    # The training data's formats and sizes (empty: unknown); see verdicts/familiarity.py
+    # The training data's formats and sizes (empty: unknown; see verdicts/familiarity.py),
+    # and `residual`, the real training images' noise (see verdicts/residual.py)
     domain: dict[str, Any] = field(default_factory=dict)
     # The attribution head's classes, in the order of its outputs (empty: no head), and
     # the open-set rule fitted on validation (see verdicts/attribution.py)
