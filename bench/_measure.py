@@ -19,6 +19,19 @@ def save_json(path: str, results: dict) -> None:
         json.dump(results, handle, indent=2)
 
 
+def per_item_ms(function, items: list, repeats: int = 3) -> float:
+    """Best mean milliseconds per item of `function` over `repeats` passes (after one
+    warm-up call)."""
+    function(items[0])
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for item in items:
+            function(item)
+        best = min(best, (time.perf_counter() - started) / len(items))
+    return best * 1000
+
+
 def machine() -> dict:
     """The CPU every figure came from: its name, cores and inference features (so a number
     in the README can be read against another machine's)."""

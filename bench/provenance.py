@@ -17,24 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the signed fixtures the tests make
 
-from _measure import save_json  # noqa: E402
-
-
-def per_image_ms(function, blobs: list[bytes], repeats: int = 3) -> float:
-    """Best mean milliseconds per image over `repeats` passes (after one warm-up)."""
-    function(blobs[0])
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for blob in blobs:
-            function(blob)
-        best = min(best, (time.perf_counter() - started) / len(blobs))
-    return best * 1000
+from _measure import per_item_ms, save_json  # noqa: E402
 
 
 def main() -> None:
@@ -65,8 +52,8 @@ def main() -> None:
                         ("640x480 JPEG, signed C2PA manifest", signed),
                         ("640x480 PNG, no metadata", pngs),
                         ("640x480 PNG, stealth pnginfo", stealth)):
-        decode = per_image_ms(lambda b: preprocess.load_image(b, 224), blobs)
-        inspect = per_image_ms(provenance.inspect, blobs)
+        decode = per_item_ms(lambda b: preprocess.load_image(b, 224), blobs)
+        inspect = per_item_ms(provenance.inspect, blobs)
         results[name] = {"decode_ms": decode, "provenance_ms": inspect,
                          "ratio": inspect / decode}
         print(f"{name:34s} {decode:9.2f} {inspect:13.3f} {inspect / decode:6.1%}")

@@ -13,24 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
-from _measure import machine, print_machine, save_json
+from _measure import machine, per_item_ms, print_machine, save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def best_ms(function, items: list, repeats: int = 3) -> float:
-    """Best mean milliseconds per item over `repeats` passes (after one warm-up)."""
-    function(items[0])
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for item in items:
-            function(item)
-        best = min(best, (time.perf_counter() - started) / len(items))
-    return best * 1000
 
 
 def main() -> None:
@@ -49,13 +36,14 @@ def main() -> None:
     print_machine(info)
     blobs = photos(args.images)
     pixels = np.stack([preprocess.load_image(b, args.size)[0] for b in blobs])
-    half = len(pixels) // 2  # a model fitted on half of them, applied to all
-    model = residual.Model.from_card({"residual": residual.fit(
-        residual.features(pixels[:half]), residual.features(pixels[half:]))})
+    every = residual.features(pixels)  # a model fitted on them all: the cost is the same
+    model = residual.Model.from_card({"residual": residual.fit(every, every)})
+    if model is None:
+        parser.error(f"--images: at least {2 * residual.FEATURES} to fit the model")
     batches = [pixels[i:i + 64] for i in range(0, len(pixels), 64)]
-    decode = best_ms(lambda b: preprocess.load_image(b, args.size), blobs)
-    single = best_ms(lambda p: model.findings(p[None]), list(pixels))
-    batched = best_ms(model.findings, batches) * len(batches) / len(pixels)
+    decode = per_item_ms(lambda b: preprocess.load_image(b, args.size), blobs)
+    single = per_item_ms(lambda p: model.findings(p[None]), list(pixels))
+    batched = per_item_ms(model.findings, batches) * len(batches) / len(pixels)
     results = {"size": args.size, "decode_ms": decode, "single_ms": single,
                "batched_ms": batched, "single_ratio": single / decode,
                "batched_ratio": batched / decode}
