@@ -3,6 +3,7 @@ exactly one row per object through every failure we can cause here."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -438,7 +439,7 @@ def head_model(attribution_bucket, tmp_path_factory) -> str:
     so the paths must agree on which images it keeps from a `real` verdict too."""
     import keras
 
-    from detector.io.preprocess import load_image
+    from detector.io.preprocess import ImageError, load_image
     from detector.model.architectures import build_model
     from detector.model.artifact import ModelCard
     from detector.model.predictor import Predictor
@@ -452,8 +453,13 @@ def head_model(attribution_bucket, tmp_path_factory) -> str:
     model = build_model("vit_tiny", image_size=SIZE, generators=len(FAMILIES))
     pixels = np.stack([load_image(storage.read_bytes(o.uri), SIZE)[0]
                        for o in storage.list_objects(attribution_bucket)])
-    reals = residual.features(np.stack([load_image(storage.read_bytes(uri), SIZE)[0]
-                                        for uri in selected("s3://scan/photos/real")[:200]]))
+    decoded = []
+    for uri in selected("s3://scan/photos/real"):
+        with contextlib.suppress(ImageError):  # the bucket's corrupt and empty files
+            decoded.append(load_image(storage.read_bytes(uri), SIZE)[0])
+        if len(decoded) == 200:
+            break
+    reals = residual.features(np.stack(decoded))
     card = ModelCard(name="vit_tiny_heads", architecture="vit", image_size=SIZE,
                      preprocess_version=1, uncertain_margin=0.0, generators=list(FAMILIES),
                      domain={"residual": residual.fit(reals[:150], reals[150:])})
