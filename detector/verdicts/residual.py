@@ -114,8 +114,7 @@ class Model:
         """Squared Mahalanobis distance of each image's residual spectrum from the reals'."""
         if not len(pixels):
             return np.zeros((0,))
-        centred = features(pixels) - self.mean
-        return np.einsum("ij,jk,ik->i", centred, self.precision, centred)
+        return _squared_distances(features(pixels), self.mean, self.precision)
 
     def findings(self, pixels: np.ndarray) -> list[Evidence | None]:
         """An `unlike-real` finding per image outside the model, else None."""
@@ -138,12 +137,18 @@ def fit(train: np.ndarray, val: np.ndarray) -> dict:
     if len(train) < 2 * FEATURES or len(val) < 10:
         return {}
     estimate = LedoitWolf().fit(train)
-    centred = val - estimate.location_
-    distances = np.einsum("ij,jk,ik->i", centred, estimate.precision_, centred)
+    distances = _squared_distances(val, estimate.location_, estimate.precision_)
     threshold = float(np.quantile(distances, QUANTILE, method="higher"))
     return {"mean": estimate.location_.tolist(), "precision": estimate.precision_.tolist(),
             "threshold": threshold, "quantile": QUANTILE, "fitted_on": "train",
             "threshold_on": "val", "images": len(train), "val_images": len(val)}
+
+
+def _squared_distances(rows: np.ndarray, mean: np.ndarray, precision: np.ndarray
+                       ) -> np.ndarray:
+    """Squared Mahalanobis distance of each feature row from `mean`."""
+    centred = rows - mean
+    return np.einsum("ij,jk,ik->i", centred, precision, centred)
 
 
 def check(card_domain: Mapping | None, pixels: np.ndarray) -> list[Evidence | None]:
