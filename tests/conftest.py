@@ -5,6 +5,14 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Every Ray a test starts (ray.init, `ray start`, AutoscalingCluster) inherits these. A
+# Python worker costs 2-3 CPU seconds to start on a loaded 2-core machine, and the suite
+# started about 450 of them: a raylet prestarts one per CPU when its first driver connects
+# (useless to `ray job submit` jobs, whose working_dir needs workers of their own), and
+# keeps only one idle task worker per CPU, so each scan of a module started its listing
+# and decoding workers anew. Neither changes what runs, only which process runs it.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+os.environ.setdefault("RAY_num_workers_soft_limit", "12")
 
 import numpy as np
 import pytest
@@ -102,15 +110,34 @@ def batches(x, y, size, seed=None):
     return generate
 
 
+def serve_s3(port: int):
+    """moto's S3 app served by threads on 127.0.0.1:`port`; `.shutdown()` stops it.
+
+    moto's own ThreadedMotoServer answers every AWS service, and finds the one a request
+    is for under a lock, listing moto's package directory each time: every S3 request of
+    a scan's workers waited in line for that, and a log line per request was written to
+    stderr. Only S3 is ever asked for here."""
+    import threading
+
+    from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    class QuietHandler(MotoRequestHandler):
+        def log_request(self, *args, **kwargs) -> None:
+            pass
+
+    server = make_server("127.0.0.1", port, create_backend_app("s3"), threaded=True,
+                         request_handler=QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="s3-server").start()
+    return server
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint (moto's server) on 127.0.0.1; AWS_* variables point at it, so
     boto3, pyarrow (through detector.io.storage) and Ray workers started afterwards use it."""
-    from moto.server import ThreadedMotoServer
-
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = serve_s3(port)
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "testing",
@@ -120,7 +147,7 @@ def s3_server():
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield env
-    server.stop()
+    server.shutdown()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
