@@ -65,6 +65,13 @@ class EpochEnd:
     improved: bool
     metrics: dict
     optimizer_state: list[np.ndarray] = field(default_factory=list)  # for the checkpoint
+    best_weights: list | None = None  # the best epoch's so far, for the checkpoint
+    epochs: int = 0  # the run's limit
+
+    @property
+    def final(self) -> bool:
+        """True when no epoch follows (early stopping, or the last of `epochs`)."""
+        return self.state.stopped_early or self.state.epoch >= self.epochs
 
 
 def fit(
@@ -171,7 +178,8 @@ def fit(
             best_weights = model.get_weights()
         optimizer.learning_rate.assign(state.lr)
         if on_epoch_end is not None:
-            on_epoch_end(EpochEnd(state, improved, metrics, optimizer_snapshot(optimizer)))
+            on_epoch_end(EpochEnd(state, improved, metrics, optimizer_snapshot(optimizer),
+                                  best_weights, settings.epochs))
     if best_weights is not None:
         model.set_weights(best_weights)
     return state
