@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Every Ray a test starts (ray.init, `ray start`, AutoscalingCluster) inherits these. A
+# Every Ray a test starts (ray.init, `ray start`, AutoscalingCluster) inherits this. A
 # Python worker costs 2-3 CPU seconds to start on a loaded 2-core machine, and the suite
-# started about 450 of them: a raylet prestarts one per CPU when its first driver connects
-# (useless to `ray job submit` jobs, whose working_dir needs workers of their own), and
-# keeps only one idle task worker per CPU, so each scan of a module started its listing
-# and decoding workers anew. Neither changes what runs, only which process runs it.
+# started about 450 of them; a raylet prestarts one per CPU when its first driver connects
+# (useless to `ray job submit` jobs, whose working_dir needs workers of their own). It
+# changes which process runs a task, never what runs.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-os.environ.setdefault("RAY_num_workers_soft_limit", "12")
 
 import numpy as np
 import pytest
@@ -173,7 +171,11 @@ def local_ray(s3_server):
     schedulable side by side."""
     import ray
 
+    # A raylet keeps one idle task worker per CPU and ends the rest: each scan of a module
+    # then started its listing and decoding workers anew (2-3 CPU s each). One driver runs
+    # a module's scans here, so kept workers serve the next scan; in a `ray start` cluster
+    # a job's workers end with it, and kept ones would only idle (~1.3% of a core each).
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+             log_to_driver=False, _system_config={"num_workers_soft_limit": 12})
     yield ray
     ray.shutdown()
